@@ -1,0 +1,153 @@
+"""GPU inventory through NVML, CUDA_VISIBLE_DEVICES parsing and GPU selection.
+
+Never initialises CUDA: the supervisor must not hold a context on any GPU. NVML is the only
+boundary replaced in tests, through NNUNET_LAUNCH_FAKE_GPUS (a JSON file with a list of GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+from launcher.errors import LauncherError
+
+FAKE_INVENTORY_ENV = "NNUNET_LAUNCH_FAKE_GPUS"
+CPU_HINT = "use -device cpu --workers N to run on the CPU"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    uuid: str
+    name: str
+    memory_total: int  # bytes
+    memory_used: int  # bytes
+    processes: list[dict] = field(default_factory=list)  # [{"pid", "used_memory"}]
+
+    @property
+    def memory_free(self) -> int:
+        return max(0, self.memory_total - self.memory_used)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "memory_free": self.memory_free}
+
+
+class NvmlUnavailable(LauncherError):
+    pass
+
+
+def inventory() -> list[Gpu]:
+    """All GPUs NVML sees, in NVML (PCI bus) order; raises NvmlUnavailable without NVML."""
+    fake = os.environ.get(FAKE_INVENTORY_ENV)
+    if fake:
+        with open(fake) as f:
+            return [Gpu(**entry) for entry in json.load(f)]
+    try:
+        import pynvml
+    except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
+        raise NvmlUnavailable(f"NVML is not available ({exc})") from exc
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        raise NvmlUnavailable(f"NVML is not available ({exc})") from exc
+    try:
+        return [_read_gpu(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount())]
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _read_gpu(pynvml, index: int) -> Gpu:
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    try:
+        procs = [{"pid": p.pid, "used_memory": p.usedGpuMemory or 0}
+                 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+    except pynvml.NVMLError:
+        procs = []
+    name = pynvml.nvmlDeviceGetName(handle)
+    uuid = pynvml.nvmlDeviceGetUUID(handle)
+    return Gpu(index=index, uuid=uuid if isinstance(uuid, str) else uuid.decode(),
+               name=name if isinstance(name, str) else name.decode(),
+               memory_total=int(memory.total), memory_used=int(memory.used), processes=procs)
+
+
+_TOKEN = re.compile(r"^(\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+)$")
+
+
+def parse_visible_devices(value: str | None) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as CUDA reads it: None when unset (everything visible), else the
+    tokens (indices, GPU- UUIDs, MIG- ids) up to the first invalid one; "" means no device."""
+    if value is None:
+        return None
+    tokens = []
+    for raw in value.split(","):
+        token = raw.strip()
+        if not _TOKEN.match(token):
+            break  # CUDA ignores this token and every one after it (e.g. "-1" hides the rest)
+        tokens.append(token)
+    return tokens
+
+
+def _match(token: str, gpus: list[Gpu]) -> Gpu | None:
+    if token.isdigit():
+        return next((g for g in gpus if g.index == int(token)), None)
+    # CUDA accepts any unique prefix of a UUID
+    found = [g for g in gpus if g.uuid.startswith(token)]
+    return found[0] if len(found) == 1 else None
+
+
+def visible_gpus(gpus: list[Gpu], visible: list[str] | None) -> list[Gpu]:
+    """The GPUs an existing CUDA_VISIBLE_DEVICES leaves us (indices mean NVML order)."""
+    if visible is None:
+        return list(gpus)
+    chosen: list[Gpu] = []
+    for token in visible:
+        if token.startswith("MIG-"):
+            # a MIG instance is its own device: pin to its id, memory unknown to this inventory
+            chosen.append(Gpu(index=len(chosen), uuid=token, name="MIG instance",
+                              memory_total=0, memory_used=0))
+            continue
+        gpu = _match(token, gpus)
+        if gpu is None:
+            break  # CUDA stops at the first token naming no device
+        if gpu not in chosen:
+            chosen.append(gpu)
+    return chosen
+
+
+def select_gpus(spec: str, gpus: list[Gpu], visible: list[str] | None) -> list[Gpu]:
+    """`--gpus all` or a comma list of NVML indices / UUIDs, bounded by CUDA_VISIBLE_DEVICES."""
+    allowed = visible_gpus(gpus, visible)
+    if spec.strip().lower() == "all":
+        return allowed
+    chosen: list[Gpu] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            raise LauncherError(f"--gpus {spec!r}: empty entry")
+        gpu = _match(token, gpus) or _match(token, allowed)
+        if gpu is None:
+            names = ", ".join(f"{g.index} ({g.uuid})" for g in gpus) or "none"
+            raise LauncherError(f"--gpus names GPU {token!r}, which is not on this machine (GPUs: {names})")
+        if gpu not in allowed:
+            raise LauncherError(f"--gpus names GPU {token!r}, which CUDA_VISIBLE_DEVICES="
+                                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r} hides")
+        if gpu not in chosen:
+            chosen.append(gpu)
+    return chosen
+
+
+def usable_gpus(spec: str) -> list[Gpu]:
+    """The GPUs a `-device cuda` run will use, or a LauncherError that says how to run without."""
+    try:
+        gpus = inventory()
+    except NvmlUnavailable as exc:
+        raise LauncherError(f"-device cuda needs a GPU, but {exc}; {CPU_HINT}") from None
+    if not gpus:
+        raise LauncherError(f"-device cuda needs a GPU, but NVML finds none; {CPU_HINT}")
+    chosen = select_gpus(spec, gpus, parse_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")))
+    if not chosen:
+        raise LauncherError("-device cuda needs a GPU, but CUDA_VISIBLE_DEVICES="
+                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r} leaves none; {CPU_HINT}")
+    return chosen

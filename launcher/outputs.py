@@ -1,0 +1,72 @@
+"""The layout of OUT: nnU-Net's own outputs, plus the hidden state folder.
+
+Everything is written under OUT/.nnunet-launch/tmp first and moved into OUT with os.replace
+(atomic within one filesystem), so OUT never shows a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+STATE_DIR = ".nnunet-launch"
+
+
+def state_dir(out: str) -> str:
+    return os.path.join(out, STATE_DIR)
+
+
+def tmp_dir(out: str) -> str:
+    return os.path.join(state_dir(out), "tmp")
+
+
+def logs_dir(out: str) -> str:
+    return os.path.join(state_dir(out), "logs")
+
+
+def journal_path(out: str) -> str:
+    return os.path.join(state_dir(out), "journal.sqlite")
+
+
+def case_outputs(case_id: str, file_ending: str, save_probabilities: bool) -> list[str]:
+    """The file names nnU-Net writes for one case. The segmentation comes last: it is what
+    nnU-Net's --continue_prediction looks for, so it is moved into place last."""
+    names = [case_id + ".npz", case_id + ".pkl"] if save_probabilities else []
+    return names + [case_id + file_ending]
+
+
+def move_into_place(src_dir: str, out: str, names: list[str]) -> None:
+    for name in names:
+        os.replace(os.path.join(src_dir, name), os.path.join(out, name))
+
+
+def write_json_atomically(path: str, content: dict, scratch_dir: str) -> None:
+    """Write through a temp name; an identical file is left alone (a resumed run touches nothing)."""
+    try:
+        with open(path) as f:
+            if json.load(f) == content:
+                return
+    except (OSError, ValueError):
+        pass
+    os.makedirs(scratch_dir, exist_ok=True)
+    scratch = os.path.join(scratch_dir, os.path.basename(path) + f".{os.getpid()}.partial")
+    with open(scratch, "w") as f:
+        json.dump(content, f, indent=4, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(scratch, path)
+
+
+def write_run_metadata(out: str, model_folder: str, predict_args: dict) -> None:
+    """The three files every nnUNetv2_predict run leaves in OUT, written once and atomically
+    (N manual parts race on them)."""
+    for name in ("dataset.json", "plans.json"):
+        with open(os.path.join(model_folder, name)) as f:
+            write_json_atomically(os.path.join(out, name), json.load(f), tmp_dir(out))
+    write_json_atomically(os.path.join(out, "predict_from_raw_data_args.json"),
+                          dict(sorted(predict_args.items())), tmp_dir(out))
+
+
+def clear_tmp(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

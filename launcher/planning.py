@@ -1,0 +1,77 @@
+"""From a validated RunConfig to a Plan: the cases, the worker slots, each part's cases, and
+each worker's share of the machine. Reads the input folder and NVML; starts nothing."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from launcher import gpus as gpu_inventory
+from launcher.cases import Case, discover
+from launcher.config import RunConfig
+from launcher.errors import LauncherError
+from launcher.scheduler import Slot, make_slots, static_parts
+
+NNUNET_DEFAULT_PROCESSES = 3  # nnUNetv2_predict's -npp / -nps default
+
+
+@dataclass(frozen=True)
+class Plan:
+    cases: dict[str, Case]
+    slots: list[Slot]
+    parts: list[list[str]]  # part k's case ids
+    threads: int  # torch threads per worker
+    npp: int
+    nps: int
+
+    @property
+    def num_parts(self) -> int:
+        return len(self.slots)
+
+    def part_of(self) -> dict[str, int]:
+        return {case_id: k for k, ids in enumerate(self.parts) for case_id in ids}
+
+    def to_json(self) -> dict:
+        return {"num_parts": self.num_parts, "threads_per_worker": self.threads, "npp": self.npp,
+                "nps": self.nps, "parts": [
+                    {"part_id": s.part_id, "gpu": s.label, "gpu_uuid": s.gpu_uuid, "cases": self.parts[s.part_id]}
+                    for s in self.slots]}
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def make_plan(config: RunConfig) -> Plan:
+    model = config.model
+    cases = discover(config.input_folder, model.file_ending, model.num_channels)
+    if config.device == "cuda":
+        chosen = gpu_inventory.usable_gpus(config.gpus)
+        slots = make_slots([(g.index, g.uuid) for g in chosen], config.workers_per_gpu, 0)
+    else:
+        slots = make_slots([], 1, config.workers)
+    if model.previous_stage:
+        _check_prev_stage_files(config, cases)
+    share = max(1, available_cores() // len(slots))
+    return Plan(
+        cases={c.id: c for c in cases}, slots=slots,
+        parts=static_parts([c.id for c in cases], len(slots)),
+        # on a GPU nnU-Net itself runs torch with one thread; on the CPU each worker gets its share
+        threads=1 if config.device == "cuda" else share,
+        npp=config.npp or min(share, NNUNET_DEFAULT_PROCESSES),
+        nps=config.nps or min(share, NNUNET_DEFAULT_PROCESSES))
+
+
+def _check_prev_stage_files(config: RunConfig, cases: list[Case]) -> None:
+    ending = config.model.file_ending
+    missing = [c.id for c in cases
+               if not os.path.isfile(os.path.join(config.prev_stage_predictions, c.id + ending))]
+    if missing:
+        raise LauncherError(f"-prev_stage_predictions lacks {len(missing)} case(s), e.g. "
+                            f"{missing[0] + ending!r}")
+
+
+def prev_stage_file(config: RunConfig, case_id: str) -> str | None:
+    if not config.prev_stage_predictions:
+        return None
+    return os.path.join(config.prev_stage_predictions, case_id + config.model.file_ending)
