@@ -1,0 +1,193 @@
+"""Shared fixtures: a tiny real nnU-Net model, synthetic cases, a plain nnUNetv2_predict
+reference, and helpers that run the launcher as a real process and clean up after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+NUM_CASES = 12
+
+
+def launcher_cmd(*args: str) -> list[str]:
+    return [str(BIN / "nnunet-launch"), *args]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(launcher_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """A 1-channel tiny model and 12 cases of varied sizes, in folders whose names need quoting."""
+    base = tmp_path_factory.mktemp("tiny")
+    model, inputs = base / "model dir 'ü'", base / "in put \"ß\""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--model", str(model),
+                    "--inputs", str(inputs), "--cases", str(NUM_CASES)], check=True)
+    return {"model": model, "inputs": inputs, "base": base}
+
+
+# nnUNetv2_predict itself, with torch held to the workers' one thread: on the CPU, nnU-Net's
+# numbers depend on the thread count, and a random-weight model has near-ties that flip voxels.
+PLAIN_NNUNET_ONE_THREAD = (
+    "import sys, torch\n"
+    "set_threads = torch.set_num_threads\n"
+    "torch.set_num_threads = lambda n: set_threads(1)\n"
+    "from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder\n"
+    "sys.argv[0] = 'nnUNetv2_predict_from_modelfolder'\n"
+    "predict_entry_point_modelfolder()\n"
+)
+
+
+def plain_nnunet(inputs: Path, out: Path, model: Path, *extra: str) -> None:
+    subprocess.run([sys.executable, "-c", PLAIN_NNUNET_ONE_THREAD, "-i", str(inputs), "-o", str(out),
+                    "-m", str(model), "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1",
+                    "--disable_progress_bar", *extra], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny) -> Path:
+    """One plain nnUNetv2_predict run over all cases: what the launcher must reproduce."""
+    out = tiny["base"] / "reference"
+    plain_nnunet(tiny["inputs"], out, tiny["model"])
+    return out
+
+
+def run_args(tiny: dict, out: Path, *extra: str) -> list[str]:
+    return ["run", "-i", str(tiny["inputs"]), "-o", str(out), "-m", str(tiny["model"]), "-f", "0",
+            "-device", "cpu", "--disable_tta", *extra]
+
+
+def assert_same_predictions(out: Path, reference: Path) -> None:
+    """Voxel data and geometry identical for every case; OUT holds nothing nnU-Net would not."""
+    ref_files = sorted(p.name for p in reference.iterdir())
+    out_files = sorted(p.name for p in out.iterdir() if p.name != ".nnunet-launch")
+    assert out_files == ref_files
+    for name in ref_files:
+        if not name.endswith(".nii.gz"):
+            continue
+        a, b = sitk.ReadImage(str(reference / name)), sitk.ReadImage(str(out / name))
+        assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)), name
+        assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin(), name
+        assert a.GetDirection() == b.GetDirection(), name
+
+
+class LauncherProcess:
+    """A launcher run in its own process; remembers every process it ever had below it, so a
+    test can prove none survives and clean up by pid."""
+
+    def __init__(self, args: list[str]):
+        self.proc = subprocess.Popen(launcher_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.seen: dict[int, float] = {}  # pid -> create_time
+
+    def sample_tree(self) -> None:
+        try:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                try:
+                    self.seen.setdefault(child.pid, child.create_time())
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            pass
+
+    def alive_descendants(self) -> list[int]:
+        alive = []
+        for pid, created in self.seen.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def wait_until(self, condition, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sample_tree()
+            if condition():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"launcher exited ({self.proc.returncode}) before: {what}\n"
+                                     + self.proc.stderr.read())
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for: {what}")
+
+    def wait(self, timeout: float = 300) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def kill_everything(self) -> None:
+        self.sample_tree()
+        for pid in self.alive_descendants():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+@pytest.fixture
+def launch():
+    started: list[LauncherProcess] = []
+
+    def start(args: list[str]) -> LauncherProcess:
+        process = LauncherProcess(args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill_everything()
+
+
+def wait_gone(pids: list[int], seen: dict[int, float], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p, seen[p])]
+        if not alive:
+            return []
+        time.sleep(0.1)
+    return alive
+
+
+def _alive(pid: int, created: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def status_json(out: Path) -> dict | None:
+    if not (out / ".nnunet-launch" / "journal.sqlite").exists():
+        return None
+    result = cli("status", str(out), "--json")
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def copy_outputs_mtimes(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+
+
+def fresh_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
