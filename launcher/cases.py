@@ -30,30 +30,37 @@ def discover(input_folder: str, file_ending: str, num_channels: int) -> list[Cas
     """
     if not os.path.isdir(input_folder):
         raise LauncherError(f"input folder {input_folder!r} does not exist")
-    names = sorted(n for n in os.listdir(input_folder)
-                   if n.endswith(file_ending) and os.path.isfile(os.path.join(input_folder, n)))
+    names = sorted(
+        n for n in os.listdir(input_folder) if n.endswith(file_ending) and os.path.isfile(os.path.join(input_folder, n))
+    )
     if not names:
-        raise LauncherError(f"input folder {input_folder!r} has no file ending in {file_ending!r} "
-                            "(the model's file_ending)")
+        raise LauncherError(
+            f"input folder {input_folder!r} has no file ending in {file_ending!r} (the model's file_ending)"
+        )
     channel_file = re.compile(r"(.*)_(\d{4})" + re.escape(file_ending))
     channels: dict[str, dict[int, str]] = {}
     for name in names:
         match = channel_file.fullmatch(name)
         if not match:
-            raise LauncherError(f"{name!r} in the input folder does not follow nnU-Net's naming "
-                                f"CASE_XXXX{file_ending} (XXXX = channel number)")
+            raise LauncherError(
+                f"{name!r} in the input folder does not follow nnU-Net's naming "
+                f"CASE_XXXX{file_ending} (XXXX = channel number)"
+            )
         channels.setdefault(match.group(1), {})[int(match.group(2))] = os.path.join(input_folder, name)
     cases = []
     for case_id in sorted(channels):
         found = channels[case_id]
         for channel in range(num_channels):
             if channel not in found:
-                raise LauncherError(f"case {case_id!r} is missing channel {channel:04d} "
-                                    f"({case_id}_{channel:04d}{file_ending}); the model expects "
-                                    f"{num_channels} channel(s)")
+                raise LauncherError(
+                    f"case {case_id!r} is missing channel {channel:04d} "
+                    f"({case_id}_{channel:04d}{file_ending}); the model expects "
+                    f"{num_channels} channel(s)"
+                )
         extra = sorted(set(found) - set(range(num_channels)))
         if extra:
-            raise LauncherError(f"case {case_id!r} has channel {extra[0]:04d}, but the model expects "
-                                f"only {num_channels} channel(s)")
+            raise LauncherError(
+                f"case {case_id!r} has channel {extra[0]:04d}, but the model expects only {num_channels} channel(s)"
+            )
         cases.append(Case(case_id, tuple(found[c] for c in range(num_channels))))
     return cases

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import traceback
@@ -28,8 +27,10 @@ PREDICT_OPTIONS = [
     (("--disable_tta", "disable_tta"), dict(is_flag=True, default=None, help="no mirroring")),
     (("--verbose", "verbose"), dict(is_flag=True, default=None, help="talk more; tracebacks on errors")),
     (("--save_probabilities", "save_probabilities"), dict(is_flag=True, default=None)),
-    (("--continue_prediction", "--c", "continue_prediction"),
-     dict(is_flag=True, default=None, help="keep outputs already in OUT that decode (resume is the default)")),
+    (
+        ("--continue_prediction", "--c", "continue_prediction"),
+        dict(is_flag=True, default=None, help="keep outputs already in OUT that decode (resume is the default)"),
+    ),
     (("-chk", "checkpoint"), dict(type=str, help="checkpoint name [checkpoint_final.pth]")),
     (("-npp", "npp"), dict(type=int, help="preprocessing processes per worker [cores / workers]")),
     (("-nps", "nps"), dict(type=int, help="export processes per worker [cores / workers]")),
@@ -104,8 +105,10 @@ def plan(as_json, **values):
     if as_json:
         click.echo(json.dumps(the_plan.to_json(), indent=2))
         return
-    click.echo(f"{len(the_plan.cases)} case(s) in {the_plan.num_parts} part(s); per worker "
-               f"{the_plan.threads} torch thread(s), npp={the_plan.npp}, nps={the_plan.nps}")
+    click.echo(
+        f"{len(the_plan.cases)} case(s) in {the_plan.num_parts} part(s); per worker "
+        f"{the_plan.threads} torch thread(s), npp={the_plan.npp}, nps={the_plan.nps}"
+    )
     for entry in the_plan.to_json()["parts"]:
         ids = entry["cases"]
         shown = ", ".join(ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
@@ -137,8 +140,10 @@ def gpus(as_json):
         click.echo(json.dumps([g.to_json() for g in found], indent=2))
         return
     for g in found:
-        click.echo(f"{g.index}  {g.uuid}  {g.name}  {g.memory_used / 2**30:.1f}/{g.memory_total / 2**30:.1f} GiB "
-                   f"used, {len(g.processes)} process(es)")
+        click.echo(
+            f"{g.index}  {g.uuid}  {g.name}  {g.memory_used / 2**30:.1f}/{g.memory_total / 2**30:.1f} GiB "
+            f"used, {len(g.processes)} process(es)"
+        )
     if not found:
         click.echo("no GPU found")
 

@@ -79,8 +79,9 @@ def load_toml(path: str) -> dict[str, Any]:
     values = {k.replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(values) - USER_KEYS)
     if unknown:
-        raise LauncherError(f"--config {path!r}: unknown key {unknown[0]!r}; valid keys: "
-                            + ", ".join(sorted(USER_KEYS)))
+        raise LauncherError(
+            f"--config {path!r}: unknown key {unknown[0]!r}; valid keys: " + ", ".join(sorted(USER_KEYS))
+        )
     return values
 
 
@@ -101,8 +102,14 @@ def build(cli_values: dict[str, Any], config_file: str | None) -> RunConfig:
 def _check_range(config: RunConfig) -> None:
     if not isinstance(config.step_size, (int, float)) or not 0 < config.step_size <= 1:
         raise LauncherError(f"-step_size must be in (0, 1], got {config.step_size}")
-    for name, minimum in (("workers", 1), ("workers_per_gpu", 1), ("max_restarts", 0),
-                          ("case_retries", 0), ("npp", 1), ("nps", 1)):
+    for name, minimum in (
+        ("workers", 1),
+        ("workers_per_gpu", 1),
+        ("max_restarts", 0),
+        ("case_retries", 0),
+        ("npp", 1),
+        ("nps", 1),
+    ):
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int) or value < minimum):
             raise LauncherError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
@@ -127,8 +134,9 @@ def validate(config: RunConfig) -> None:
     if not os.path.isdir(inp):
         raise LauncherError(f"input folder {config.input_folder!r} does not exist")
     if out == inp or out.startswith(inp + os.sep):
-        raise LauncherError(f"output folder {config.output_folder!r} is inside the input folder; "
-                            "choose a folder outside it")
+        raise LauncherError(
+            f"output folder {config.output_folder!r} is inside the input folder; choose a folder outside it"
+        )
     _check_writable(out)
     config.model = read_model(config)
     if config.model.previous_stage:
@@ -147,8 +155,10 @@ def _check_writable(out: str) -> None:
 
 def _check_prev_stage(config: RunConfig) -> None:
     if not config.prev_stage_predictions:
-        raise LauncherError(f"configuration {config.model.configuration!r} is a cascade stage: it needs "
-                            f"-prev_stage_predictions (the {config.model.previous_stage!r} outputs)")
+        raise LauncherError(
+            f"configuration {config.model.configuration!r} is a cascade stage: it needs "
+            f"-prev_stage_predictions (the {config.model.previous_stage!r} outputs)"
+        )
     if not os.path.isdir(config.prev_stage_predictions):
         raise LauncherError(f"-prev_stage_predictions folder {config.prev_stage_predictions!r} does not exist")
 
@@ -162,23 +172,28 @@ def resolve_model_folder(config: RunConfig) -> str:
         raise LauncherError("give -m MODEL_FOLDER, or -d DATASET and -c CONFIGURATION")
     results = os.environ.get("nnUNet_results")
     if not results or not os.path.isdir(results):
-        raise LauncherError("-d needs the nnUNet_results environment variable to name an existing "
-                            "folder (or give -m MODEL_FOLDER)")
+        raise LauncherError(
+            "-d needs the nnUNet_results environment variable to name an existing folder (or give -m MODEL_FOLDER)"
+        )
     datasets = sorted(d for d in os.listdir(results) if os.path.isdir(os.path.join(results, d)))
     if config.dataset.isdigit():
         wanted = [d for d in datasets if re.fullmatch(rf"Dataset{int(config.dataset):03d}_.+", d)]
     else:
         wanted = [d for d in datasets if d == config.dataset]
     if len(wanted) != 1:
-        raise LauncherError(f"dataset {config.dataset!r} not found in nnUNet_results={results!r} "
-                            f"(found: {', '.join(datasets) or 'none'})")
+        raise LauncherError(
+            f"dataset {config.dataset!r} not found in nnUNet_results={results!r} "
+            f"(found: {', '.join(datasets) or 'none'})"
+        )
     dataset_folder = os.path.join(results, wanted[0])
     name = f"{config.trainer}__{config.plans}__{config.configuration}"
     folder = os.path.join(dataset_folder, name)
     if not os.path.isdir(folder):
         found = sorted(os.listdir(dataset_folder))
-        raise LauncherError(f"no model {name!r} in {dataset_folder!r} (trainer__plans__configuration "
-                            f"found: {', '.join(found) or 'none'})")
+        raise LauncherError(
+            f"no model {name!r} in {dataset_folder!r} (trainer__plans__configuration "
+            f"found: {', '.join(found) or 'none'})"
+        )
     return folder
 
 
@@ -204,15 +219,22 @@ def read_model(config: RunConfig) -> ModelInfo:
     configuration = config.configuration or _configuration_from_folder_name(folder)
     configurations = plans.get("configurations", {})
     if configuration is not None and configuration not in configurations:
-        raise LauncherError(f"configuration {configuration!r} is not in {folder!r}/plans.json "
-                            f"(found: {', '.join(configurations)})")
+        raise LauncherError(
+            f"configuration {configuration!r} is not in {folder!r}/plans.json (found: {', '.join(configurations)})"
+        )
     previous = configurations.get(configuration, {}).get("previous_stage") if configuration else None
     for fold in config.folds:
         checkpoint = os.path.join(folder, f"fold_{fold}", config.checkpoint)
         if not os.path.isfile(checkpoint):
             raise LauncherError(f"fold {fold}: {checkpoint!r} not found ({_available(folder, config.checkpoint)})")
-    return ModelInfo(folder=folder, file_ending=dataset["file_ending"], num_channels=len(channels),
-                     configuration=configuration, previous_stage=previous, folds=tuple(config.folds))
+    return ModelInfo(
+        folder=folder,
+        file_ending=dataset["file_ending"],
+        num_channels=len(channels),
+        configuration=configuration,
+        previous_stage=previous,
+        folds=tuple(config.folds),
+    )
 
 
 def _configuration_from_folder_name(folder: str) -> str | None:
@@ -221,12 +243,22 @@ def _configuration_from_folder_name(folder: str) -> str | None:
 
 
 def _available(folder: str, checkpoint: str) -> str:
-    folds = sorted(d[len("fold_"):] for d in os.listdir(folder)
-                   if d.startswith("fold_") and os.path.isfile(os.path.join(folder, d, checkpoint)))
+    folds = sorted(
+        d[len("fold_") :]
+        for d in os.listdir(folder)
+        if d.startswith("fold_") and os.path.isfile(os.path.join(folder, d, checkpoint))
+    )
     if folds:
         return f"folds with {checkpoint}: {' '.join(folds)}; choose with -f"
-    others = sorted({f for d in os.listdir(folder) if d.startswith("fold_")
-                     for f in os.listdir(os.path.join(folder, d)) if f.endswith(".pth")})
+    others = sorted(
+        {
+            f
+            for d in os.listdir(folder)
+            if d.startswith("fold_")
+            for f in os.listdir(os.path.join(folder, d))
+            if f.endswith(".pth")
+        }
+    )
     return f"checkpoints found: {', '.join(others) or 'none'}"
 
 
@@ -241,6 +273,7 @@ def output_identity(config: RunConfig) -> dict[str, Any]:
         "step_size": config.step_size,
         "disable_tta": config.disable_tta,
         "save_probabilities": config.save_probabilities,
-        "prev_stage_predictions": (os.path.realpath(config.prev_stage_predictions)
-                                   if config.prev_stage_predictions else None),
+        "prev_stage_predictions": (
+            os.path.realpath(config.prev_stage_predictions) if config.prev_stage_predictions else None
+        ),
     }

@@ -62,15 +62,22 @@ def _read_gpu(pynvml, index: int) -> Gpu:
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
     try:
-        procs = [{"pid": p.pid, "used_memory": p.usedGpuMemory or 0}
-                 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+        procs = [
+            {"pid": p.pid, "used_memory": p.usedGpuMemory or 0}
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        ]
     except pynvml.NVMLError:
         procs = []
     name = pynvml.nvmlDeviceGetName(handle)
     uuid = pynvml.nvmlDeviceGetUUID(handle)
-    return Gpu(index=index, uuid=uuid if isinstance(uuid, str) else uuid.decode(),
-               name=name if isinstance(name, str) else name.decode(),
-               memory_total=int(memory.total), memory_used=int(memory.used), processes=procs)
+    return Gpu(
+        index=index,
+        uuid=uuid if isinstance(uuid, str) else uuid.decode(),
+        name=name if isinstance(name, str) else name.decode(),
+        memory_total=int(memory.total),
+        memory_used=int(memory.used),
+        processes=procs,
+    )
 
 
 _TOKEN = re.compile(r"^(\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+)$")
@@ -106,8 +113,7 @@ def visible_gpus(gpus: list[Gpu], visible: list[str] | None) -> list[Gpu]:
     for token in visible:
         if token.startswith("MIG-"):
             # a MIG instance is its own device: pin to its id, memory unknown to this inventory
-            chosen.append(Gpu(index=len(chosen), uuid=token, name="MIG instance",
-                              memory_total=0, memory_used=0))
+            chosen.append(Gpu(index=len(chosen), uuid=token, name="MIG instance", memory_total=0, memory_used=0))
             continue
         gpu = _match(token, gpus)
         if gpu is None:
@@ -131,8 +137,10 @@ def select_gpus(spec: str, gpus: list[Gpu], visible: list[str] | None) -> list[G
             names = ", ".join(f"{g.index} ({g.uuid})" for g in gpus) or "none"
             raise LauncherError(f"--gpus names GPU {token!r}, which is not on this machine (GPUs: {names})")
         if gpu not in allowed:
-            raise LauncherError(f"--gpus names GPU {token!r}, which CUDA_VISIBLE_DEVICES="
-                                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r} hides")
+            raise LauncherError(
+                f"--gpus names GPU {token!r}, which CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r} hides"
+            )
         if gpu not in chosen:
             chosen.append(gpu)
     return chosen
@@ -148,6 +156,8 @@ def usable_gpus(spec: str) -> list[Gpu]:
         raise LauncherError(f"-device cuda needs a GPU, but NVML finds none; {CPU_HINT}")
     chosen = select_gpus(spec, gpus, parse_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")))
     if not chosen:
-        raise LauncherError("-device cuda needs a GPU, but CUDA_VISIBLE_DEVICES="
-                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r} leaves none; {CPU_HINT}")
+        raise LauncherError(
+            "-device cuda needs a GPU, but CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r} leaves none; {CPU_HINT}"
+        )
     return chosen

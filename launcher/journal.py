@@ -11,8 +11,8 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from launcher.errors import LauncherError
 
@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+RUN_FIELDS = ("pid", "started", "ended", "exit_code")
 
 
 class Journal:
@@ -40,7 +41,7 @@ class Journal:
         self.db = connection
 
     @classmethod
-    def open(cls, path: str) -> "Journal":
+    def open(cls, path: str) -> Journal:
         db = sqlite3.connect(path, isolation_level=None, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -48,10 +49,11 @@ class Journal:
         return cls(db)
 
     @classmethod
-    def open_readonly(cls, path: str) -> "Journal":
+    def open_readonly(cls, path: str) -> Journal:
         if not os.path.isfile(path):
-            raise LauncherError(f"no launcher journal at {path!r}: was `nnunet-launch run` started "
-                                "with this output folder?")
+            raise LauncherError(
+                f"no launcher journal at {path!r}: was `nnunet-launch run` started with this output folder?"
+            )
         uri = "file:" + path.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
         return cls(sqlite3.connect(uri, uri=True, timeout=30))
 
@@ -73,8 +75,7 @@ class Journal:
         row = self.db.execute("SELECT value FROM meta WHERE key='identity'").fetchone()
         return json.loads(row[0]) if row else None
 
-    def start_run(self, identity: dict, parts: list[tuple[int, str, str | None]],
-                  case_parts: dict[str, int]) -> int:
+    def start_run(self, identity: dict, parts: list[tuple[int, str, str | None]], case_parts: dict[str, int]) -> int:
         """Record the identity, this run's parts and cases; cases a dead run left running go back
         to pending (their outputs were never moved into place). Returns the run id."""
         with self._tx() as db:
@@ -84,8 +85,10 @@ class Journal:
             known = {row[0] for row in db.execute("SELECT id FROM cases")}
             gone = known - set(case_parts)
             db.executemany("DELETE FROM cases WHERE id=?", [(c,) for c in gone])
-            db.executemany("INSERT INTO cases (id, part) VALUES (?, ?) ON CONFLICT(id) DO UPDATE "
-                           "SET part=excluded.part", case_parts.items())
+            db.executemany(
+                "INSERT INTO cases (id, part) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET part=excluded.part",
+                case_parts.items(),
+            )
             db.execute("UPDATE cases SET state=?, stage=NULL WHERE state=?", (PENDING, RUNNING))
             cursor = db.execute("INSERT INTO runs (pid, started) VALUES (?, ?)", (os.getpid(), time.time()))
             return cursor.lastrowid
@@ -110,8 +113,11 @@ class Journal:
 
     def case_started(self, case_id: str, gpu: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE cases SET state=?, stage='preprocess', attempts=attempts+1, gpu=?, "
-                       "started=?, ended=NULL, error=NULL WHERE id=?", (RUNNING, gpu, time.time(), case_id))
+            db.execute(
+                "UPDATE cases SET state=?, stage='preprocess', attempts=attempts+1, gpu=?, "
+                "started=?, ended=NULL, error=NULL WHERE id=?",
+                (RUNNING, gpu, time.time(), case_id),
+            )
 
     def case_stage(self, case_id: str, stage: str) -> None:
         with self._tx() as db:
@@ -119,26 +125,33 @@ class Journal:
 
     def case_done(self, case_id: str, seconds: float | None) -> None:
         with self._tx() as db:
-            db.execute("UPDATE cases SET state=?, stage=NULL, ended=?, seconds=?, error=NULL WHERE id=?",
-                       (DONE, time.time(), seconds, case_id))
+            db.execute(
+                "UPDATE cases SET state=?, stage=NULL, ended=?, seconds=?, error=NULL WHERE id=?",
+                (DONE, time.time(), seconds, case_id),
+            )
 
     def case_failed_attempt(self, case_id: str, error: str, case_retries: int) -> str:
         """One failed attempt: back to pending while retries are left, else failed."""
         with self._tx() as db:
-            db.execute("UPDATE cases SET state=CASE WHEN attempts > ? THEN ? ELSE ? END, stage=NULL, "
-                       "ended=?, error=? WHERE id=?",
-                       (case_retries, FAILED, PENDING, time.time(), error, case_id))
+            db.execute(
+                "UPDATE cases SET state=CASE WHEN attempts > ? THEN ? ELSE ? END, stage=NULL, "
+                "ended=?, error=? WHERE id=?",
+                (case_retries, FAILED, PENDING, time.time(), error, case_id),
+            )
             return db.execute("SELECT state FROM cases WHERE id=?", (case_id,)).fetchone()[0]
 
     def reopen_cases(self, case_ids: list[str]) -> None:
         with self._tx() as db:
-            db.executemany("UPDATE cases SET state=?, attempts=0, error=NULL WHERE id=?",
-                           [(PENDING, c) for c in case_ids])
+            db.executemany(
+                "UPDATE cases SET state=?, attempts=0, error=NULL WHERE id=?", [(PENDING, c) for c in case_ids]
+            )
 
     def fail_cases(self, case_ids: list[str], error: str) -> None:
         with self._tx() as db:
-            db.executemany("UPDATE cases SET state=?, stage=NULL, ended=?, error=? WHERE id=?",
-                           [(FAILED, time.time(), error, c) for c in case_ids])
+            db.executemany(
+                "UPDATE cases SET state=?, stage=NULL, ended=?, error=? WHERE id=?",
+                [(FAILED, time.time(), error, c) for c in case_ids],
+            )
 
     def running_cases(self, part: int) -> list[str]:
         return self.cases_in_state(RUNNING, part)
@@ -153,11 +166,12 @@ class Journal:
             db.execute("UPDATE parts SET restarts=restarts+1 WHERE part_id=?", (part,))
             return db.execute("SELECT restarts FROM parts WHERE part_id=?", (part,)).fetchone()[0]
 
-    def event(self, kind: str, part: int | None = None, case_id: str | None = None,
-              message: str | None = None) -> None:
+    def event(self, kind: str, part: int | None = None, case_id: str | None = None, message: str | None = None) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO events (ts, kind, part, case_id, message) VALUES (?, ?, ?, ?, ?)",
-                       (time.time(), kind, part, case_id, message))
+            db.execute(
+                "INSERT INTO events (ts, kind, part, case_id, message) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), kind, part, case_id, message),
+            )
 
     # --- reading ---------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -168,33 +182,57 @@ class Journal:
             counts = dict(db.execute("SELECT state, COUNT(*) FROM cases GROUP BY state").fetchall())
             parts = []
             for part_id, gpu, uuid, restarts, pid, state in db.execute(
-                    "SELECT part_id, gpu, gpu_uuid, restarts, worker_pid, state FROM parts ORDER BY part_id"):
+                "SELECT part_id, gpu, gpu_uuid, restarts, worker_pid, state FROM parts ORDER BY part_id"
+            ):
                 done, total, busy_seconds, first_start = db.execute(
                     "SELECT SUM(state='done'), COUNT(*), SUM(CASE WHEN state='done' THEN seconds END), "
-                    "MIN(CASE WHEN state='done' THEN started END) FROM cases WHERE part=?", (part_id,)).fetchone()
-                current = [r[0] for r in db.execute(
-                    "SELECT id FROM cases WHERE part=? AND state='running' AND stage='predict'", (part_id,))]
-                parts.append({"part_id": part_id, "gpu": gpu, "gpu_uuid": uuid, "done": done or 0,
-                              "total": total, "restarts": restarts, "state": state, "worker_pid": pid,
-                              "current_case": current[0] if current else None,
-                              **_rate_and_eta(done or 0, total, first_start)})
-            failed = [{"case": c, "error": e} for c, e in db.execute(
-                "SELECT id, error FROM cases WHERE state='failed' ORDER BY id")]
+                    "MIN(CASE WHEN state='done' THEN started END) FROM cases WHERE part=?",
+                    (part_id,),
+                ).fetchone()
+                current = [
+                    r[0]
+                    for r in db.execute(
+                        "SELECT id FROM cases WHERE part=? AND state='running' AND stage='predict'", (part_id,)
+                    )
+                ]
+                parts.append(
+                    {
+                        "part_id": part_id,
+                        "gpu": gpu,
+                        "gpu_uuid": uuid,
+                        "done": done or 0,
+                        "total": total,
+                        "restarts": restarts,
+                        "state": state,
+                        "worker_pid": pid,
+                        "current_case": current[0] if current else None,
+                        **_rate_and_eta(done or 0, total, first_start),
+                    }
+                )
+            failed = [
+                {"case": c, "error": e}
+                for c, e in db.execute("SELECT id, error FROM cases WHERE state='failed' ORDER BY id")
+            ]
             last_run = db.execute("SELECT pid, started, ended, exit_code FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         finally:
             db.execute("COMMIT")
         return {
-            "total": sum(counts.values()), "done": counts.get(DONE, 0), "failed": counts.get(FAILED, 0),
-            "running": counts.get(RUNNING, 0), "pending": counts.get(PENDING, 0),
-            "parts": parts, "failed_cases": failed,
-            "last_run": dict(zip(("pid", "started", "ended", "exit_code"), last_run)) if last_run else None,
+            "total": sum(counts.values()),
+            "done": counts.get(DONE, 0),
+            "failed": counts.get(FAILED, 0),
+            "running": counts.get(RUNNING, 0),
+            "pending": counts.get(PENDING, 0),
+            "parts": parts,
+            "failed_cases": failed,
+            "last_run": dict(zip(RUN_FIELDS, last_run, strict=True)) if last_run else None,
         }
 
     def case_rows(self) -> list[dict]:
-        cursor = self.db.execute("SELECT id, part, state, attempts, gpu, started, ended, seconds, error "
-                                 "FROM cases ORDER BY id")
+        cursor = self.db.execute(
+            "SELECT id, part, state, attempts, gpu, started, ended, seconds, error FROM cases ORDER BY id"
+        )
         names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row)) for row in cursor]
+        return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
 def _rate_and_eta(done: int, total: int, first_start: float | None) -> dict:
@@ -220,8 +258,9 @@ class OutLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise LauncherError(f"another nnunet-launch (pid {holder}) is running on this output "
-                                "folder; wait for it or stop it first") from None
+            raise LauncherError(
+                f"another nnunet-launch (pid {holder}) is running on this output folder; wait for it or stop it first"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd

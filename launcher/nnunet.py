@@ -14,7 +14,7 @@ import os
 import pickle
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,20 +37,23 @@ class PoolDied(RuntimeError):
 _PREP: dict = {}
 
 
-def _init_preprocessing(plans: dict, configuration_manager, dataset_json: dict, verbose: bool,
-                        threads: int) -> None:
+def _init_preprocessing(plans: dict, configuration_manager, dataset_json: dict, verbose: bool, threads: int) -> None:
     torch.set_num_threads(threads)
     plans_manager = PlansManager(plans)
-    _PREP.update(plans_manager=plans_manager, configuration_manager=configuration_manager,
-                 dataset_json=dataset_json, preprocessor=configuration_manager.preprocessor_class(verbose=verbose),
-                 label_manager=plans_manager.get_label_manager(dataset_json))
+    _PREP.update(
+        plans_manager=plans_manager,
+        configuration_manager=configuration_manager,
+        dataset_json=dataset_json,
+        preprocessor=configuration_manager.preprocessor_class(verbose=verbose),
+        label_manager=plans_manager.get_label_manager(dataset_json),
+    )
 
 
 def _preprocess(files: tuple[str, ...], prev_stage_file: str | None):
     """What nnU-Net's preprocess_fromfiles_save_to_queue does for one case."""
     data, seg, properties = _PREP["preprocessor"].run_case(
-        list(files), prev_stage_file, _PREP["plans_manager"], _PREP["configuration_manager"],
-        _PREP["dataset_json"])
+        list(files), prev_stage_file, _PREP["plans_manager"], _PREP["configuration_manager"], _PREP["dataset_json"]
+    )
     if prev_stage_file is not None:
         seg_onehot = convert_labelmap_to_one_hot(seg[0], _PREP["label_manager"].foreground_labels, data.dtype)
         data = np.vstack((data, seg_onehot))
@@ -64,16 +67,26 @@ class CasePipeline:
         if settings.device == "cuda":
             torch.set_num_interop_threads(1)
         self.predictor = nnUNetPredictor(
-            tile_step_size=settings.step_size, use_gaussian=True, use_mirroring=not settings.disable_tta,
-            perform_everything_on_device=settings.device == "cuda", device=torch.device(settings.device),
-            verbose=settings.verbose, verbose_preprocessing=settings.verbose, allow_tqdm=False)
+            tile_step_size=settings.step_size,
+            use_gaussian=True,
+            use_mirroring=not settings.disable_tta,
+            perform_everything_on_device=settings.device == "cuda",
+            device=torch.device(settings.device),
+            verbose=settings.verbose,
+            verbose_preprocessing=settings.verbose,
+            allow_tqdm=False,
+        )
         self.predictor.initialize_from_trained_model_folder(
-            settings.model_folder, [f if f == "all" else int(f) for f in settings.folds], settings.checkpoint)
+            settings.model_folder, [f if f == "all" else int(f) for f in settings.folds], settings.checkpoint
+        )
         p = self.predictor
         self.file_ending = p.dataset_json["file_ending"]
         context = multiprocessing.get_context("spawn")
-        self.prep_pool = context.Pool(settings.npp, _init_preprocessing, (
-            p.plans_manager.plans, p.configuration_manager, p.dataset_json, settings.verbose, 1))
+        self.prep_pool = context.Pool(
+            settings.npp,
+            _init_preprocessing,
+            (p.plans_manager.plans, p.configuration_manager, p.dataset_json, settings.verbose, 1),
+        )
         self.export_pool = context.Pool(settings.nps)
         # Pool silently replaces a dead process and the task it held never returns: watch the originals.
         self.pool_processes = list(self.prep_pool._pool) + list(self.export_pool._pool)
@@ -95,12 +108,17 @@ class CasePipeline:
                 if case.verify_existing and self._existing_output_decodes(case.id):
                     emit(("done", case.id, None, True))
                     continue
-                preparing.append((case, time.monotonic(), self.prep_pool.apply_async(
-                    _preprocess, (case.files, case.prev_stage_file))))
+                preparing.append(
+                    (
+                        case,
+                        time.monotonic(),
+                        self.prep_pool.apply_async(_preprocess, (case.files, case.prev_stage_file)),
+                    )
+                )
             if not preparing:
                 continue
             case, started, pending = preparing.popleft()
-            self._wait(lambda: pending.ready())
+            self._wait(pending.ready)
             try:
                 data, properties = pending.get()
             except Exception as exc:
@@ -120,9 +138,19 @@ class CasePipeline:
             return
         self.emit(("stage", case.id, "export"))
         p = self.predictor
-        result = self.export_pool.apply_async(export_prediction_from_logits, (
-            logits, properties, p.configuration_manager, p.plans_manager, p.dataset_json,
-            os.path.join(self.tmp_dir, case.id), self.settings.save_probabilities, self.settings.threads))
+        result = self.export_pool.apply_async(
+            export_prediction_from_logits,
+            (
+                logits,
+                properties,
+                p.configuration_manager,
+                p.plans_manager,
+                p.dataset_json,
+                os.path.join(self.tmp_dir, case.id),
+                self.settings.save_probabilities,
+                self.settings.threads,
+            ),
+        )
         self.exporting.append((case, result, started))
 
     def _wait(self, condition: Callable[[], bool]) -> None:
@@ -133,8 +161,10 @@ class CasePipeline:
                 return
             dead = [p for p in self.pool_processes if not p.is_alive()]
             if dead:
-                raise PoolDied(f"an nnU-Net helper process died (exit code {dead[0].exitcode}"
-                               f"{'; killed, likely by the OOM killer' if dead[0].exitcode == -9 else ''})")
+                raise PoolDied(
+                    f"an nnU-Net helper process died (exit code {dead[0].exitcode}"
+                    f"{'; killed, likely by the OOM killer' if dead[0].exitcode == -9 else ''})"
+                )
             time.sleep(POLL_S)
 
     def _collect_exports(self) -> None:
@@ -145,8 +175,11 @@ class CasePipeline:
                 continue
             try:
                 result.get()
-                move_into_place(self.tmp_dir, self.out_dir,
-                                case_outputs(case.id, self.file_ending, self.settings.save_probabilities))
+                move_into_place(
+                    self.tmp_dir,
+                    self.out_dir,
+                    case_outputs(case.id, self.file_ending, self.settings.save_probabilities),
+                )
             except Exception as exc:
                 self.emit(("case_error", case.id, f"export failed: {_describe(exc)}"))
                 continue

@@ -64,8 +64,9 @@ def write_run_metadata(out: str, model_folder: str, predict_args: dict) -> None:
     for name in ("dataset.json", "plans.json"):
         with open(os.path.join(model_folder, name)) as f:
             write_json_atomically(os.path.join(out, name), json.load(f), tmp_dir(out))
-    write_json_atomically(os.path.join(out, "predict_from_raw_data_args.json"),
-                          dict(sorted(predict_args.items())), tmp_dir(out))
+    write_json_atomically(
+        os.path.join(out, "predict_from_raw_data_args.json"), dict(sorted(predict_args.items())), tmp_dir(out)
+    )
 
 
 def clear_tmp(path: str) -> None:

@@ -32,10 +32,16 @@ class Plan:
         return {case_id: k for k, ids in enumerate(self.parts) for case_id in ids}
 
     def to_json(self) -> dict:
-        return {"num_parts": self.num_parts, "threads_per_worker": self.threads, "npp": self.npp,
-                "nps": self.nps, "parts": [
-                    {"part_id": s.part_id, "gpu": s.label, "gpu_uuid": s.gpu_uuid, "cases": self.parts[s.part_id]}
-                    for s in self.slots]}
+        return {
+            "num_parts": self.num_parts,
+            "threads_per_worker": self.threads,
+            "npp": self.npp,
+            "nps": self.nps,
+            "parts": [
+                {"part_id": s.part_id, "gpu": s.label, "gpu_uuid": s.gpu_uuid, "cases": self.parts[s.part_id]}
+                for s in self.slots
+            ],
+        }
 
 
 def available_cores() -> int:
@@ -54,21 +60,21 @@ def make_plan(config: RunConfig) -> Plan:
         _check_prev_stage_files(config, cases)
     share = max(1, available_cores() // len(slots))
     return Plan(
-        cases={c.id: c for c in cases}, slots=slots,
+        cases={c.id: c for c in cases},
+        slots=slots,
         parts=static_parts([c.id for c in cases], len(slots)),
         # on a GPU nnU-Net itself runs torch with one thread; on the CPU each worker gets its share
         threads=1 if config.device == "cuda" else share,
         npp=config.npp or min(share, NNUNET_DEFAULT_PROCESSES),
-        nps=config.nps or min(share, NNUNET_DEFAULT_PROCESSES))
+        nps=config.nps or min(share, NNUNET_DEFAULT_PROCESSES),
+    )
 
 
 def _check_prev_stage_files(config: RunConfig, cases: list[Case]) -> None:
     ending = config.model.file_ending
-    missing = [c.id for c in cases
-               if not os.path.isfile(os.path.join(config.prev_stage_predictions, c.id + ending))]
+    missing = [c.id for c in cases if not os.path.isfile(os.path.join(config.prev_stage_predictions, c.id + ending))]
     if missing:
-        raise LauncherError(f"-prev_stage_predictions lacks {len(missing)} case(s), e.g. "
-                            f"{missing[0] + ending!r}")
+        raise LauncherError(f"-prev_stage_predictions lacks {len(missing)} case(s), e.g. {missing[0] + ending!r}")
 
 
 def prev_stage_file(config: RunConfig, case_id: str) -> str | None:

@@ -10,8 +10,7 @@ import time
 from launcher.config import RunConfig, output_identity
 from launcher.errors import LauncherError
 from launcher.journal import DONE, Journal, OutLock
-from launcher.outputs import (case_outputs, clear_tmp, journal_path, state_dir, tmp_dir,
-                              write_run_metadata)
+from launcher.outputs import case_outputs, clear_tmp, journal_path, state_dir, tmp_dir, write_run_metadata
 from launcher.planning import Plan, make_plan
 from launcher.report import summary_lines, write_summary
 from launcher.supervisor import Supervisor
@@ -27,9 +26,11 @@ def run(config: RunConfig, argv: list[str]) -> int:
     strays = _existing_outputs(config, plan)
     had_state = os.path.isdir(state_dir(out))
     if strays and not had_state and not (config.continue_prediction or config.fresh):
-        raise LauncherError(f"output folder already holds {len(strays)} prediction(s) not made by "
-                            f"nnunet-launch (e.g. {strays[0]!r}); add --continue_prediction to keep the "
-                            "ones that decode completely, or --fresh to predict everything again")
+        raise LauncherError(
+            f"output folder already holds {len(strays)} prediction(s) not made by "
+            f"nnunet-launch (e.g. {strays[0]!r}); add --continue_prediction to keep the "
+            "ones that decode completely, or --fresh to predict everything again"
+        )
     os.makedirs(state_dir(out), exist_ok=True)
     lock = OutLock(os.path.join(state_dir(out), "lock"))
     lock.acquire()
@@ -50,8 +51,10 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     if previous is not None and previous != identity:
         if not config.fresh:
             key = next(k for k in identity if previous.get(k) != identity.get(k))
-            raise LauncherError(f"{out!r} holds a run with a different {key} ({previous.get(key)!r}, now "
-                                f"{identity[key]!r}); use another output folder, or --fresh to discard it")
+            raise LauncherError(
+                f"{out!r} holds a run with a different {key} ({previous.get(key)!r}, now "
+                f"{identity[key]!r}); use another output folder, or --fresh to discard it"
+            )
     if config.fresh and (previous is not None or strays):
         _discard_previous(config, journal, plan)
         strays = []
@@ -65,9 +68,11 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
         journal.reopen_cases(vanished)
         done -= set(vanished)
     verify = {c for c in strays if c not in done}
-    log(f"nnunet-launch: {len(plan.cases)} case(s), {len(done)} already done, {plan.num_parts} part(s) on "
+    log(
+        f"nnunet-launch: {len(plan.cases)} case(s), {len(done)} already done, {plan.num_parts} part(s) on "
         f"{', '.join(sorted({s.label for s in plan.slots}))}; per worker: {plan.threads} torch thread(s), "
-        f"npp={plan.npp}, nps={plan.nps}")
+        f"npp={plan.npp}, nps={plan.nps}"
+    )
     if config.device == "cpu":
         log("nnunet-launch: running on the CPU (-device cpu)")
     exit_code = 2
@@ -95,8 +100,7 @@ def _existing_outputs(config: RunConfig, plan: Plan) -> list[str]:
 def _discard_previous(config: RunConfig, journal: Journal, plan: Plan) -> None:
     out = config.output_folder
     names = {n for c in plan.cases for n in case_outputs(c, config.model.file_ending, config.save_probabilities)}
-    names |= {n for c in journal.cases_in_state(DONE)
-              for n in case_outputs(c, config.model.file_ending, True)}
+    names |= {n for c in journal.cases_in_state(DONE) for n in case_outputs(c, config.model.file_ending, True)}
     removed = 0
     for name in sorted(names):
         try:

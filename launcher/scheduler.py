@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,11 @@ def make_slots(gpus: Sequence[tuple[int, str]], workers_per_gpu: int, cpu_worker
     when K == 1; that is what a user reproducing `-part_id k` by hand expects."""
     if not gpus:
         return [Slot(k, None, None) for k in range(cpu_workers)]
-    return [Slot(n * workers_per_gpu + j, index, uuid)
-            for n, (index, uuid) in enumerate(gpus) for j in range(workers_per_gpu)]
+    return [
+        Slot(n * workers_per_gpu + j, index, uuid)
+        for n, (index, uuid) in enumerate(gpus)
+        for j in range(workers_per_gpu)
+    ]
 
 
 def static_parts(case_ids: Sequence[str], num_parts: int) -> list[list[str]]:

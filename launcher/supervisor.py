@@ -47,8 +47,7 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 class Supervisor:
-    def __init__(self, config: RunConfig, plan: Plan, journal: Journal, verify: set[str],
-                 log=print):
+    def __init__(self, config: RunConfig, plan: Plan, journal: Journal, verify: set[str], log=print):
         self.config, self.plan, self.journal, self.verify = config, plan, journal, verify
         self.log = log
         self.workers: dict[int, WorkerHandle] = {}
@@ -58,10 +57,18 @@ class Supervisor:
 
         self.context = torch_mp.get_context("spawn")
         self.settings = PredictSettings(
-            model_folder=config.model.folder, folds=config.model.folds, checkpoint=config.checkpoint,
-            step_size=config.step_size, disable_tta=config.disable_tta, verbose=config.verbose,
-            save_probabilities=config.save_probabilities, device=config.device, threads=plan.threads,
-            npp=plan.npp, nps=plan.nps)
+            model_folder=config.model.folder,
+            folds=config.model.folds,
+            checkpoint=config.checkpoint,
+            step_size=config.step_size,
+            disable_tta=config.disable_tta,
+            verbose=config.verbose,
+            save_probabilities=config.save_probabilities,
+            device=config.device,
+            threads=plan.threads,
+            npp=plan.npp,
+            nps=plan.nps,
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -110,22 +117,30 @@ class Supervisor:
         state = os.path.join(tmp_dir(self.config.output_folder), f"part-{slot.part_id}-attempt-{attempt}")
         clear_tmp(state)
         spec = WorkerSpec(
-            part_id=slot.part_id, attempt=attempt, gpu_uuid=slot.gpu_uuid, supervisor_pid=os.getpid(),
-            out_dir=os.path.abspath(self.config.output_folder), tmp_dir=state,
+            part_id=slot.part_id,
+            attempt=attempt,
+            gpu_uuid=slot.gpu_uuid,
+            supervisor_pid=os.getpid(),
+            out_dir=os.path.abspath(self.config.output_folder),
+            tmp_dir=state,
             log_path=os.path.join(logs_dir(self.config.output_folder), f"part-{slot.part_id}.log"),
             settings=self.settings,
-            cases=tuple(WorkCase(c, self.plan.cases[c].files, prev_stage_file(self.config, c), c in self.verify)
-                        for c in pending))
+            cases=tuple(
+                WorkCase(c, self.plan.cases[c].files, prev_stage_file(self.config, c), c in self.verify)
+                for c in pending
+            ),
+        )
         parent_conn, child_conn = self.context.Pipe(duplex=True)
-        process = self.context.Process(target=worker_main, args=(spec, child_conn), daemon=False,
-                                       name=f"nnunet-launch part {slot.part_id}")
+        process = self.context.Process(
+            target=worker_main, args=(spec, child_conn), daemon=False, name=f"nnunet-launch part {slot.part_id}"
+        )
         process.start()
         child_conn.close()
-        self.workers[slot.part_id] = WorkerHandle(slot, attempt, process, parent_conn, state,
-                                                  pid=process.pid, cases=set(pending))
+        self.workers[slot.part_id] = WorkerHandle(
+            slot, attempt, process, parent_conn, state, pid=process.pid, cases=set(pending)
+        )
         self.journal.part_worker(slot.part_id, process.pid, "running")
-        self.journal.event("spawn", slot.part_id, None, f"attempt {attempt}, pid {process.pid}, "
-                                                       f"{len(pending)} case(s)")
+        self.journal.event("spawn", slot.part_id, None, f"attempt {attempt}, pid {process.pid}, {len(pending)} case(s)")
 
     def _drain(self, handle: WorkerHandle) -> None:
         try:
@@ -177,11 +192,11 @@ class Supervisor:
         self.journal.event("worker_died", part, None, reason)
         if restarts > self.config.max_restarts:
             left = self.journal.cases_in_state(PENDING, part)
-            self.journal.fail_cases(left, f"part {part} gave up after {self.config.max_restarts} "
-                                          f"restarts (last: {reason})")
+            self.journal.fail_cases(
+                left, f"part {part} gave up after {self.config.max_restarts} restarts (last: {reason})"
+            )
             self.journal.part_worker(part, None, "gave up")
-            self.log(f"[part {part}] worker died ({reason}); restarts exhausted, "
-                     f"{len(left)} case(s) left unfinished")
+            self.log(f"[part {part}] worker died ({reason}); restarts exhausted, {len(left)} case(s) left unfinished")
             return
         self.log(f"[part {part}] worker died ({reason}); restart {restarts}/{self.config.max_restarts}")
         self._spawn_if_work_left(handle.slot)
@@ -219,8 +234,7 @@ class Supervisor:
         return f"[{done}/{len(self.plan.cases)}]"
 
     def _result(self) -> int:
-        return EXIT_FAILED if self.journal.cases_in_state(FAILED) or self.journal.cases_in_state(PENDING) \
-            else EXIT_OK
+        return EXIT_FAILED if self.journal.cases_in_state(FAILED) or self.journal.cases_in_state(PENDING) else EXIT_OK
 
 
 def _kill_group(pgid: int | None, signum: int) -> None:

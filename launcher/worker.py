@@ -128,6 +128,9 @@ def _pin_device(spec: WorkerSpec) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu_uuid
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not touch any GPU
-    print(f"nnunet-launch worker part {spec.part_id} attempt {spec.attempt} pid {os.getpid()} "
-          f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} threads={threads} "
-          f"npp={spec.settings.npp} nps={spec.settings.nps} cases={len(spec.cases)}", flush=True)
+    print(
+        f"nnunet-launch worker part {spec.part_id} attempt {spec.attempt} pid {os.getpid()} "
+        f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} threads={threads} "
+        f"npp={spec.settings.npp} nps={spec.settings.nps} cases={len(spec.cases)}",
+        flush=True,
+    )

@@ -38,8 +38,7 @@ def plans_dict(num_channels: int) -> dict:
         "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
         "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
         "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities_kwargs": {
-            "is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
         "architecture": {
             "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
             "arch_kwargs": {
@@ -62,8 +61,15 @@ def plans_dict(num_channels: int) -> dict:
         },
         "batch_dice": False,
     }
-    intensity = {"mean": 0.0, "std": 1.0, "min": -5.0, "max": 5.0, "median": 0.0,
-                 "percentile_00_5": -3.0, "percentile_99_5": 3.0}
+    intensity = {
+        "mean": 0.0,
+        "std": 1.0,
+        "min": -5.0,
+        "max": 5.0,
+        "median": 0.0,
+        "percentile_00_5": -3.0,
+        "percentile_99_5": 3.0,
+    }
     return {
         "dataset_name": "Dataset999_Tiny",
         "plans_name": "nnUNetPlans",
@@ -103,7 +109,8 @@ def make_model(folder: str, num_channels: int = 1, folds: tuple[int, ...] = (0,)
     for fold in folds:
         torch.manual_seed(seed + fold)
         network = nnUNetTrainer.build_network_architecture(
-            plans_manager, configuration_manager, num_channels, num_labels, enable_deep_supervision=False)
+            plans_manager, configuration_manager, num_channels, num_labels, enable_deep_supervision=False
+        )
         checkpoint = {
             "network_weights": network.state_dict(),
             "trainer_name": TRAINER,
@@ -122,8 +129,9 @@ def case_shape(index: int) -> tuple[tuple[int, int, int], tuple[float, float, fl
     return shape, spacing
 
 
-def make_inputs(folder: str, num_cases: int, num_channels: int = 1, prefix: str = "case",
-                big_case_edge: int | None = None) -> list[str]:
+def make_inputs(
+    folder: str, num_cases: int, num_channels: int = 1, prefix: str = "case", big_case_edge: int | None = None
+) -> list[str]:
     """Write `num_cases` synthetic cases; `big_case_edge` makes case 0 a cube of that edge."""
     os.makedirs(folder, exist_ok=True)
     ids = []
@@ -135,7 +143,7 @@ def make_inputs(folder: str, num_cases: int, num_channels: int = 1, prefix: str 
         case_id = f"{prefix}_{index:03d}"
         for channel in range(num_channels):
             z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-            blob = np.exp(-((x - 0.2) ** 2 + y ** 2 + (z + 0.1 * channel) ** 2) * 4)
+            blob = np.exp(-((x - 0.2) ** 2 + y**2 + (z + 0.1 * channel) ** 2) * 4)
             volume = (blob * 3 + rng.normal(0, 0.5, shape)).astype(np.float32)
             image = sitk.GetImageFromArray(volume)
             image.SetSpacing(spacing[::-1])  # SimpleITK wants x, y, z
@@ -152,8 +160,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--folds", type=int, nargs="+", default=[0])
-    parser.add_argument("--big-case-edge", type=int, default=None,
-                        help="make case 0 a cube of this edge (a skewed set for benchmarks)")
+    parser.add_argument(
+        "--big-case-edge", type=int, default=None, help="make case 0 a cube of this edge (a skewed set for benchmarks)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     make_model(args.model, args.channels, tuple(args.folds))

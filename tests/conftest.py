@@ -27,17 +27,29 @@ def launcher_cmd(*args: str) -> list[str]:
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(launcher_cmd(*args), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        launcher_cmd(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
     """A 1-channel tiny model and 12 cases of varied sizes, in folders whose names need quoting."""
     base = tmp_path_factory.mktemp("tiny")
-    model, inputs = base / "model dir 'ü'", base / "in put \"ß\""
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--model", str(model),
-                    "--inputs", str(inputs), "--cases", str(NUM_CASES)], check=True)
+    model, inputs = base / "model dir 'ü'", base / 'in put "ß"'
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "make_tiny_model.py"),
+            "--model",
+            str(model),
+            "--inputs",
+            str(inputs),
+            "--cases",
+            str(NUM_CASES),
+        ],
+        check=True,
+    )
     return {"model": model, "inputs": inputs, "base": base}
 
 
@@ -54,9 +66,32 @@ PLAIN_NNUNET_ONE_THREAD = (
 
 
 def plain_nnunet(inputs: Path, out: Path, model: Path, *extra: str) -> None:
-    subprocess.run([sys.executable, "-c", PLAIN_NNUNET_ONE_THREAD, "-i", str(inputs), "-o", str(out),
-                    "-m", str(model), "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1",
-                    "--disable_progress_bar", *extra], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PLAIN_NNUNET_ONE_THREAD,
+            "-i",
+            str(inputs),
+            "-o",
+            str(out),
+            "-m",
+            str(model),
+            "-f",
+            "0",
+            "-device",
+            "cpu",
+            "--disable_tta",
+            "-npp",
+            "1",
+            "-nps",
+            "1",
+            "--disable_progress_bar",
+            *extra,
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +103,21 @@ def reference(tiny) -> Path:
 
 
 def run_args(tiny: dict, out: Path, *extra: str) -> list[str]:
-    return ["run", "-i", str(tiny["inputs"]), "-o", str(out), "-m", str(tiny["model"]), "-f", "0",
-            "-device", "cpu", "--disable_tta", *extra]
+    return [
+        "run",
+        "-i",
+        str(tiny["inputs"]),
+        "-o",
+        str(out),
+        "-m",
+        str(tiny["model"]),
+        "-f",
+        "0",
+        "-device",
+        "cpu",
+        "--disable_tta",
+        *extra,
+    ]
 
 
 def assert_same_predictions(out: Path, reference: Path) -> None:
@@ -91,8 +139,7 @@ class LauncherProcess:
     test can prove none survives and clean up by pid."""
 
     def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen(launcher_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(launcher_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.seen: dict[int, float] = {}  # pid -> create_time
 
     def sample_tree(self) -> None:
@@ -123,8 +170,9 @@ class LauncherProcess:
             if condition():
                 return
             if self.proc.poll() is not None:
-                raise AssertionError(f"launcher exited ({self.proc.returncode}) before: {what}\n"
-                                     + self.proc.stderr.read())
+                raise AssertionError(
+                    f"launcher exited ({self.proc.returncode}) before: {what}\n" + self.proc.stderr.read()
+                )
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for: {what}")
 

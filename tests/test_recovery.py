@@ -7,8 +7,7 @@ import os
 import signal
 import time
 
-from conftest import (NUM_CASES, assert_same_predictions, cli, copy_outputs_mtimes, run_args, status_json,
-                      wait_gone)
+from conftest import NUM_CASES, assert_same_predictions, cli, copy_outputs_mtimes, run_args, status_json, wait_gone
 
 
 def _worker_pids(out) -> list[int]:

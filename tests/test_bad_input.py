@@ -1,0 +1,174 @@
+"""Every bad invocation: exit 2, one line on stderr, no traceback, OUT untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from conftest import cli
+
+FAKE_GPUS = [
+    {"index": 0, "uuid": "GPU-aaaa", "name": "H100", "memory_total": 1, "memory_used": 0},
+    {"index": 1, "uuid": "GPU-bbbb", "name": "H100", "memory_total": 1, "memory_used": 0},
+]
+
+
+@pytest.fixture
+def world(tiny, tmp_path):
+    """A scratch copy of the inputs and model that a row may break, and an OUT with user files."""
+    inputs = tmp_path / "inputs"
+    shutil.copytree(tiny["inputs"], inputs)
+    model = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    shutil.copytree(tiny["model"], model)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep me.txt").write_text("the user's file")
+    fake = tmp_path / "gpus.json"
+    fake.write_text(json.dumps(FAKE_GPUS))
+    return {"inputs": inputs, "model": model, "out": out, "tmp": tmp_path, "fake": fake}
+
+
+def _cascade(w):
+    plans = json.loads((w["model"] / "plans.json").read_text())
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    cascade = w["tmp"] / "nnUNetTrainer__nnUNetPlans__3d_cascade_fullres"
+    shutil.copytree(w["model"], cascade)
+    (cascade / "plans.json").write_text(json.dumps(plans))
+    return cascade
+
+
+def _base(w, **change):
+    args = {"-i": w["inputs"], "-o": w["out"], "-m": w["model"], "-f": "0", "-device": "cpu"}
+    args.update(change)
+    return [str(x) for k, v in args.items() if v is not None for x in (k, v)]
+
+
+# (id, how to break the world, extra args, env, words the message must contain)
+ROWS = [
+    ("input missing", lambda w: _base(w, **{"-i": w["tmp"] / "nope"}), {}, "does not exist"),
+    (
+        "input empty",
+        lambda w: (w["tmp"] / "empty").mkdir() or _base(w, **{"-i": w["tmp"] / "empty"}),
+        {},
+        "no file ending in '.nii.gz'",
+    ),
+    (
+        "no file with the ending",
+        lambda w: [p.rename(p.with_suffix(".mha")) for p in w["inputs"].iterdir()] and _base(w),
+        {},
+        "no file ending in",
+    ),
+    (
+        "missing channel",
+        lambda w: (w["inputs"] / "case_003_0000.nii.gz").rename(w["inputs"] / "case_003_0001.nii.gz") and _base(w),
+        {},
+        "'case_003' is missing channel 0000",
+    ),
+    (
+        "bad file name",
+        lambda w: (w["inputs"] / "scan.nii.gz").write_bytes(b"") or _base(w),
+        {},
+        "does not follow nnU-Net's naming",
+    ),
+    ("model missing", lambda w: _base(w, **{"-m": w["tmp"] / "no model"}), {}, "does not exist"),
+    ("fold missing", lambda w: _base(w, **{"-f": "3"}), {}, "folds with checkpoint_final.pth: 0"),
+    (
+        "checkpoint missing",
+        lambda w: _base(w) + ["-chk", "checkpoint_best.pth"],
+        {},
+        "checkpoints found: checkpoint_final.pth",
+    ),
+    ("configuration missing", lambda w: _base(w) + ["-c", "2d"], {}, "configuration '2d' is not in"),
+    ("out is input", lambda w: _base(w, **{"-o": w["inputs"]}), {}, "inside the input folder"),
+    ("out inside input", lambda w: _base(w, **{"-o": w["inputs"] / "sub"}), {}, "inside the input folder"),
+    ("out under a file", lambda w: _base(w, **{"-o": w["out"] / "keep me.txt" / "x"}), {}, "is not a folder"),
+    ("workers 0", lambda w: _base(w) + ["--workers", "0"], {}, "--workers must be an integer >= 1"),
+    ("step size 0", lambda w: _base(w) + ["-step_size", "0"], {}, "-step_size must be in (0, 1]"),
+    ("step size 1.5", lambda w: _base(w) + ["-step_size", "1.5"], {}, "-step_size must be in (0, 1]"),
+    ("negative retries", lambda w: _base(w) + ["--case-retries", "-1"], {}, "--case-retries must be"),
+    ("negative restarts", lambda w: _base(w) + ["--max-restarts", "-2"], {}, "--max-restarts must be"),
+    ("bad device", lambda w: _base(w, **{"-device": "tpu"}), {}, "-device must be cuda or cpu"),
+    ("unknown flag", lambda w: _base(w) + ["--turbo"], {}, "No such option '--turbo'"),
+    ("not a number", lambda w: _base(w) + ["--workers", "two"], {}, "'two' is not a valid integer"),
+    ("cuda without nvml", lambda w: _base(w, **{"-device": "cuda"}), {}, "-device cpu --workers N"),
+    ("gpu absent", lambda w: _base(w, **{"-device": "cuda"}) + ["--gpus", "5"], {"fake": 1}, "not on this machine"),
+    (
+        "gpu hidden",
+        lambda w: _base(w, **{"-device": "cuda"}) + ["--gpus", "1"],
+        {"fake": 1, "CUDA_VISIBLE_DEVICES": "0"},
+        "CUDA_VISIBLE_DEVICES='0' hides",
+    ),
+    ("cascade without previous stage", lambda w: _base(w, **{"-m": _cascade(w)}), {}, "needs -prev_stage_predictions"),
+    (
+        "cascade with missing previous-stage files",
+        lambda w: _base(w, **{"-m": _cascade(w)}) + ["-prev_stage_predictions", str(w["tmp"])],
+        {},
+        "-prev_stage_predictions lacks 12 case(s)",
+    ),
+    (
+        "-d without nnUNet_results",
+        lambda w: _base(w, **{"-m": None}) + ["-d", "1", "-c", "3d_fullres"],
+        {"nnUNet_results": ""},
+        "nnUNet_results",
+    ),
+    (
+        "-d unknown dataset",
+        lambda w: _base(w, **{"-m": None}) + ["-d", "7", "-c", "3d_fullres"],
+        {"nnUNet_results": "TMP"},
+        "dataset '7' not found",
+    ),
+    (
+        "config unknown key",
+        lambda w: (
+            (w["tmp"] / "c.toml").write_text("wrokers = 2\n") and _base(w) + ["--config", str(w["tmp"] / "c.toml")]
+        ),
+        {},
+        "unknown key 'wrokers'",
+    ),
+    (
+        "config not toml",
+        lambda w: (
+            (w["tmp"] / "c.toml").write_text("workers = = 2\n") and _base(w) + ["--config", str(w["tmp"] / "c.toml")]
+        ),
+        {},
+        "not valid TOML",
+    ),
+    (
+        "predictions not made by the launcher",
+        lambda w: (w["out"] / "case_000.nii.gz").write_bytes(b"x") and _base(w),
+        {},
+        "--continue_prediction",
+    ),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_bad_invocation_exits_2_with_one_line_and_leaves_out_untouched(world, row, command):
+    _, make_args, env, words = row
+    if command == "plan" and row[0] == "predictions not made by the launcher":
+        pytest.skip("plan does not look at OUT")
+    args = make_args(world)
+    env = {k: str(world["tmp"]) if v == "TMP" else v for k, v in env.items()}
+    if env.pop("fake", None):
+        env["NNUNET_LAUNCH_FAKE_GPUS"] = str(world["fake"])
+    before = sorted(os.listdir(world["out"]))
+    result = cli(command, *args, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert words in result.stderr
+    assert sorted(os.listdir(world["out"])) == before
+    assert result.stdout == ""
+
+
+def test_config_file_supplies_settings_and_flags_win(world):
+    config = world["tmp"] / "run.toml"
+    config.write_text('device = "cpu"\nworkers = 3\nfolds = ["0"]\n')
+    args = ["-i", str(world["inputs"]), "-o", str(world["out"]), "-m", str(world["model"])]
+    from_file = json.loads(cli("plan", *args, "--config", str(config), "--json").stdout)
+    assert from_file["num_parts"] == 3
+    overridden = json.loads(cli("plan", *args, "--config", str(config), "--workers", "2", "--json").stdout)
+    assert overridden["num_parts"] == 2
