@@ -42,17 +42,21 @@ def move_into_place(src_dir: str, out: str, names: list[str]) -> None:
 
 
 def write_json_atomically(path: str, content: dict, scratch_dir: str) -> None:
-    """Write through a temp name; an identical file is left alone (a resumed run touches nothing)."""
+    """An identical file is left alone, so a resumed run touches nothing."""
     try:
         with open(path) as f:
             if json.load(f) == content:
                 return
     except (OSError, ValueError):
         pass
+    write_text_atomically(path, json.dumps(content, indent=4, sort_keys=False), scratch_dir)
+
+
+def write_text_atomically(path: str, text: str, scratch_dir: str) -> None:
     os.makedirs(scratch_dir, exist_ok=True)
     scratch = os.path.join(scratch_dir, os.path.basename(path) + f".{os.getpid()}.partial")
-    with open(scratch, "w") as f:
-        json.dump(content, f, indent=4, sort_keys=False)
+    with open(scratch, "w", newline="") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(scratch, path)

@@ -9,7 +9,7 @@ import os
 import time
 
 from launcher.journal import Journal
-from launcher.outputs import state_dir, tmp_dir, write_json_atomically
+from launcher.outputs import state_dir, tmp_dir, write_json_atomically, write_text_atomically
 
 EXIT_MEANING = {
     0: "every case predicted",
@@ -37,11 +37,7 @@ def _write_cases_csv(out: str, rows: list[dict]) -> None:
     writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["id"])
     writer.writeheader()
     writer.writerows(rows)
-    scratch = os.path.join(tmp_dir(out), f"cases.csv.{os.getpid()}.partial")
-    os.makedirs(tmp_dir(out), exist_ok=True)
-    with open(scratch, "w", newline="") as f:
-        f.write(text.getvalue())
-    os.replace(scratch, os.path.join(state_dir(out), "cases.csv"))
+    write_text_atomically(os.path.join(state_dir(out), "cases.csv"), text.getvalue(), tmp_dir(out))
 
 
 def summary_lines(summary: dict, out: str, command_hint: str | None) -> list[str]:
