@@ -1,0 +1,78 @@
+"""Resuming on an OUT that already holds predictions, refusing a different run, the lock."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from conftest import assert_same_predictions, cli, copy_outputs_mtimes, run_args
+from launcher.errors import LauncherError
+from launcher.journal import OutLock, lock_holder
+
+
+def test_continue_prediction_keeps_complete_outputs_and_predicts_truncated_and_missing_ones(tiny, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    truncated = out / "case_001.nii.gz"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    (out / "case_002.nii.gz").unlink()
+    kept = {n: m for n, m in copy_outputs_mtimes(out).items() if n.startswith("case_") and n != truncated.name}
+
+    refused = cli(*run_args(tiny, out, "--workers", "2"))
+    assert refused.returncode == 2 and "--continue_prediction" in refused.stderr
+    assert not (out / ".nnunet-launch").exists()
+
+    result = cli(*run_args(tiny, out, "--workers", "2", "--continue_prediction"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("kept (existing output verified)") == len(kept)
+    assert_same_predictions(out, reference)
+    after = copy_outputs_mtimes(out)
+    assert {n: after[n] for n in kept} == kept
+
+    # the same OUT with an output-changing flag is refused, naming it; nothing changes
+    before = copy_outputs_mtimes(out)
+    other = cli(*run_args(tiny, out, "--workers", "2", "-step_size", "0.7"))
+    assert other.returncode == 2 and "different step_size (0.5, now 0.7)" in other.stderr
+    assert copy_outputs_mtimes(out) == before
+
+    # --fresh discards the previous run's outputs and says so, then predicts everything again
+    fresh = cli(*run_args(tiny, out, "--workers", "2", "--fresh"), timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    assert "--fresh: discarded the previous run's state and 12 output file(s)" in fresh.stdout
+    assert all(after[n] < m for n, m in copy_outputs_mtimes(out).items() if n.startswith("case_"))
+    assert_same_predictions(out, reference)
+
+
+HOLD_LOCK = """
+import sys, time
+from launcher.journal import OutLock
+OutLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_lock_is_refused_while_held_and_free_once_its_holder_died(tmp_path):
+    path = str(tmp_path / "lock")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert lock_holder(path) == holder.pid
+        started = time.monotonic()
+        try:
+            OutLock(path).acquire()
+            raise AssertionError("a held lock was granted")
+        except LauncherError as exc:
+            assert f"pid {holder.pid}" in str(exc)
+        assert time.monotonic() - started < 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.exists(path), "the stale lock file is still there"
+    assert lock_holder(path) is None
+    lock = OutLock(path)
+    lock.acquire()
+    lock.release()
