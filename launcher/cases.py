@@ -21,6 +21,22 @@ class Case:
         return sum(os.path.getsize(f) for f in self.files)
 
 
+def voxels(case: Case) -> int | None:
+    """Voxel count of the case's first channel from its header (no pixel data read)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(case.files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    count = 1
+    for size in reader.GetSize():
+        count *= size
+    return count
+
+
 def discover(input_folder: str, file_ending: str, num_channels: int) -> list[Case]:
     """Cases sorted like nnU-Net's np.unique of the names with `_XXXX<file_ending>` cropped.
 

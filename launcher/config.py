@@ -59,6 +59,7 @@ class ModelInfo:
     folder: str
     file_ending: str
     num_channels: int
+    num_labels: int
     configuration: str | None
     previous_stage: str | None
     folds: tuple[str, ...]
@@ -231,6 +232,7 @@ def read_model(config: RunConfig) -> ModelInfo:
         folder=folder,
         file_ending=dataset["file_ending"],
         num_channels=len(channels),
+        num_labels=len(dataset.get("labels", {})) or 2,
         configuration=configuration,
         previous_stage=previous,
         folds=tuple(config.folds),

@@ -80,6 +80,43 @@ def _read_gpu(pynvml, index: int) -> Gpu:
     )
 
 
+def health_report(uuid: str) -> str:
+    """ECC and retired-page counters NVML offers for a GPU, as text for the log ("" if none)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return ""
+    signals = []
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+        for label, call in (
+            (
+                "uncorrected ECC errors",
+                lambda: pynvml.nvmlDeviceGetTotalEccErrors(
+                    handle, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC
+                ),
+            ),
+            ("pages pending retirement", lambda: pynvml.nvmlDeviceGetRetiredPagesPendingStatus(handle)),
+            (
+                "retired pages (double-bit)",
+                lambda: len(
+                    pynvml.nvmlDeviceGetRetiredPages(handle, pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR)
+                ),
+            ),
+        ):
+            try:
+                signals.append(f"{label}: {int(call())}")
+            except pynvml.NVMLError:
+                pass  # not supported on this GPU
+    except Exception:
+        return ""
+    finally:
+        pynvml.nvmlShutdown()
+    return f" [NVML: {', '.join(signals)}]" if signals else ""
+
+
 _TOKEN = re.compile(r"^(\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+)$")
 
 

@@ -153,8 +153,22 @@ class Journal:
                 [(FAILED, time.time(), error, c) for c in case_ids],
             )
 
-    def running_cases(self, part: int) -> list[str]:
-        return self.cases_in_state(RUNNING, part)
+    def in_flight(self, part: int) -> list[tuple[str, str | None, float]]:
+        """(case, stage, started) of the part's running cases."""
+        return self.db.execute(
+            "SELECT id, stage, started FROM cases WHERE state=? AND part=? ORDER BY started", (RUNNING, part)
+        ).fetchall()
+
+    def release_cases(self, case_ids: list[str]) -> None:
+        """Back to pending without charging the attempt: they were only queued behind a crash."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE cases SET state=?, stage=NULL, attempts=MAX(attempts-1, 0) WHERE id=? AND state=?",
+                [(PENDING, c, RUNNING) for c in case_ids],
+            )
+
+    def slowest_case_seconds(self) -> float | None:
+        return self.db.execute("SELECT MAX(seconds) FROM cases WHERE state=?", (DONE,)).fetchone()[0]
 
     # --- parts and events ------------------------------------------------------------------
     def part_worker(self, part: int, pid: int | None, state: str) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.helpers import empty_cache
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -27,6 +28,7 @@ from launcher.outputs import case_outputs, move_into_place
 from launcher.worker import PredictSettings, WorkCase
 
 POLL_S = 0.05
+HEARTBEAT_S = 1.0
 
 
 class PoolDied(RuntimeError):
@@ -91,6 +93,7 @@ class CasePipeline:
         # Pool silently replaces a dead process and the task it held never returns: watch the originals.
         self.pool_processes = list(self.prep_pool._pool) + list(self.export_pool._pool)
         self.exporting: list[tuple[WorkCase, object, float]] = []
+        self.last_heartbeat = 0.0
 
     def close(self) -> None:
         for pool in (self.prep_pool, self.export_pool):
@@ -132,7 +135,7 @@ class CasePipeline:
         self.emit(("stage", case.id, "predict"))
         try:
             tensor = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
-            logits = self.predictor.predict_logits_from_preprocessed_data(tensor).cpu().detach().numpy()
+            logits = predict_with_memory_fallback(self.predictor, tensor, lambda m: self.emit(("note", case.id, m)))
         except Exception as exc:
             self.emit(("case_error", case.id, f"prediction failed: {_describe(exc)}"))
             return
@@ -154,8 +157,12 @@ class CasePipeline:
         self.exporting.append((case, result, started))
 
     def _wait(self, condition: Callable[[], bool]) -> None:
-        """Wait for `condition` while finishing exports and watching the pools."""
+        """Wait for `condition` while finishing exports, watching the pools and telling the
+        supervisor that this main loop is alive (its hang watchdog listens)."""
         while True:
+            if time.monotonic() - self.last_heartbeat > HEARTBEAT_S:
+                self.last_heartbeat = time.monotonic()
+                self.emit(("heartbeat",))
             self._collect_exports()
             if condition():
                 return
@@ -210,6 +217,24 @@ class CasePipeline:
             return True
         except Exception:
             return False
+
+
+def predict_with_memory_fallback(predictor: nnUNetPredictor, data: torch.Tensor, note: Callable[[str], None]):
+    """Predict the logits; on CUDA out-of-memory retry once with nnU-Net's own fallback
+    (perform_everything_on_device=False keeps the full logits in host memory)."""
+    try:
+        return predictor.predict_logits_from_preprocessed_data(data).cpu().detach().numpy()
+    except torch.cuda.OutOfMemoryError:
+        if not predictor.perform_everything_on_device:
+            raise
+    note("CUDA out of memory: retrying with perform_everything_on_device=False")
+    empty_cache(predictor.device)
+    predictor.perform_everything_on_device = False
+    try:
+        return predictor.predict_logits_from_preprocessed_data(data).cpu().detach().numpy()
+    finally:
+        predictor.perform_everything_on_device = True
+        empty_cache(predictor.device)
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from launcher import gpus as gpu_inventory
-from launcher.cases import Case, discover
+from launcher.cases import Case, discover, voxels
 from launcher.config import RunConfig
 from launcher.errors import LauncherError
 from launcher.scheduler import Slot, make_slots, static_parts
@@ -67,6 +67,27 @@ def make_plan(config: RunConfig) -> Plan:
         threads=1 if config.device == "cuda" else share,
         npp=config.npp or min(share, NNUNET_DEFAULT_PROCESSES),
         nps=config.nps or min(share, NNUNET_DEFAULT_PROCESSES),
+    )
+
+
+def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: int) -> str | None:
+    """A warning when the host memory looks too small for every worker holding the largest case.
+
+    Per worker: the cases being preprocessed (npp + 1) and predicted hold float32 channels; each
+    export in flight (nps + 1) holds float32 logits plus their resampled copy. The largest case
+    is found among the biggest files by header, not by reading every one."""
+    candidates = sorted(plan.cases.values(), key=lambda c: c.size_bytes, reverse=True)[:5]
+    sizes = [v for v in (voxels(c) for c in candidates) if v]
+    if not sizes:
+        return None
+    per_voxel = 4 * (num_channels * (plan.npp + 2) + 2 * num_labels * (plan.nps + 1))
+    need = len(plan.slots) * max(sizes) * per_voxel
+    if need <= available:
+        return None
+    return (
+        f"warning: {len(plan.slots)} worker(s) may need about {need / 2**30:.1f} GiB of host memory for the "
+        f"largest case ({max(sizes):,} voxels) but {available / 2**30:.1f} GiB is free; consider fewer "
+        "workers or lower -npp/-nps"
     )
 
 

@@ -7,11 +7,13 @@ import shlex
 import sys
 import time
 
+import psutil
+
 from launcher.config import RunConfig, output_identity
 from launcher.errors import LauncherError
 from launcher.journal import DONE, Journal, OutLock
 from launcher.outputs import case_outputs, clear_tmp, journal_path, state_dir, tmp_dir, write_run_metadata
-from launcher.planning import Plan, make_plan
+from launcher.planning import Plan, make_plan, memory_warning
 from launcher.report import summary_lines, write_summary
 from launcher.supervisor import Supervisor
 
@@ -75,6 +77,11 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     )
     if config.device == "cpu":
         log("nnunet-launch: running on the CPU (-device cpu)")
+    warning = memory_warning(
+        plan, config.model.num_channels, config.model.num_labels, psutil.virtual_memory().available
+    )
+    if warning:
+        print(f"nnunet-launch: {warning}", file=sys.stderr, flush=True)
     exit_code = 2
     try:
         exit_code = Supervisor(config, plan, journal, verify, log).run()

@@ -18,6 +18,11 @@ class Slot:
     def label(self) -> str:
         return "cpu" if self.gpu_uuid is None else f"gpu{self.gpu_index}"
 
+    @property
+    def device_key(self) -> str:
+        """What fails together: a GPU (all its slots), or on the CPU one slot."""
+        return self.gpu_uuid or f"cpu-slot-{self.part_id}"
+
 
 def make_slots(gpus: Sequence[tuple[int, str]], workers_per_gpu: int, cpu_workers: int) -> list[Slot]:
     """GPUs as (index, uuid): K slots per GPU, GPU-major; no GPUs: `cpu_workers` CPU slots.

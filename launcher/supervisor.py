@@ -1,5 +1,6 @@
-"""The supervisor: spawns one worker per part, watches them, restarts what crashes, handles
-signals, and is the only writer of the journal. Never imports nnunetv2, never touches CUDA."""
+"""The supervisor: spawns one worker per part, watches them, restarts what crashes or hangs,
+drops sick devices, handles signals, and is the only writer of the journal.
+Never imports nnunetv2, never touches CUDA."""
 
 from __future__ import annotations
 
@@ -7,42 +8,61 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
+from launcher import gpus
 from launcher.config import RunConfig
 from launcher.journal import DONE, FAILED, PENDING, Journal
 from launcher.outputs import clear_tmp, logs_dir, tmp_dir
 from launcher.planning import Plan, prev_stage_file
+from launcher.policy import STARTUP_GRACE_S, DeviceHealth, InFlight, blame, hang_timeout
 from launcher.scheduler import Slot
 from launcher.worker import PredictSettings, WorkCase, WorkerSpec, worker_main
 
 SHUTDOWN_GRACE_S = 5.0
 WAIT_S = 0.5
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+CGROUP_MEMORY_EVENTS = "/sys/fs/cgroup/memory.events"
 
 
 @dataclass
 class WorkerHandle:
-    slot: Slot
+    part: int
+    slot: Slot  # where it runs: its own slot, or a healthy one that took over a sick device's part
     attempt: int
     process: object
     conn: object
     tmp: str
+    oom_kills_at_start: int | None
     conn_open: bool = True
+    ready: bool = False
     finished: bool = False
     fatal: str | None = None
-    pid: int | None = None
-    cases: set[str] = field(default_factory=set)
+    hung: str | None = None
+    last_progress: float = field(default_factory=time.monotonic)
 
 
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "still running"
-    if exitcode < 0:
+def oom_kill_count() -> int | None:
+    """The cgroup's OOM-kill counter (cgroup v2), the evidence for "killed by the OOM killer"."""
+    try:
+        with open(CGROUP_MEMORY_EVENTS) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def describe_exit(exitcode: int | None, oom_killed: bool = False) -> str:
+    if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
-        hint = " (killed; the kernel's OOM killer sends SIGKILL too)" if -exitcode == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
+        if oom_killed:
+            return f"killed by the kernel's OOM killer ({name})"
+        return f"killed by {name}"
     return f"exit code {exitcode}"
 
 
@@ -50,9 +70,12 @@ class Supervisor:
     def __init__(self, config: RunConfig, plan: Plan, journal: Journal, verify: set[str], log=print):
         self.config, self.plan, self.journal, self.verify = config, plan, journal, verify
         self.log = log
-        self.workers: dict[int, WorkerHandle] = {}
+        self.workers: dict[int, WorkerHandle] = {}  # by part
         self.attempts: dict[int, int] = {}
+        self.health = DeviceHealth()
+        self.orphans: deque[int] = deque()  # parts whose device was dropped, waiting for a healthy slot
         self.stop_signals = 0
+        self.hang_timeout_s = hang_timeout(config.hang_timeout, journal.slowest_case_seconds())
         import torch.multiprocessing as torch_mp  # spawn context; importing torch does not touch CUDA
 
         self.context = torch_mp.get_context("spawn")
@@ -73,13 +96,16 @@ class Supervisor:
     # --- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
         previous = self._install_signal_handlers()
+        how = "--hang-timeout" if self.config.hang_timeout else "10 min or 10x the slowest case, adapting"
+        self.log(f"nnunet-launch: hang timeout {self.hang_timeout_s:.0f} s ({how})")
         try:
             for slot in self.plan.slots:
-                self._spawn_if_work_left(slot)
+                self._spawn_if_work_left(slot.part_id, slot)
             while self.workers:
                 if self.stop_signals:
                     return self._shut_down()
                 self._step()
+                self._kill_hung_workers()
             return self._result()
         finally:
             for signum, handler in previous.items():
@@ -107,23 +133,34 @@ class Supervisor:
             if handle.process.sentinel in ready:
                 self._on_worker_exit(handle)
 
+    def _kill_hung_workers(self) -> None:
+        now = time.monotonic()
+        for handle in self.workers.values():
+            limit = self.hang_timeout_s if handle.ready else max(self.hang_timeout_s, STARTUP_GRACE_S)
+            if handle.hung is None and now - handle.last_progress > limit:
+                handle.hung = f"hung: no progress for {now - handle.last_progress:.0f} s (hang timeout {limit:.0f} s)"
+                self.log(f"[part {handle.part}] {handle.hung}; killing its process group")
+                _kill_group(handle.process.pid, signal.SIGKILL)
+
     # --- workers ---------------------------------------------------------------------------
-    def _spawn_if_work_left(self, slot: Slot) -> None:
-        pending = self.journal.cases_in_state(PENDING, slot.part_id)
+    def _spawn_if_work_left(self, part: int, slot: Slot) -> None:
+        pending = self.journal.cases_in_state(PENDING, part)
         if not pending:
-            self.journal.part_worker(slot.part_id, None, "finished")
+            self.journal.part_worker(part, None, "finished")
+            self._take_orphan(slot)
             return
-        attempt = self.attempts[slot.part_id] = self.attempts.get(slot.part_id, 0) + 1
-        state = os.path.join(tmp_dir(self.config.output_folder), f"part-{slot.part_id}-attempt-{attempt}")
+        attempt = self.attempts[part] = self.attempts.get(part, 0) + 1
+        state = os.path.join(tmp_dir(self.config.output_folder), f"part-{part}-attempt-{attempt}")
         clear_tmp(state)
         spec = WorkerSpec(
-            part_id=slot.part_id,
+            part_id=part,
             attempt=attempt,
+            device_key=slot.device_key,
             gpu_uuid=slot.gpu_uuid,
             supervisor_pid=os.getpid(),
             out_dir=os.path.abspath(self.config.output_folder),
             tmp_dir=state,
-            log_path=os.path.join(logs_dir(self.config.output_folder), f"part-{slot.part_id}.log"),
+            log_path=os.path.join(logs_dir(self.config.output_folder), f"part-{part}.log"),
             settings=self.settings,
             cases=tuple(
                 WorkCase(c, self.plan.cases[c].files, prev_stage_file(self.config, c), c in self.verify)
@@ -132,15 +169,22 @@ class Supervisor:
         )
         parent_conn, child_conn = self.context.Pipe(duplex=True)
         process = self.context.Process(
-            target=worker_main, args=(spec, child_conn), daemon=False, name=f"nnunet-launch part {slot.part_id}"
+            target=worker_main, args=(spec, child_conn), daemon=False, name=f"nnunet-launch part {part}"
         )
         process.start()
         child_conn.close()
-        self.workers[slot.part_id] = WorkerHandle(
-            slot, attempt, process, parent_conn, state, pid=process.pid, cases=set(pending)
+        self.workers[part] = WorkerHandle(part, slot, attempt, process, parent_conn, state, oom_kill_count())
+        self.journal.part_worker(part, process.pid, "running")
+        self.journal.event(
+            "spawn", part, None, f"attempt {attempt} on {slot.label}, pid {process.pid}, {len(pending)} case(s)"
         )
-        self.journal.part_worker(slot.part_id, process.pid, "running")
-        self.journal.event("spawn", slot.part_id, None, f"attempt {attempt}, pid {process.pid}, {len(pending)} case(s)")
+
+    def _take_orphan(self, slot: Slot) -> None:
+        """A free healthy slot takes over a part whose device was dropped."""
+        if self.orphans and slot.device_key not in self.health.sick:
+            part = self.orphans.popleft()
+            self.log(f"[part {part}] continues on {slot.label} (slot of part {slot.part_id})")
+            self._spawn_if_work_left(part, slot)
 
     def _drain(self, handle: WorkerHandle) -> None:
         try:
@@ -150,7 +194,8 @@ class Supervisor:
             handle.conn_open = False
 
     def _on_message(self, handle: WorkerHandle, message: tuple) -> None:
-        kind, part = message[0], handle.slot.part_id
+        kind, part = message[0], handle.part
+        handle.last_progress = time.monotonic()
         if kind == "started":
             self.journal.case_started(message[1], handle.slot.label)
         elif kind == "stage":
@@ -159,15 +204,28 @@ class Supervisor:
             _, case_id, seconds, verified = message
             self.journal.case_done(case_id, seconds)
             self.verify.discard(case_id)
+            self.health.case_finished(handle.slot.device_key)
+            if seconds is not None and self.config.hang_timeout is None:
+                self._adapt_hang_timeout(seconds)
             how = "kept (existing output verified)" if verified else f"{seconds:.1f} s"
             self.log(f"[part {part} {handle.slot.label}] done {case_id} ({how}) {self._progress()}")
         elif kind == "case_error":
-            _, case_id, error = message
-            self._case_attempt_failed(part, case_id, error)
+            self._case_attempt_failed(part, message[1], message[2])
+        elif kind == "note":
+            self.journal.event("note", part, message[1], message[2])
+            self.log(f"[part {part}] {message[1]}: {message[2]}")
+        elif kind == "ready":
+            handle.ready = True
         elif kind == "finished":
             handle.finished = True
         elif kind == "fatal":
             handle.fatal = message[1]
+
+    def _adapt_hang_timeout(self, case_seconds: float) -> None:
+        adapted = hang_timeout(None, case_seconds)
+        if adapted > self.hang_timeout_s:
+            self.hang_timeout_s = adapted
+            self.log(f"nnunet-launch: hang timeout now {adapted:.0f} s (10x a {case_seconds:.0f} s case)")
 
     def _case_attempt_failed(self, part: int, case_id: str, error: str) -> None:
         state = self.journal.case_failed_attempt(case_id, error, self.config.case_retries)
@@ -178,32 +236,64 @@ class Supervisor:
     def _on_worker_exit(self, handle: WorkerHandle) -> None:
         self._drain(handle)
         handle.process.join()
-        part = handle.slot.part_id
-        _kill_group(handle.pid, signal.SIGKILL)  # nnU-Net's helpers of a dead worker die with it
+        part, slot = handle.part, handle.slot
+        _kill_group(handle.process.pid, signal.SIGKILL)  # nnU-Net's helpers of a dead worker die with it
         clear_tmp(handle.tmp)
         del self.workers[part]
         if handle.finished and handle.process.exitcode == 0:
-            self._spawn_if_work_left(handle.slot)  # cases whose attempt failed but may retry
+            self._spawn_if_work_left(part, slot)  # retry cases whose attempt failed, if any
             return
-        reason = handle.fatal or describe_exit(handle.process.exitcode)
-        for case_id in self.journal.running_cases(part):
-            self._case_attempt_failed(part, case_id, f"worker died while on it: {reason}")
+        reason = handle.hung or _death_reason(handle)
+        self._charge_crash(part, reason)
         restarts = self.journal.part_restarted(part)
-        self.journal.event("worker_died", part, None, reason)
+        self.journal.event("worker_died", part, None, f"on {slot.label}: {reason}")
+        if self.health.worker_died(slot.device_key):
+            self._report_sick_device(slot, part, reason)
+        if slot.device_key in self.health.sick:
+            self._move_off_sick_device(part)
+            return
         if restarts > self.config.max_restarts:
-            left = self.journal.cases_in_state(PENDING, part)
-            self.journal.fail_cases(
-                left, f"part {part} gave up after {self.config.max_restarts} restarts (last: {reason})"
-            )
-            self.journal.part_worker(part, None, "gave up")
-            self.log(f"[part {part}] worker died ({reason}); restarts exhausted, {len(left)} case(s) left unfinished")
+            self._give_up(part, f"part {part} gave up after {self.config.max_restarts} restarts (last: {reason})")
+            self._take_orphan(slot)
             return
         self.log(f"[part {part}] worker died ({reason}); restart {restarts}/{self.config.max_restarts}")
-        self._spawn_if_work_left(handle.slot)
+        self._spawn_if_work_left(part, slot)
+
+    def _charge_crash(self, part: int, reason: str) -> None:
+        blamed, released = blame([InFlight(*row) for row in self.journal.in_flight(part)])
+        self.journal.release_cases(released)
+        for case_id in blamed:
+            self._case_attempt_failed(part, case_id, f"worker died while on it: {reason}")
+
+    def _report_sick_device(self, slot: Slot, part: int, reason: str) -> None:
+        health = gpus.health_report(slot.gpu_uuid) if slot.gpu_uuid else ""
+        self.log(
+            f"[{slot.label}] dropped from the run: workers died {self.health.limit} times in a row "
+            f"without finishing a case (last: {reason}){health}"
+        )
+        self.journal.event("device_dropped", part, None, f"{slot.device_key}: {reason}{health}")
+
+    def _move_off_sick_device(self, part: int) -> None:
+        """The part waits for a free healthy slot; with no healthy device left, the run ends."""
+        self.orphans.append(part)
+        healthy = [s for s in self.plan.slots if s.device_key not in self.health.sick]
+        if not healthy:
+            while self.orphans:
+                self._give_up(self.orphans.popleft(), "no usable device left: every one was dropped")
+            return
+        busy = {w.slot for w in self.workers.values()}
+        for free in [s for s in healthy if s not in busy]:
+            self._take_orphan(free)
+
+    def _give_up(self, part: int, why: str) -> None:
+        left = self.journal.cases_in_state(PENDING, part)
+        self.journal.fail_cases(left, why)
+        self.journal.part_worker(part, None, "gave up")
+        self.log(f"[part {part}] {why}; {len(left)} case(s) left unfinished")
 
     def _kill_all(self, signum: int) -> None:
         for handle in self.workers.values():
-            _kill_group(handle.pid, signum)
+            _kill_group(handle.process.pid, signum)
 
     def _shut_down(self) -> int:
         self.log("interrupted: stopping workers...")
@@ -224,9 +314,9 @@ class Supervisor:
     def _reap(self, handle: WorkerHandle) -> None:
         handle.process.join()
         self._drain(handle)
-        _kill_group(handle.pid, signal.SIGKILL)
+        _kill_group(handle.process.pid, signal.SIGKILL)
         clear_tmp(handle.tmp)
-        self.workers.pop(handle.slot.part_id, None)
+        self.workers.pop(handle.part, None)
 
     # --- reporting -------------------------------------------------------------------------
     def _progress(self) -> str:
@@ -234,7 +324,16 @@ class Supervisor:
         return f"[{done}/{len(self.plan.cases)}]"
 
     def _result(self) -> int:
-        return EXIT_FAILED if self.journal.cases_in_state(FAILED) or self.journal.cases_in_state(PENDING) else EXIT_OK
+        unfinished = self.journal.cases_in_state(FAILED) or self.journal.cases_in_state(PENDING)
+        return EXIT_FAILED if unfinished else EXIT_OK
+
+
+def _death_reason(handle: WorkerHandle) -> str:
+    now = oom_kill_count()
+    oom = handle.oom_kills_at_start is not None and now is not None and now > handle.oom_kills_at_start
+    if handle.fatal:
+        return handle.fatal + ("; the kernel's OOM killer killed a process meanwhile" if oom else "")
+    return describe_exit(handle.process.exitcode, oom)
 
 
 def _kill_group(pgid: int | None, signum: int) -> None:

@@ -15,6 +15,8 @@ import traceback
 from dataclasses import dataclass
 
 PR_SET_PDEATHSIG = 1
+# Tests only: device keys (GPU UUIDs, or cpu-slot-K) whose workers crash at start, like a sick GPU.
+FAULTY_DEVICES_ENV = "NNUNET_LAUNCH_TEST_FAULTY_DEVICES"
 REAPER_POLL_S = 0.2
 
 
@@ -45,6 +47,7 @@ class PredictSettings:
 class WorkerSpec:
     part_id: int
     attempt: int
+    device_key: str
     gpu_uuid: str | None
     supervisor_pid: int
     out_dir: str
@@ -61,6 +64,8 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     _start_group_reaper()
     _pin_device(spec)
     conn.send(("hello", os.getpid()))
+    if spec.device_key in os.environ.get(FAULTY_DEVICES_ENV, "").split(","):
+        os.kill(os.getpid(), signal.SIGSEGV)
     try:
         from launcher.nnunet import CasePipeline
 

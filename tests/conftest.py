@@ -102,6 +102,22 @@ def reference(tiny) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def small(tiny, reference) -> dict:
+    """The first 6 cases and their reference outputs, for the slower fault tests."""
+    base = tiny["base"] / "small"
+    inputs, ref = base / "inputs", base / "reference"
+    inputs.mkdir(parents=True)
+    ref.mkdir()
+    ids = [f"case_{i:03d}" for i in range(6)]
+    for case_id in ids:
+        shutil.copy(tiny["inputs"] / f"{case_id}_0000.nii.gz", inputs)
+        shutil.copy(reference / f"{case_id}.nii.gz", ref)
+    for name in ("dataset.json", "plans.json", "predict_from_raw_data_args.json"):
+        shutil.copy(reference / name, ref)
+    return {"inputs": inputs, "model": tiny["model"], "reference": ref, "ids": ids}
+
+
 def run_args(tiny: dict, out: Path, *extra: str) -> list[str]:
     return [
         "run",
@@ -120,9 +136,10 @@ def run_args(tiny: dict, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def assert_same_predictions(out: Path, reference: Path) -> None:
-    """Voxel data and geometry identical for every case; OUT holds nothing nnU-Net would not."""
-    ref_files = sorted(p.name for p in reference.iterdir())
+def assert_same_predictions(out: Path, reference: Path, without: tuple[str, ...] = ()) -> None:
+    """Voxel data and geometry identical for every case; OUT holds nothing nnU-Net would not.
+    `without`: reference files that must be absent from OUT (failed cases)."""
+    ref_files = sorted(p.name for p in reference.iterdir() if p.name not in without)
     out_files = sorted(p.name for p in out.iterdir() if p.name != ".nnunet-launch")
     assert out_files == ref_files
     for name in ref_files:

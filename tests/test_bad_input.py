@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+
 from conftest import cli
 
 FAKE_GPUS = [

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import cli
 from launcher.scheduler import make_slots, static_parts
 
 # names that sort differently by number and by text, with spaces, quotes, unicode, dashes
