@@ -39,7 +39,10 @@ PREDICT_OPTIONS = [
     (("--gpus", "gpus"), dict(type=str, help="GPUs to use: all, or NVML indices/UUIDs like 0,2 [all]")),
     (("--workers", "workers"), dict(type=int, help="parallel workers with -device cpu [1]")),
     (("--workers-per-gpu", "workers_per_gpu"), dict(type=int, help="workers per GPU [1]")),
-    (("--schedule", "schedule"), dict(type=str, help="static: nnU-Net's exact split [static]")),
+    (
+        ("--schedule", "schedule"),
+        dict(type=str, help="dynamic: largest case first to idle workers; static: nnU-Net's exact split [dynamic]"),
+    ),
     (("--max-restarts", "max_restarts"), dict(type=int, help="restarts per part [3]")),
     (("--case-retries", "case_retries"), dict(type=int, help="retries of a failing case [2]")),
     (("--hang-timeout", "hang_timeout"), dict(type=float, help="seconds without progress = hung")),
@@ -161,6 +164,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message(), verbose)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # a bug of ours: still one line, the traceback with --verbose
+        if verbose:
+            traceback.print_exc()
+        print(f"nnunet-launch: internal error: {type(exc).__name__}: {exc} (rerun with --verbose for details)",
+              file=sys.stderr)
+        sys.exit(1)
     sys.exit(0)
 
 

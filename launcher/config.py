@@ -45,7 +45,7 @@ class RunConfig:
     gpus: str = "all"
     workers: int = 1
     workers_per_gpu: int = 1
-    schedule: str = "static"
+    schedule: str = "dynamic"
     max_restarts: int = 3
     case_retries: int = 2
     hang_timeout: float | None = None
@@ -120,8 +120,6 @@ def _check_range(config: RunConfig) -> None:
         raise LauncherError(f"-device must be cuda or cpu, got {config.device!r}")
     if config.schedule not in ("static", "dynamic"):
         raise LauncherError(f"--schedule must be static or dynamic, got {config.schedule!r}")
-    if config.schedule == "dynamic":
-        raise LauncherError("--schedule dynamic is not available in this version; use --schedule static")
 
 
 def validate(config: RunConfig) -> None:

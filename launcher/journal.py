@@ -19,7 +19,7 @@ from launcher.errors import LauncherError
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS cases (
-    id TEXT PRIMARY KEY, part INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+    id TEXT PRIMARY KEY, part INTEGER, state TEXT NOT NULL DEFAULT 'pending',
     stage TEXT, attempts INTEGER NOT NULL DEFAULT 0, gpu TEXT, started REAL, ended REAL,
     seconds REAL, error TEXT);
 CREATE TABLE IF NOT EXISTS parts (
@@ -85,8 +85,10 @@ class Journal:
             known = {row[0] for row in db.execute("SELECT id FROM cases")}
             gone = known - set(case_parts)
             db.executemany("DELETE FROM cases WHERE id=?", [(c,) for c in gone])
+            # a finished case keeps the part that ran it
             db.executemany(
-                "INSERT INTO cases (id, part) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET part=excluded.part",
+                "INSERT INTO cases (id, part) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET part=excluded.part "
+                "WHERE cases.state != 'done'",
                 case_parts.items(),
             )
             db.execute("UPDATE cases SET state=?, stage=NULL WHERE state=?", (PENDING, RUNNING))
@@ -139,6 +141,10 @@ class Journal:
                 (case_retries, FAILED, PENDING, time.time(), error, case_id),
             )
             return db.execute("SELECT state FROM cases WHERE id=?", (case_id,)).fetchone()[0]
+
+    def assign(self, case_ids: list[str], part: int) -> None:
+        with self._tx() as db:
+            db.executemany("UPDATE cases SET part=? WHERE id=?", [(part, c) for c in case_ids])
 
     def reopen_cases(self, case_ids: list[str]) -> None:
         with self._tx() as db:

@@ -100,25 +100,22 @@ class CasePipeline:
             pool.close()
             pool.join()
 
-    def run(self, cases: list[WorkCase], emit: Callable[[tuple], None]) -> None:
-        self.emit = emit
-        todo = deque(cases)
+    def run(self, feed, emit: Callable[[tuple], None]) -> None:
+        """Predict every case the feed gives (see worker.CaseFeed) until it is exhausted."""
+        self.emit, self.feed = emit, feed
         preparing: deque = deque()
-        while todo or preparing:
-            while todo and len(preparing) < self.settings.npp + 1:
-                case = todo.popleft()
+        while True:
+            while len(preparing) < self.settings.npp + 1 and (case := feed.take()) is not None:
                 emit(("started", case.id))
                 if case.verify_existing and self._existing_output_decodes(case.id):
                     emit(("done", case.id, None, True))
                     continue
-                preparing.append(
-                    (
-                        case,
-                        time.monotonic(),
-                        self.prep_pool.apply_async(_preprocess, (case.files, case.prev_stage_file)),
-                    )
-                )
+                job = self.prep_pool.apply_async(_preprocess, (case.files, case.prev_stage_file))
+                preparing.append((case, time.monotonic(), job))
             if not preparing:
+                if feed.exhausted():
+                    break
+                self._wait(lambda: feed.has_cases() or feed.exhausted())
                 continue
             case, started, pending = preparing.popleft()
             self._wait(pending.ready)
@@ -163,6 +160,7 @@ class CasePipeline:
             if time.monotonic() - self.last_heartbeat > HEARTBEAT_S:
                 self.last_heartbeat = time.monotonic()
                 self.emit(("heartbeat",))
+            self.feed.poll()
             self._collect_exports()
             if condition():
                 return

@@ -4,13 +4,13 @@ each worker's share of the machine. Reads the input folder and NVML; starts noth
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from launcher import gpus as gpu_inventory
 from launcher.cases import Case, discover, voxels
 from launcher.config import RunConfig
 from launcher.errors import LauncherError
-from launcher.scheduler import Slot, make_slots, static_parts
+from launcher.scheduler import DYNAMIC_PLAN_LOOKAHEAD, Slot, make_slots, simulate_dynamic, static_parts
 
 NNUNET_DEFAULT_PROCESSES = 3  # nnUNetv2_predict's -npp / -nps default
 
@@ -19,16 +19,21 @@ NNUNET_DEFAULT_PROCESSES = 3  # nnUNetv2_predict's -npp / -nps default
 class Plan:
     cases: dict[str, Case]
     slots: list[Slot]
-    parts: list[list[str]]  # part k's case ids
+    parts: list[list[str]]  # part k's case ids (dynamic: the expected assignment)
     threads: int  # torch threads per worker
     npp: int
     nps: int
+    schedule: str = "static"
+    work: dict[str, float] = field(default_factory=dict)  # estimated work per case (voxels x channels)
 
     @property
     def num_parts(self) -> int:
         return len(self.slots)
 
-    def part_of(self) -> dict[str, int]:
+    def part_of(self) -> dict[str, int | None]:
+        """Static: each case's part. Dynamic: none yet; a case joins the part that takes it."""
+        if self.schedule == "dynamic":
+            return dict.fromkeys(self.cases)
         return {case_id: k for k, ids in enumerate(self.parts) for case_id in ids}
 
     def to_json(self) -> dict:
@@ -37,8 +42,15 @@ class Plan:
             "threads_per_worker": self.threads,
             "npp": self.npp,
             "nps": self.nps,
+            "schedule": self.schedule,
             "parts": [
-                {"part_id": s.part_id, "gpu": s.label, "gpu_uuid": s.gpu_uuid, "cases": self.parts[s.part_id]}
+                {
+                    "part_id": s.part_id,
+                    "gpu": s.label,
+                    "gpu_uuid": s.gpu_uuid,
+                    "cases": self.parts[s.part_id],
+                    "estimated_work": sum(self.work.get(c, 0) for c in self.parts[s.part_id]),
+                }
                 for s in self.slots
             ],
         }
@@ -59,15 +71,29 @@ def make_plan(config: RunConfig) -> Plan:
     if model.previous_stage:
         _check_prev_stage_files(config, cases)
     share = max(1, available_cores() // len(slots))
+    work = estimate_work(cases) if config.schedule == "dynamic" else {}
+    parts = (
+        simulate_dynamic(work, len(slots), DYNAMIC_PLAN_LOOKAHEAD)[1]
+        if config.schedule == "dynamic"
+        else static_parts([c.id for c in cases], len(slots))
+    )
     return Plan(
         cases={c.id: c for c in cases},
         slots=slots,
-        parts=static_parts([c.id for c in cases], len(slots)),
+        parts=parts,
+        schedule=config.schedule,
+        work=work,
         # on a GPU nnU-Net itself runs torch with one thread; on the CPU each worker gets its share
         threads=1 if config.device == "cuda" else share,
         npp=config.npp or min(share, NNUNET_DEFAULT_PROCESSES),
         nps=config.nps or min(share, NNUNET_DEFAULT_PROCESSES),
     )
+
+
+def estimate_work(cases: list[Case]) -> dict[str, float]:
+    """Voxels x channels from each case's header (cheap: no pixel data); the file size where the
+    header cannot be read."""
+    return {c.id: float((voxels(c) or c.size_bytes) * len(c.files)) for c in cases}
 
 
 def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: int) -> str | None:

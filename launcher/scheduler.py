@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
+import heapq
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+# cases each worker holds queued beyond the one it works on (the supervisor's top-up, plus
+# the preprocessing lookahead): the plan's estimate and the benchmark model it
+DYNAMIC_PLAN_LOOKAHEAD = 3
 
 
 @dataclass(frozen=True)
@@ -42,3 +49,63 @@ def static_parts(case_ids: Sequence[str], num_parts: int) -> list[list[str]]:
     """nnU-Net's split: sorted unique ids, part k = ids[k::num_parts]."""
     ids = sorted(set(case_ids))
     return [ids[k::num_parts] for k in range(num_parts)]
+
+
+class LargestFirstQueue:
+    """The dynamic schedule: idle workers take the largest remaining case (ties by id)."""
+
+    def __init__(self, work: dict[str, float]):
+        self.work = dict(work)
+        self._order = sorted(self.work, key=self._key)
+
+    def _key(self, case_id: str) -> tuple[float, str]:
+        return (-self.work[case_id], case_id)
+
+    def take(self) -> str | None:
+        return self._order.pop(0) if self._order else None
+
+    def give_back(self, case_ids: Sequence[str]) -> None:
+        for case_id in case_ids:
+            if case_id not in self._order:
+                bisect.insort(self._order, case_id, key=self._key)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, case_id: str) -> bool:
+        return case_id in self._order
+
+
+def simulate_static(work: dict[str, float], num_slots: int) -> float:
+    """Makespan of nnU-Net's split: each part runs its strided share of the sorted ids."""
+    return max(sum(work[c] for c in part) for part in static_parts(list(work), num_slots))
+
+
+def simulate_dynamic(work: dict[str, float], num_slots: int, lookahead: int = 0) -> tuple[float, list[list[str]]]:
+    """Makespan and assignment of largest-first list scheduling, where each worker also holds
+    `lookahead` cases queued locally (they are handed out before the worker is free)."""
+    queue = LargestFirstQueue(work)
+    free_at = [(0.0, k) for k in range(num_slots)]
+    assignment: list[list[str]] = [[] for _ in range(num_slots)]
+    held: list[deque] = [deque() for _ in range(num_slots)]
+    for k in range(num_slots):
+        for _ in range(lookahead):
+            if (case_id := queue.take()) is not None:
+                held[k].append(case_id)
+    heapq.heapify(free_at)
+    makespan = 0.0
+    while free_at:
+        now, k = heapq.heappop(free_at)
+        if (case_id := queue.take()) is not None:
+            held[k].append(case_id)
+        if not held[k]:
+            makespan = max(makespan, now)
+            continue
+        case_id = held[k].popleft()
+        assignment[k].append(case_id)
+        heapq.heappush(free_at, (now + work[case_id], k))
+    return makespan, assignment
+
+
+def lower_bound(work: dict[str, float], num_slots: int) -> float:
+    return max(sum(work.values()) / num_slots, max(work.values(), default=0.0))

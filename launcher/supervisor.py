@@ -18,10 +18,13 @@ from launcher.journal import DONE, FAILED, PENDING, Journal
 from launcher.outputs import clear_tmp, logs_dir, tmp_dir
 from launcher.planning import Plan, prev_stage_file
 from launcher.policy import STARTUP_GRACE_S, DeviceHealth, InFlight, blame, hang_timeout
-from launcher.scheduler import Slot
+from launcher.scheduler import LargestFirstQueue, Slot
 from launcher.worker import PredictSettings, WorkCase, WorkerSpec, worker_main
 
 SHUTDOWN_GRACE_S = 5.0
+# dynamic schedule: cases a worker holds beyond the ones it is working on, so that it never
+# waits for the supervisor to learn its next case
+DYNAMIC_LOOKAHEAD = 2
 WAIT_S = 0.5
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 CGROUP_MEMORY_EVENTS = "/sys/fs/cgroup/memory.events"
@@ -37,6 +40,7 @@ class WorkerHandle:
     tmp: str
     oom_kills_at_start: int | None
     conn_open: bool = True
+    no_more_sent: bool = False
     ready: bool = False
     finished: bool = False
     fatal: str | None = None
@@ -73,7 +77,13 @@ class Supervisor:
         self.workers: dict[int, WorkerHandle] = {}  # by part
         self.attempts: dict[int, int] = {}
         self.health = DeviceHealth()
-        self.orphans: deque[int] = deque()  # parts whose device was dropped, waiting for a healthy slot
+        self.orphans: deque[int] = deque()  # static: parts whose device was dropped, waiting for a slot
+        self.given_up: set[int] = set()
+        self.queue = (
+            LargestFirstQueue({c: plan.work[c] for c in journal.cases_in_state(PENDING)})
+            if config.schedule == "dynamic"
+            else None
+        )
         self.stop_signals = 0
         self.hang_timeout_s = hang_timeout(config.hang_timeout, journal.slowest_case_seconds())
         import torch.multiprocessing as torch_mp  # spawn context; importing torch does not touch CUDA
@@ -101,12 +111,16 @@ class Supervisor:
         try:
             for slot in self.plan.slots:
                 self._spawn_if_work_left(slot.part_id, slot)
-            while self.workers:
+            while self._fill_free_slots() or self.workers:
                 if self.stop_signals:
                     return self._shut_down()
                 self._step()
                 self._kill_hung_workers()
+            self._fail_leftovers()
             return self._result()
+        except BaseException:
+            self._kill_all(signal.SIGKILL)  # a supervisor bug must not leave workers behind
+            raise
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -144,11 +158,16 @@ class Supervisor:
 
     # --- workers ---------------------------------------------------------------------------
     def _spawn_if_work_left(self, part: int, slot: Slot) -> None:
-        pending = self.journal.cases_in_state(PENDING, part)
-        if not pending:
+        if self.queue is None:
+            cases, more_to_come = self.journal.cases_in_state(PENDING, part), False
+        else:
+            cases = [c for c in (self.queue.take() for _ in range(DYNAMIC_LOOKAHEAD + 1)) if c is not None]
+            more_to_come = len(self.queue) > 0
+        if not cases:
             self.journal.part_worker(part, None, "finished")
             self._take_orphan(slot)
             return
+        self.journal.assign(cases, part)
         attempt = self.attempts[part] = self.attempts.get(part, 0) + 1
         state = os.path.join(tmp_dir(self.config.output_folder), f"part-{part}-attempt-{attempt}")
         clear_tmp(state)
@@ -162,10 +181,8 @@ class Supervisor:
             tmp_dir=state,
             log_path=os.path.join(logs_dir(self.config.output_folder), f"part-{part}.log"),
             settings=self.settings,
-            cases=tuple(
-                WorkCase(c, self.plan.cases[c].files, prev_stage_file(self.config, c), c in self.verify)
-                for c in pending
-            ),
+            cases=tuple(self._work_case(c) for c in cases),
+            more_to_come=more_to_come,
         )
         parent_conn, child_conn = self.context.Pipe(duplex=True)
         process = self.context.Process(
@@ -173,18 +190,49 @@ class Supervisor:
         )
         process.start()
         child_conn.close()
-        self.workers[part] = WorkerHandle(part, slot, attempt, process, parent_conn, state, oom_kill_count())
+        handle = WorkerHandle(part, slot, attempt, process, parent_conn, state, oom_kill_count())
+        handle.no_more_sent = not more_to_come
+        self.workers[part] = handle
         self.journal.part_worker(part, process.pid, "running")
-        self.journal.event(
-            "spawn", part, None, f"attempt {attempt} on {slot.label}, pid {process.pid}, {len(pending)} case(s)"
-        )
+        self.journal.event("spawn", part, None, f"attempt {attempt} on {slot.label}, pid {process.pid}")
+
+    def _work_case(self, case_id: str) -> WorkCase:
+        files = self.plan.cases[case_id].files
+        return WorkCase(case_id, files, prev_stage_file(self.config, case_id), case_id in self.verify)
+
+    def _top_up(self, handle: WorkerHandle) -> None:
+        """Dynamic schedule: a worker took a case from its local queue; send it the next one."""
+        if self.queue is None or handle.no_more_sent:
+            return
+        case_id = self.queue.take()
+        try:
+            if case_id is None:
+                handle.conn.send(("no_more",))
+                handle.no_more_sent = True
+            else:
+                self.journal.assign([case_id], handle.part)
+                handle.conn.send(("cases", [self._work_case(case_id)]))
+        except OSError:  # the worker just died; its exit gives the case back
+            pass
 
     def _take_orphan(self, slot: Slot) -> None:
-        """A free healthy slot takes over a part whose device was dropped."""
+        """Static schedule: a free healthy slot takes over a part whose device was dropped."""
         if self.orphans and slot.device_key not in self.health.sick:
             part = self.orphans.popleft()
             self.log(f"[part {part}] continues on {slot.label} (slot of part {slot.part_id})")
             self._spawn_if_work_left(part, slot)
+
+    def _fill_free_slots(self) -> bool:
+        """Dynamic schedule: healthy slots without a worker take queued cases (given back by a
+        crash or a failed attempt after their worker was told there was no more)."""
+        if self.queue is None or not self.queue:
+            return False
+        busy = {w.slot for w in self.workers.values()}
+        for slot in self.plan.slots:
+            usable = slot.device_key not in self.health.sick and slot.part_id not in self.given_up
+            if self.queue and usable and slot not in busy:
+                self._spawn_if_work_left(slot.part_id, slot)
+        return bool(self.workers)
 
     def _drain(self, handle: WorkerHandle) -> None:
         try:
@@ -198,6 +246,7 @@ class Supervisor:
         handle.last_progress = time.monotonic()
         if kind == "started":
             self.journal.case_started(message[1], handle.slot.label)
+            self._top_up(handle)
         elif kind == "stage":
             self.journal.case_stage(message[1], message[2])
         elif kind == "done":
@@ -231,7 +280,10 @@ class Supervisor:
         state = self.journal.case_failed_attempt(case_id, error, self.config.case_retries)
         self.journal.event("case_error", part, case_id, error)
         verdict = "failed for good" if state == FAILED else "will retry"
-        self.log(f"[part {part}] case {case_id}: {error} ({verdict})")
+        log_hint = f"; log: {os.path.join(logs_dir(self.config.output_folder), f'part-{part}.log')}"
+        self.log(f"[part {part}] case {case_id}: {error} ({verdict}{log_hint})")
+        if state == PENDING and self.queue is not None:
+            self.queue.give_back([case_id])
 
     def _on_worker_exit(self, handle: WorkerHandle) -> None:
         self._drain(handle)
@@ -240,6 +292,8 @@ class Supervisor:
         _kill_group(handle.process.pid, signal.SIGKILL)  # nnU-Net's helpers of a dead worker die with it
         clear_tmp(handle.tmp)
         del self.workers[part]
+        if self.queue is not None:
+            self.queue.give_back(self.journal.cases_in_state(PENDING, part))
         if handle.finished and handle.process.exitcode == 0:
             self._spawn_if_work_left(part, slot)  # retry cases whose attempt failed, if any
             return
@@ -274,19 +328,26 @@ class Supervisor:
         self.journal.event("device_dropped", part, None, f"{slot.device_key}: {reason}{health}")
 
     def _move_off_sick_device(self, part: int) -> None:
-        """The part waits for a free healthy slot; with no healthy device left, the run ends."""
-        self.orphans.append(part)
+        """Static: the part waits for a free healthy slot. Dynamic: its cases go back to the queue.
+        With no healthy device left, the run ends."""
         healthy = [s for s in self.plan.slots if s.device_key not in self.health.sick]
         if not healthy:
-            while self.orphans:
-                self._give_up(self.orphans.popleft(), "no usable device left: every one was dropped")
+            for orphan in [part, *self.orphans]:
+                self._give_up(orphan, "no usable device left: every one was dropped")
+            self.orphans.clear()
+            self._fail_leftovers("no usable device left: every one was dropped")
             return
+        if self.queue is None:
+            self.orphans.append(part)
         busy = {w.slot for w in self.workers.values()}
         for free in [s for s in healthy if s not in busy]:
             self._take_orphan(free)
 
     def _give_up(self, part: int, why: str) -> None:
+        self.given_up.add(part)
         left = self.journal.cases_in_state(PENDING, part)
+        if self.queue is not None:  # dynamic: its cases went back to the queue for the other workers
+            left = [c for c in left if c not in self.queue]
         self.journal.fail_cases(left, why)
         self.journal.part_worker(part, None, "gave up")
         self.log(f"[part {part}] {why}; {len(left)} case(s) left unfinished")
@@ -322,6 +383,15 @@ class Supervisor:
     def _progress(self) -> str:
         done = len(self.journal.cases_in_state(DONE))
         return f"[{done}/{len(self.plan.cases)}]"
+
+    def _fail_leftovers(self, why: str = "not predicted: every worker that could run it gave up") -> None:
+        left = self.journal.cases_in_state(PENDING)
+        if self.queue is not None:
+            while self.queue.take() is not None:
+                pass
+        if left:
+            self.journal.fail_cases(left, why)
+            self.log(f"nnunet-launch: {len(left)} case(s) {why}")
 
     def _result(self) -> int:
         unfinished = self.journal.cases_in_state(FAILED) or self.journal.cases_in_state(PENDING)

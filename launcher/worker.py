@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 
 PR_SET_PDEATHSIG = 1
@@ -55,6 +56,34 @@ class WorkerSpec:
     log_path: str
     settings: PredictSettings
     cases: tuple[WorkCase, ...]
+    more_to_come: bool  # dynamic schedule: the supervisor keeps sending cases until "no_more"
+
+
+class CaseFeed:
+    """The worker's local queue of cases. The supervisor tops it up ahead of need, so the
+    worker never waits on it to learn its next case."""
+
+    def __init__(self, conn, cases: tuple[WorkCase, ...], more_to_come: bool):
+        self.conn, self.cases, self.closed = conn, deque(cases), not more_to_come
+
+    def poll(self) -> None:
+        while not self.closed and self.conn.poll():
+            message = self.conn.recv()
+            if message[0] == "cases":
+                self.cases.extend(message[1])
+            elif message[0] == "no_more":
+                self.closed = True
+
+    def take(self) -> WorkCase | None:
+        self.poll()
+        return self.cases.popleft() if self.cases else None
+
+    def has_cases(self) -> bool:
+        return bool(self.cases)
+
+    def exhausted(self) -> bool:
+        self.poll()
+        return self.closed and not self.cases
 
 
 def worker_main(spec: WorkerSpec, conn) -> None:
@@ -72,7 +101,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         os.makedirs(spec.tmp_dir, exist_ok=True)
         pipeline = CasePipeline(spec.settings, spec.out_dir, spec.tmp_dir)
         conn.send(("ready",))
-        pipeline.run(list(spec.cases), conn.send)
+        pipeline.run(CaseFeed(conn, spec.cases, spec.more_to_come), conn.send)
         pipeline.close()
         conn.send(("finished",))
     except BaseException as exc:

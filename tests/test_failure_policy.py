@@ -6,6 +6,8 @@ import os
 import shutil
 import signal
 
+import pytest
+
 from conftest import assert_same_predictions, cli, run_args, status_json
 from launcher.worker import FAULTY_DEVICES_ENV
 
@@ -45,15 +47,21 @@ def test_corrupt_case_fails_alone_with_its_reason_and_every_other_output_matches
     assert any(r.startswith("case_002,") and ",failed,3," in r for r in rows), "three attempts: 1 + 2 retries"
 
 
-def test_device_whose_workers_always_die_is_dropped_and_the_run_completes_on_the_others(small, tmp_path):
+@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+def test_device_whose_workers_always_die_is_dropped_and_the_run_completes_on_the_others(small, tmp_path, schedule):
     out = tmp_path / "out"
-    result = cli(*run_args(small, out, "--workers", "2"), env={FAULTY_DEVICES_ENV: "cpu-slot-0"}, timeout=300)
+    args = run_args(small, out, "--workers", "2", "--schedule", schedule)
+    result = cli(*args, env={FAULTY_DEVICES_ENV: "cpu-slot-0"}, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "[cpu] dropped from the run: workers died 3 times in a row" in result.stdout
-    assert "[part 0] continues on cpu (slot of part 1)" in result.stdout
     assert_same_predictions(out, small["reference"])
     parts = {p["part_id"]: p for p in status_json(out)["parts"]}
-    assert parts[0]["done"] == 3 and parts[0]["restarts"] == 3
+    assert parts[0]["restarts"] == 3
+    if schedule == "static":  # the part keeps its cases and moves to the healthy slot
+        assert "[part 0] continues on cpu (slot of part 1)" in result.stdout
+        assert parts[0]["done"] == 3
+    else:  # its cases went back to the queue; the healthy worker took them
+        assert parts[1]["done"] == 6
 
 
 def test_run_ends_clearly_when_every_device_is_dropped(small, tmp_path):

@@ -4,6 +4,7 @@ no process of it survives. Real launcher processes, real nnU-Net on the CPU, rea
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -20,7 +21,7 @@ def _done(out) -> int:
     return status["done"] if status else 0
 
 
-def test_killed_worker_is_restarted_and_outputs_match(tiny, reference, tmp_path, launch):
+def test_killed_worker_is_restarted_and_outputs_match_with_no_case_predicted_twice(tiny, reference, tmp_path, launch):
     out = tmp_path / "out"
     run = launch(run_args(tiny, out, "--workers", "2"))
     run.wait_until(lambda: _done(out) >= 2 and len(_worker_pids(out)) == 2, 240, "two cases done")
@@ -38,6 +39,8 @@ def test_killed_worker_is_restarted_and_outputs_match(tiny, reference, tmp_path,
     code, stdout, stderr = run.wait()
     assert code == 0, stderr
     assert "worker died (killed by SIGKILL" in stdout and "interrupted" not in stdout
+    done_lines = re.findall(r"\] done (case_\d+) ", stdout)
+    assert sorted(done_lines) == sorted(set(done_lines)) and len(done_lines) == NUM_CASES, "each case done once"
     assert_same_predictions(out, reference)
     final = status_json(out)
     assert final["done"] == NUM_CASES and sum(p["restarts"] for p in final["parts"]) == 1

@@ -7,9 +7,9 @@ import json
 from conftest import NUM_CASES, assert_same_predictions, cli, copy_outputs_mtimes, run_args, status_json
 
 
-def test_two_cpu_workers_give_outputs_identical_to_plain_nnunet_and_no_extra_files(tiny, reference, tmp_path):
+def test_two_static_cpu_workers_give_outputs_identical_to_plain_nnunet_and_no_extra_files(tiny, reference, tmp_path):
     out = tmp_path / "-out dir 'q' ü"  # a leading dash, spaces, quotes, unicode
-    result = cli(*run_args(tiny, out, "--workers", "2"), timeout=300)
+    result = cli(*run_args(tiny, out, "--workers", "2", "--schedule", "static"), timeout=300)
     assert result.returncode == 0, result.stderr
     assert_same_predictions(out, reference)
     assert sorted(p.name for p in (out / ".nnunet-launch" / "tmp").iterdir()) == []
@@ -23,7 +23,7 @@ def test_two_cpu_workers_give_outputs_identical_to_plain_nnunet_and_no_extra_fil
 
     # a rerun of the finished run predicts nothing and touches no file in OUT
     before = copy_outputs_mtimes(out)
-    again = cli(*run_args(tiny, out, "--workers", "2"), timeout=120)
+    again = cli(*run_args(tiny, out, "--workers", "2", "--schedule", "static"), timeout=120)
     assert again.returncode == 0, again.stderr
     assert f"{NUM_CASES} already done" in again.stdout
     assert copy_outputs_mtimes(out) == before
