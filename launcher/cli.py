@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 
@@ -19,11 +20,11 @@ PREDICT_OPTIONS = [
     (("-o", "output_folder"), dict(type=str, help="output folder")),
     (("-m", "model_folder"), dict(type=str, help="trained model folder (as nnUNetv2_predict_from_modelfolder)")),
     (("-d", "dataset"), dict(type=str, help="dataset name or id (needs nnUNet_results)")),
-    (("-p", "plans"), dict(type=str, help="plans identifier [nnUNetPlans]")),
-    (("-tr", "trainer"), dict(type=str, help="trainer class [nnUNetTrainer]")),
+    (("-p", "plans"), dict(type=str, help="plans identifier")),
+    (("-tr", "trainer"), dict(type=str, help="trainer class")),
     (("-c", "configuration"), dict(type=str, help="configuration, e.g. 3d_fullres")),
-    (("-f", "folds"), dict(type=str, multiple=True, help="folds, e.g. -f 0 1 2 [0 1 2 3 4]")),
-    (("-step_size", "step_size"), dict(type=float, help="sliding window step size [0.5]")),
+    (("-f", "folds"), dict(type=str, multiple=True, help="folds, e.g. -f 0 1 2")),
+    (("-step_size", "step_size"), dict(type=float, help="sliding window step size")),
     (("--disable_tta", "disable_tta"), dict(is_flag=True, default=None, help="no mirroring")),
     (("--verbose", "verbose"), dict(is_flag=True, default=None, help="talk more; tracebacks on errors")),
     (("--save_probabilities", "save_probabilities"), dict(is_flag=True, default=None)),
@@ -31,22 +32,26 @@ PREDICT_OPTIONS = [
         ("--continue_prediction", "--c", "continue_prediction"),
         dict(is_flag=True, default=None, help="keep outputs already in OUT that decode (resume is the default)"),
     ),
-    (("-chk", "checkpoint"), dict(type=str, help="checkpoint name [checkpoint_final.pth]")),
-    (("-npp", "npp"), dict(type=int, help="preprocessing processes per worker [cores / workers]")),
-    (("-nps", "nps"), dict(type=int, help="export processes per worker [cores / workers]")),
+    (("-chk", "checkpoint"), dict(type=str, help="checkpoint name")),
+    (("-npp", "npp"), dict(type=int, help="preprocessing processes per worker [default: cores / workers, at most 3]")),
+    (("-nps", "nps"), dict(type=int, help="export processes per worker [default: cores / workers, at most 3]")),
     (("-prev_stage_predictions", "prev_stage_predictions"), dict(type=str)),
-    (("-device", "device"), dict(type=str, help="cuda or cpu [cuda]")),
-    (("--gpus", "gpus"), dict(type=str, help="GPUs to use: all, or NVML indices/UUIDs like 0,2 [all]")),
-    (("--workers", "workers"), dict(type=int, help="parallel workers with -device cpu [1]")),
-    (("--workers-per-gpu", "workers_per_gpu"), dict(type=int, help="workers per GPU [1]")),
+    (("-device", "device"), dict(type=str, help="cuda or cpu")),
+    (("--gpus", "gpus"), dict(type=str, help="GPUs to use: all, or NVML indices/UUIDs like 0,2")),
+    (("--workers", "workers"), dict(type=int, help="parallel workers with -device cpu")),
+    (("--workers-per-gpu", "workers_per_gpu"), dict(type=int, help="workers per GPU")),
     (
         ("--schedule", "schedule"),
-        dict(type=str, help="dynamic: largest case first to idle workers; static: nnU-Net's exact split [dynamic]"),
+        dict(type=str, help="dynamic: largest case first to idle workers; static: nnU-Net's exact split"),
     ),
-    (("--max-restarts", "max_restarts"), dict(type=int, help="restarts per part [3]")),
-    (("--case-retries", "case_retries"), dict(type=int, help="retries of a failing case [2]")),
-    (("--hang-timeout", "hang_timeout"), dict(type=float, help="seconds without progress = hung")),
+    (("--max-restarts", "max_restarts"), dict(type=int, help="restarts per part")),
+    (("--case-retries", "case_retries"), dict(type=int, help="retries of a failing case")),
+    (
+        ("--hang-timeout", "hang_timeout"),
+        dict(type=float, help="seconds without progress = hung [default: the larger of 600 and 10x the slowest case]"),
+    ),
     (("--fresh", "fresh"), dict(is_flag=True, default=None, help="discard this OUT's previous run")),
+    (("--skip-busy", "skip_busy"), dict(is_flag=True, default=None, help="leave out GPUs other programs use")),
 ]
 
 
@@ -69,10 +74,22 @@ def expand_nargs_folds(args: list[str]) -> list[str]:
     return result
 
 
+def _with_default(decls: tuple, kwargs: dict) -> dict:
+    """Options default to None (so a --config file can fill them); the help shows the real default."""
+    field = decls[-1]
+    default = getattr(run_config.RunConfig(), field, None)
+    if kwargs.get("is_flag") or default in (None, ""):
+        return kwargs
+    shown = " ".join(default) if isinstance(default, tuple) else default
+    return {**kwargs, "help": f"{kwargs.get('help', '')} [default: {shown}]".strip()}
+
+
 def predict_options(command):
-    command = click.option("--config", "config_file", type=str, help="TOML file with run settings")(command)
+    command = click.option(
+        "--config", "config_file", type=str, help="TOML file with run settings (flags win); see configs/"
+    )(command)
     for decls, kwargs in reversed(PREDICT_OPTIONS):
-        command = click.option(*decls, **kwargs)(command)
+        command = click.option(*decls, **_with_default(decls, kwargs))(command)
     return command
 
 
@@ -87,14 +104,97 @@ def cli():
     """Run nnU-Net v2 inference over every GPU of this machine, unattended."""
 
 
+def node_options(command):
+    """Set by the generated SLURM scripts: this node's share of a K-node run."""
+    command = click.option("--node", "node", type=int, hidden=True)(command)
+    command = click.option("--nodes", "nodes", type=int, hidden=True)(command)
+    return click.option("--parts-per-node", "parts_per_node", type=int, hidden=True)(command)
+
+
+PATH_FIELDS = ("input_folder", "output_folder", "model_folder", "prev_stage_predictions", "config_file")
+
+
+def run_argv(values: dict) -> list[str]:
+    """The `run` flags the user gave, rebuilt with absolute paths (for scripts run elsewhere)."""
+    args = []
+    for decls, kwargs in PREDICT_OPTIONS + [(("--config", "config_file"), {})]:
+        value = values.get(decls[-1])
+        if value is None or value == () or value is False:
+            continue
+        if kwargs.get("is_flag"):
+            args.append(decls[0])
+        elif decls[-1] == "folds":
+            args += ["-f", *value]
+        else:
+            args += [decls[0], os.path.abspath(value) if decls[-1] in PATH_FIELDS else str(value)]
+    return args
+
+
 @cli.command(context_settings={"ignore_unknown_options": False})
 @predict_options
+@node_options
 def run(**values):
     """Predict every case of -i into -o, one worker per GPU (nnUNetv2_predict's flags)."""
     from launcher.runner import run as execute
 
     config = build_config(values)
     sys.exit(execute(config, sys.argv[1:]))
+
+
+@cli.command()
+@predict_options
+@click.option("--nodes", "num_nodes", type=click.IntRange(min=1), required=True, help="array tasks (machines)")
+@click.option(
+    "--gpus-per-node",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="GPUs each task asks for (--gres=gpu:G); ignored with -device cpu",
+)
+@click.option("--partition", type=str, help="SLURM partition")
+@click.option("--time", "time_limit", type=str, help="SLURM time limit, e.g. 12:00:00")
+@click.option("--account", type=str, help="SLURM account")
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, help="extra #SBATCH line, e.g. --mem=64G (repeatable)")
+@click.option("--submit", is_flag=True, help="submit with sbatch and print the job ids")
+def slurm(num_nodes, gpus_per_node, partition, time_limit, account, sbatch_args, submit, **values):
+    """Write (and with --submit, submit) a SLURM job array running `run` on K machines, plus a
+    verify job after it. Checks the input first, like `run`."""
+    from launcher import slurm as slurm_scripts
+    from launcher.cases import discover
+
+    forwarded = run_argv(values)
+    config = build_config(values)
+    discover(config.input_folder, config.model.file_ending, config.model.num_channels)
+    if submit:
+        slurm_scripts.require_sbatch()
+    if config.device == "cuda":
+        per_node, gres = gpus_per_node * config.workers_per_gpu, gpus_per_node
+    else:
+        per_node, gres = config.workers, None
+    options = {"partition": partition, "time": time_limit, "account": account, "sbatch_args": sbatch_args}
+    out = os.path.abspath(config.output_folder)
+    array_text = slurm_scripts.array_script(forwarded, out, num_nodes, per_node, gres, options)
+    verify_text = slurm_scripts.verify_script(forwarded, out, num_nodes, per_node, options)
+    array_path, verify_path = slurm_scripts.write_scripts(out, array_text, verify_text)
+    click.echo(array_text)
+    click.echo(f"# written: {array_path}\n#          {verify_path}")
+    if submit:
+        array_id, verify_id = slurm_scripts.submit(array_path, verify_path)
+        click.echo(f"submitted: array job {array_id} ({num_nodes} task(s)), verify job {verify_id}")
+
+
+@cli.command(hidden=True)
+@predict_options
+@click.option("--nodes", "num_nodes", type=click.IntRange(min=1), required=True)
+@click.option("--parts-per-node", type=click.IntRange(min=1), required=True)
+def verify(num_nodes, parts_per_node, **values):
+    """After a SLURM array: every case has a complete output? (the verify job runs this)"""
+    from launcher.verify import verify as check
+
+    code, lines = check(build_config(values), num_nodes, parts_per_node)
+    for line in lines:
+        click.echo(line, err=bool(code))
+    sys.exit(code)
 
 
 @cli.command()
@@ -108,6 +208,8 @@ def plan(as_json, **values):
     if as_json:
         click.echo(json.dumps(the_plan.to_json(), indent=2))
         return
+    for warning in the_plan.warnings:
+        click.echo(f"nnunet-launch: warning: {warning}", err=True)
     click.echo(
         f"{len(the_plan.cases)} case(s) in {the_plan.num_parts} part(s); per worker "
         f"{the_plan.threads} torch thread(s), npp={the_plan.npp}, nps={the_plan.nps}"
@@ -142,13 +244,19 @@ def gpus(as_json):
     if as_json:
         click.echo(json.dumps([g.to_json() for g in found], indent=2))
         return
-    for g in found:
-        click.echo(
-            f"{g.index}  {g.uuid}  {g.name}  {g.memory_used / 2**30:.1f}/{g.memory_total / 2**30:.1f} GiB "
-            f"used, {len(g.processes)} process(es)"
-        )
     if not found:
         click.echo("no GPU found")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("index", "UUID", "name", "memory used", "processes")
+    for g in found:
+        procs = ", ".join(f"{p['pid']} ({p['used_memory'] / 2**30:.1f} GiB)" for p in g.processes) or "-"
+        table.add_row(
+            str(g.index), g.uuid, g.name, f"{g.memory_used / 2**30:.1f} / {g.memory_total / 2**30:.1f} GiB", procs
+        )
+    Console().print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,8 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug of ours: still one line, the traceback with --verbose
         if verbose:
             traceback.print_exc()
-        print(f"nnunet-launch: internal error: {type(exc).__name__}: {exc} (rerun with --verbose for details)",
-              file=sys.stderr)
+        print(
+            f"nnunet-launch: internal error: {type(exc).__name__}: {exc} (rerun with --verbose for details)",
+            file=sys.stderr,
+        )
         sys.exit(1)
     sys.exit(0)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.errors import LauncherError
+from launcher.outputs import state_dir
 
 try:
     import tomllib
@@ -50,6 +51,11 @@ class RunConfig:
     case_retries: int = 2
     hang_timeout: float | None = None
     fresh: bool = False
+    skip_busy: bool = False
+    # set by the SLURM array script, not by users: this node's share of a K-node run
+    node: int | None = None
+    nodes: int = 1
+    parts_per_node: int | None = None
     # filled by resolve(), not by the user
     model: ModelInfo | None = field(default=None, compare=False)
 
@@ -63,9 +69,29 @@ class ModelInfo:
     configuration: str | None
     previous_stage: str | None
     folds: tuple[str, ...]
+    patch_size: tuple[int, ...] | None = None
 
 
-USER_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"model"}
+USER_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "node", "nodes", "parts_per_node"}
+# TOML value types accepted per annotation (without "| None")
+_TOML_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "tuple[str, ...]": (list,)}
+_TYPE_WORDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "tuple[str, ...]": "a list like [0, 1]",
+}
+
+
+def _check_toml_type(path: str, key: str, value: Any) -> None:
+    base = RunConfig.__annotations__[key].replace(" | None", "")
+    allowed = _TOML_TYPES[base]
+    ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+    if ok and base == "tuple[str, ...]":
+        ok = all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise LauncherError(f"--config {path!r}: {key} must be {_TYPE_WORDS[base]}, got {value!r}")
 
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -83,6 +109,8 @@ def load_toml(path: str) -> dict[str, Any]:
         raise LauncherError(
             f"--config {path!r}: unknown key {unknown[0]!r}; valid keys: " + ", ".join(sorted(USER_KEYS))
         )
+    for key, value in values.items():
+        _check_toml_type(path, key, value)
     return values
 
 
@@ -100,10 +128,15 @@ def build(cli_values: dict[str, Any], config_file: str | None) -> RunConfig:
     return config
 
 
+def run_state_dir(config: RunConfig) -> str:
+    return state_dir(config.output_folder, config.node)
+
+
 def _check_range(config: RunConfig) -> None:
     if not isinstance(config.step_size, (int, float)) or not 0 < config.step_size <= 1:
         raise LauncherError(f"-step_size must be in (0, 1], got {config.step_size}")
     for name, minimum in (
+        ("nodes", 1),
         ("workers", 1),
         ("workers_per_gpu", 1),
         ("max_restarts", 0),
@@ -114,6 +147,8 @@ def _check_range(config: RunConfig) -> None:
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int) or value < minimum):
             raise LauncherError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+    if config.node is not None and not 0 <= config.node < config.nodes:
+        raise LauncherError(f"--node must be in 0..{config.nodes - 1}, got {config.node}")
     if config.hang_timeout is not None and config.hang_timeout <= 0:
         raise LauncherError(f"--hang-timeout must be > 0 seconds, got {config.hang_timeout}")
     if config.device not in ("cuda", "cpu"):
@@ -221,7 +256,8 @@ def read_model(config: RunConfig) -> ModelInfo:
         raise LauncherError(
             f"configuration {configuration!r} is not in {folder!r}/plans.json (found: {', '.join(configurations)})"
         )
-    previous = configurations.get(configuration, {}).get("previous_stage") if configuration else None
+    previous = _configuration_value(configurations, configuration, "previous_stage")
+    patch = _configuration_value(configurations, configuration, "patch_size")
     for fold in config.folds:
         checkpoint = os.path.join(folder, f"fold_{fold}", config.checkpoint)
         if not os.path.isfile(checkpoint):
@@ -234,7 +270,20 @@ def read_model(config: RunConfig) -> ModelInfo:
         configuration=configuration,
         previous_stage=previous,
         folds=tuple(config.folds),
+        patch_size=tuple(patch) if patch else None,
     )
+
+
+def _configuration_value(configurations: dict, name: str | None, key: str):
+    """A configuration's value, following nnU-Net's `inherits_from`."""
+    seen = set()
+    while name and name not in seen:
+        seen.add(name)
+        entry = configurations.get(name, {})
+        if key in entry:
+            return entry[key]
+        name = entry.get("inherits_from")
+    return None
 
 
 def _configuration_from_folder_name(folder: str) -> str | None:

@@ -183,6 +183,44 @@ def select_gpus(spec: str, gpus: list[Gpu], visible: list[str] | None) -> list[G
     return chosen
 
 
+def is_busy(gpu: Gpu) -> bool:
+    """Another program computes on it (NVML lists its compute processes)."""
+    return bool(gpu.processes)
+
+
+def estimated_bytes_per_worker(patch_size: tuple[int, ...] | None, num_labels: int, largest_voxels: int) -> int:
+    """A rough GPU memory need of one nnU-Net inference worker: CUDA context, weights and
+    workspace (~1.5 GiB), activations of one patch (~2 KiB a voxel for nnU-Net's default
+    networks in half precision), and the whole image's logits kept on the device (fp16)."""
+    patch = 1
+    for edge in patch_size or (128, 128, 128):
+        patch *= edge
+    return int(1.5 * 2**30 + 2048 * patch + 2 * num_labels * largest_voxels)
+
+
+def check_gpus(chosen: list[Gpu], workers_per_gpu: int, need_per_worker: int, skip_busy: bool):
+    """(GPUs to use, warnings): busy GPUs are left out with --skip-busy, else warned about, as
+    are GPUs whose free memory looks short for `workers_per_gpu` workers."""
+    warnings, kept = [], []
+    for gpu in chosen:
+        if is_busy(gpu):
+            pids = ", ".join(str(p["pid"]) for p in gpu.processes)
+            if skip_busy:
+                warnings.append(f"GPU {gpu.index} is busy (processes {pids}): left out (--skip-busy)")
+                continue
+            warnings.append(f"GPU {gpu.index} is busy (processes {pids}); --skip-busy leaves such GPUs out")
+        need = workers_per_gpu * need_per_worker
+        if gpu.memory_total and gpu.memory_free < need:
+            warnings.append(
+                f"GPU {gpu.index} has {gpu.memory_free / 2**30:.1f} GiB free; {workers_per_gpu} worker(s) may need "
+                f"about {need / 2**30:.1f} GiB (rough estimate from the patch size): consider fewer --workers-per-gpu"
+            )
+        kept.append(gpu)
+    if not kept:
+        raise LauncherError("every chosen GPU is busy and --skip-busy leaves none")
+    return kept, warnings
+
+
 def usable_gpus(spec: str) -> list[Gpu]:
     """The GPUs a `-device cuda` run will use, or a LauncherError that says how to run without."""
     try:

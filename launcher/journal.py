@@ -200,14 +200,15 @@ class Journal:
         db.execute("BEGIN")
         try:
             counts = dict(db.execute("SELECT state, COUNT(*) FROM cases GROUP BY state").fetchall())
+            run_started = db.execute("SELECT MAX(started) FROM runs").fetchone()[0] or 0.0
             parts = []
             for part_id, gpu, uuid, restarts, pid, state in db.execute(
                 "SELECT part_id, gpu, gpu_uuid, restarts, worker_pid, state FROM parts ORDER BY part_id"
             ):
-                done, total, busy_seconds, first_start = db.execute(
-                    "SELECT SUM(state='done'), COUNT(*), SUM(CASE WHEN state='done' THEN seconds END), "
-                    "MIN(CASE WHEN state='done' THEN started END) FROM cases WHERE part=?",
-                    (part_id,),
+                done, total, done_this_run, last_end = db.execute(
+                    "SELECT SUM(state='done'), COUNT(*), SUM(state='done' AND ended >= ?), "
+                    "MAX(CASE WHEN state='done' THEN ended END) FROM cases WHERE part=?",
+                    (run_started, part_id),
                 ).fetchone()
                 current = [
                     r[0]
@@ -226,7 +227,7 @@ class Journal:
                         "state": state,
                         "worker_pid": pid,
                         "current_case": current[0] if current else None,
-                        **_rate_and_eta(done or 0, total, first_start),
+                        **_rate_and_eta(done or 0, total, done_this_run or 0, run_started, last_end),
                     }
                 )
             failed = [
@@ -255,11 +256,11 @@ class Journal:
         return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
-def _rate_and_eta(done: int, total: int, first_start: float | None) -> dict:
-    if not done or first_start is None:
+def _rate_and_eta(done: int, total: int, done_this_run: int, run_started: float, last_end: float | None) -> dict:
+    """Cases per minute of the latest run, from its start to its last finished case."""
+    if not done_this_run or last_end is None or last_end <= run_started:
         return {"rate_per_min": None, "eta_s": None}
-    elapsed = max(time.time() - first_start, 1e-6)
-    rate = done / elapsed
+    rate = done_this_run / (last_end - run_started)
     return {"rate_per_min": round(rate * 60, 2), "eta_s": round((total - done) / rate, 1)}
 
 

@@ -130,6 +130,7 @@ class CasePipeline:
     def _predict_and_export(self, case: WorkCase, started: float, data, properties) -> None:
         self._wait(lambda: len(self.exporting) <= self.settings.nps)  # bounded: memory!
         self.emit(("stage", case.id, "predict"))
+        print(f"\nPredicting {case.id}: shape {tuple(data.shape)}", flush=True)
         try:
             tensor = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
             logits = predict_with_memory_fallback(self.predictor, tensor, lambda m: self.emit(("note", case.id, m)))
@@ -188,6 +189,7 @@ class CasePipeline:
             except Exception as exc:
                 self.emit(("case_error", case.id, f"export failed: {_describe(exc)}"))
                 continue
+            print(f"done with {case.id}: moved into place", flush=True)
             self.emit(("done", case.id, round(time.monotonic() - started, 3), False))
         self.exporting = still
 

@@ -1,7 +1,9 @@
 """The layout of OUT: nnU-Net's own outputs, plus the hidden state folder.
 
-Everything is written under OUT/.nnunet-launch/tmp first and moved into OUT with os.replace
-(atomic within one filesystem), so OUT never shows a partial file.
+A run's state (journal, lock, logs, tmp, report) lives in OUT/.nnunet-launch, or for node k of a
+SLURM array in OUT/.nnunet-launch/node-k. Everything is written under the state's tmp/ first
+and moved into OUT with os.replace (atomic within one filesystem), so OUT never shows a
+partial file.
 """
 
 from __future__ import annotations
@@ -13,20 +15,39 @@ import shutil
 STATE_DIR = ".nnunet-launch"
 
 
-def state_dir(out: str) -> str:
-    return os.path.join(out, STATE_DIR)
+def state_dir(out: str, node: int | None = None) -> str:
+    base = os.path.join(out, STATE_DIR)
+    return base if node is None else os.path.join(base, f"node-{node}")
 
 
-def tmp_dir(out: str) -> str:
-    return os.path.join(state_dir(out), "tmp")
+def node_state_dirs(out: str) -> list[str]:
+    """The state folders of a SLURM array's nodes, in node order."""
+    base = os.path.join(out, STATE_DIR)
+    found = []
+    for name in os.listdir(base) if os.path.isdir(base) else []:
+        if name.startswith("node-") and name[5:].isdigit() and os.path.isdir(os.path.join(base, name)):
+            found.append((int(name[5:]), os.path.join(base, name)))
+    return [path for _, path in sorted(found)]
 
 
-def logs_dir(out: str) -> str:
-    return os.path.join(state_dir(out), "logs")
+def slurm_dir(out: str) -> str:
+    return os.path.join(out, STATE_DIR, "slurm")
 
 
-def journal_path(out: str) -> str:
-    return os.path.join(state_dir(out), "journal.sqlite")
+def tmp_dir(state: str) -> str:
+    return os.path.join(state, "tmp")
+
+
+def logs_dir(state: str) -> str:
+    return os.path.join(state, "logs")
+
+
+def journal_path(state: str) -> str:
+    return os.path.join(state, "journal.sqlite")
+
+
+def lock_path(state: str) -> str:
+    return os.path.join(state, "lock")
 
 
 def case_outputs(case_id: str, file_ending: str, save_probabilities: bool) -> list[str]:
@@ -62,14 +83,14 @@ def write_text_atomically(path: str, text: str, scratch_dir: str) -> None:
     os.replace(scratch, path)
 
 
-def write_run_metadata(out: str, model_folder: str, predict_args: dict) -> None:
-    """The three files every nnUNetv2_predict run leaves in OUT, written once and atomically
-    (N manual parts race on them)."""
+def write_run_metadata(out: str, scratch: str, model_folder: str, predict_args: dict) -> None:
+    """The three files every nnUNetv2_predict run leaves in OUT, written atomically (N manual
+    parts race on them; SLURM nodes write identical content)."""
     for name in ("dataset.json", "plans.json"):
         with open(os.path.join(model_folder, name)) as f:
-            write_json_atomically(os.path.join(out, name), json.load(f), tmp_dir(out))
+            write_json_atomically(os.path.join(out, name), json.load(f), scratch)
     write_json_atomically(
-        os.path.join(out, "predict_from_raw_data_args.json"), dict(sorted(predict_args.items())), tmp_dir(out)
+        os.path.join(out, "predict_from_raw_data_args.json"), dict(sorted(predict_args.items())), scratch
     )
 
 

@@ -19,12 +19,13 @@ NNUNET_DEFAULT_PROCESSES = 3  # nnUNetv2_predict's -npp / -nps default
 class Plan:
     cases: dict[str, Case]
     slots: list[Slot]
-    parts: list[list[str]]  # part k's case ids (dynamic: the expected assignment)
+    parts: dict[int, list[str]]  # part id -> its case ids (dynamic: the expected assignment)
     threads: int  # torch threads per worker
     npp: int
     nps: int
     schedule: str = "static"
     work: dict[str, float] = field(default_factory=dict)  # estimated work per case (voxels x channels)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_parts(self) -> int:
@@ -34,7 +35,7 @@ class Plan:
         """Static: each case's part. Dynamic: none yet; a case joins the part that takes it."""
         if self.schedule == "dynamic":
             return dict.fromkeys(self.cases)
-        return {case_id: k for k, ids in enumerate(self.parts) for case_id in ids}
+        return {case_id: k for k, ids in self.parts.items() for case_id in ids}
 
     def to_json(self) -> dict:
         return {
@@ -43,6 +44,7 @@ class Plan:
             "npp": self.npp,
             "nps": self.nps,
             "schedule": self.schedule,
+            "warnings": self.warnings,
             "parts": [
                 {
                     "part_id": s.part_id,
@@ -63,31 +65,57 @@ def available_cores() -> int:
 def make_plan(config: RunConfig) -> Plan:
     model = config.model
     cases = discover(config.input_folder, model.file_ending, model.num_channels)
+    warnings = []
     if config.device == "cuda":
-        chosen = gpu_inventory.usable_gpus(config.gpus)
+        largest = max((voxels(c) or 0 for c in _largest_files(cases)), default=0)
+        need = gpu_inventory.estimated_bytes_per_worker(model.patch_size, model.num_labels, largest)
+        chosen, warnings = gpu_inventory.check_gpus(
+            gpu_inventory.usable_gpus(config.gpus), config.workers_per_gpu, need, config.skip_busy
+        )
         slots = make_slots([(g.index, g.uuid) for g in chosen], config.workers_per_gpu, 0)
     else:
         slots = make_slots([], 1, config.workers)
     if model.previous_stage:
         _check_prev_stage_files(config, cases)
     share = max(1, available_cores() // len(slots))
+    if config.node is not None:
+        cases, slots, static = _node_share(config, cases, slots)
+    else:
+        static = dict(enumerate(static_parts([c.id for c in cases], len(slots))))
     work = estimate_work(cases) if config.schedule == "dynamic" else {}
-    parts = (
-        simulate_dynamic(work, len(slots), DYNAMIC_PLAN_LOOKAHEAD)[1]
-        if config.schedule == "dynamic"
-        else static_parts([c.id for c in cases], len(slots))
-    )
+    if config.schedule == "dynamic":
+        expected = simulate_dynamic(work, len(slots), DYNAMIC_PLAN_LOOKAHEAD)[1]
+        parts = {slot.part_id: ids for slot, ids in zip(slots, expected, strict=True)}
+    else:
+        parts = static
     return Plan(
         cases={c.id: c for c in cases},
         slots=slots,
         parts=parts,
         schedule=config.schedule,
         work=work,
+        warnings=warnings,
         # on a GPU nnU-Net itself runs torch with one thread; on the CPU each worker gets its share
         threads=1 if config.device == "cuda" else share,
         npp=config.npp or min(share, NNUNET_DEFAULT_PROCESSES),
         nps=config.nps or min(share, NNUNET_DEFAULT_PROCESSES),
     )
+
+
+def _node_share(config: RunConfig, cases: list[Case], slots: list[Slot]):
+    """Node k of K with G slots owns parts k*G .. k*G+G-1 of nnU-Net's split into K*G parts."""
+    per_node = len(slots)
+    if config.parts_per_node is not None and per_node != config.parts_per_node:
+        raise LauncherError(
+            f"this node has {per_node} worker slot(s), but the SLURM array was made for "
+            f"{config.parts_per_node} per node (check the GPUs SLURM granted, or --workers)"
+        )
+    first = config.node * per_node
+    everything = static_parts([c.id for c in cases], config.nodes * per_node)
+    mine = {first + j: everything[first + j] for j in range(per_node)}
+    owned = {c for ids in mine.values() for c in ids}
+    node_slots = [Slot(first + s.part_id, s.gpu_index, s.gpu_uuid) for s in slots]
+    return [c for c in cases if c.id in owned], node_slots, mine
 
 
 def estimate_work(cases: list[Case]) -> dict[str, float]:
@@ -102,8 +130,7 @@ def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: in
     Per worker: the cases being preprocessed (npp + 1) and predicted hold float32 channels; each
     export in flight (nps + 1) holds float32 logits plus their resampled copy. The largest case
     is found among the biggest files by header, not by reading every one."""
-    candidates = sorted(plan.cases.values(), key=lambda c: c.size_bytes, reverse=True)[:5]
-    sizes = [v for v in (voxels(c) for c in candidates) if v]
+    sizes = [v for v in (voxels(c) for c in _largest_files(list(plan.cases.values()))) if v]
     if not sizes:
         return None
     per_voxel = 4 * (num_channels * (plan.npp + 2) + 2 * num_labels * (plan.nps + 1))
@@ -111,10 +138,15 @@ def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: in
     if need <= available:
         return None
     return (
-        f"warning: {len(plan.slots)} worker(s) may need about {need / 2**30:.1f} GiB of host memory for the "
+        f"{len(plan.slots)} worker(s) may need about {need / 2**30:.1f} GiB of host memory for the "
         f"largest case ({max(sizes):,} voxels) but {available / 2**30:.1f} GiB is free; consider fewer "
         "workers or lower -npp/-nps"
     )
+
+
+def _largest_files(cases: list[Case], count: int = 5) -> list[Case]:
+    """The likely largest cases, found by file size: reading every header is not needed."""
+    return sorted(cases, key=lambda c: c.size_bytes, reverse=True)[:count]
 
 
 def _check_prev_stage_files(config: RunConfig, cases: list[Case]) -> None:

@@ -9,7 +9,7 @@ import os
 import time
 
 from launcher.journal import Journal
-from launcher.outputs import state_dir, tmp_dir, write_json_atomically, write_text_atomically
+from launcher.outputs import logs_dir, tmp_dir, write_json_atomically, write_text_atomically
 
 EXIT_MEANING = {
     0: "every case predicted",
@@ -18,29 +18,32 @@ EXIT_MEANING = {
 }
 
 
-def write_summary(out: str, journal: Journal, exit_code: int, started: float) -> dict:
+def write_summary(state: str, journal: Journal, exit_code: int, started: float) -> dict:
     snapshot = journal.snapshot()
+    return write_report_files(state, snapshot, journal.case_rows(), exit_code, round(time.time() - started, 2))
+
+
+def write_report_files(
+    state: str, snapshot: dict, case_rows: list[dict], exit_code: int, wall_seconds: float | None
+) -> dict:
+    """summary.json (totals, parts, failures) and cases.csv (one line per case: part, GPU,
+    attempts, seconds, state, error) in a run's state folder."""
     summary = {
         "exit_code": exit_code,
         "result": EXIT_MEANING.get(exit_code, "error"),
-        "wall_seconds": round(time.time() - started, 2),
+        "wall_seconds": wall_seconds,
         **{k: snapshot[k] for k in ("total", "done", "failed", "pending", "parts", "failed_cases")},
     }
-    write_json_atomically(os.path.join(state_dir(out), "summary.json"), summary, tmp_dir(out))
-    _write_cases_csv(out, journal.case_rows())
+    write_json_atomically(os.path.join(state, "summary.json"), summary, tmp_dir(state))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(case_rows[0]) if case_rows else ["id"])
+    writer.writeheader()
+    writer.writerows(case_rows)
+    write_text_atomically(os.path.join(state, "cases.csv"), text.getvalue(), tmp_dir(state))
     return summary
 
 
-def _write_cases_csv(out: str, rows: list[dict]) -> None:
-    """One line per case: state, part, attempts, GPU, seconds, error."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["id"])
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomically(os.path.join(state_dir(out), "cases.csv"), text.getvalue(), tmp_dir(out))
-
-
-def summary_lines(summary: dict, out: str, command_hint: str | None) -> list[str]:
+def summary_lines(summary: dict, out: str, state: str, command_hint: str | None) -> list[str]:
     lines = [
         f"nnunet-launch: {summary['done']}/{summary['total']} case(s) predicted, "
         f"{summary['failed']} failed, {summary['pending']} not done, in {summary['wall_seconds']:.1f} s "
@@ -53,7 +56,7 @@ def summary_lines(summary: dict, out: str, command_hint: str | None) -> list[str
         )
     for failed in summary["failed_cases"]:
         lines.append(f"  FAILED {failed['case']}: {failed['error']}")
-    lines.append(f"  outputs: {out}   logs: {os.path.join(state_dir(out), 'logs')}")
+    lines.append(f"  outputs: {out}   logs: {logs_dir(state)}")
     if summary["exit_code"] == 130 and command_hint:
         lines.append(f"  resume with: {command_hint}")
     return lines

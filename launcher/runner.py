@@ -2,42 +2,53 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
 import sys
+import threading
 import time
 
 import psutil
 
-from launcher.config import RunConfig, output_identity
+from launcher.config import RunConfig, output_identity, run_state_dir
 from launcher.errors import LauncherError
 from launcher.journal import DONE, Journal, OutLock
-from launcher.outputs import case_outputs, clear_tmp, journal_path, state_dir, tmp_dir, write_run_metadata
+from launcher.outputs import (
+    case_outputs,
+    clear_tmp,
+    journal_path,
+    lock_path,
+    logs_dir,
+    tmp_dir,
+    write_run_metadata,
+)
 from launcher.planning import Plan, make_plan, memory_warning
+from launcher.progress import Reporter, wants_live_view
 from launcher.report import summary_lines, write_summary
 from launcher.supervisor import Supervisor
 
 
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
 def run(config: RunConfig, argv: list[str]) -> int:
+    # The supervisor spawns workers through torch.multiprocessing; importing torch takes seconds,
+    # so it runs while the input is planned and OUT is opened.
+    torch_import = threading.Thread(target=importlib.import_module, args=("torch.multiprocessing",), daemon=True)
+    torch_import.start()
     plan = make_plan(config)
-    out = config.output_folder
     strays = _existing_outputs(config, plan)
-    had_state = os.path.isdir(state_dir(out))
+    state = run_state_dir(config)
+    had_state = os.path.isdir(state)
     if strays and not had_state and not (config.continue_prediction or config.fresh):
         raise LauncherError(
             f"output folder already holds {len(strays)} prediction(s) not made by "
             f"nnunet-launch (e.g. {strays[0]!r}); add --continue_prediction to keep the "
             "ones that decode completely, or --fresh to predict everything again"
         )
-    os.makedirs(state_dir(out), exist_ok=True)
-    lock = OutLock(os.path.join(state_dir(out), "lock"))
+    os.makedirs(state, exist_ok=True)
+    lock = OutLock(lock_path(state))
     lock.acquire()
     try:
-        journal = Journal.open(journal_path(out))
+        journal = Journal.open(journal_path(state))
         try:
             return _supervise(config, plan, journal, strays, argv)
         finally:
@@ -61,36 +72,47 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
         _discard_previous(config, journal, plan)
         strays = []
     started = time.time()
-    clear_tmp(tmp_dir(out))
+    state = run_state_dir(config)
+    clear_tmp(tmp_dir(state))
     run_id = journal.start_run(identity, [(s.part_id, s.label, s.gpu_uuid) for s in plan.slots], plan.part_of())
-    write_run_metadata(out, config.model.folder, _predict_args(config, plan))
+    write_run_metadata(out, tmp_dir(state), config.model.folder, _predict_args(config, plan))
     done = set(journal.cases_in_state(DONE))
     vanished = sorted(done - set(_existing_outputs(config, plan)))
     if vanished:  # journaled done, but someone removed the output since: predict it again
         journal.reopen_cases(vanished)
         done -= set(vanished)
     verify = {c for c in strays if c not in done}
-    log(
+    os.makedirs(logs_dir(state), exist_ok=True)
+    reporter = Reporter(
+        os.path.join(logs_dir(state), "supervisor.log"),
+        journal,
+        {s.gpu_uuid: s.label for s in plan.slots if s.gpu_uuid},
+        wants_live_view(),
+    )
+    reporter.log(
         f"nnunet-launch: {len(plan.cases)} case(s), {len(done)} already done, {plan.num_parts} part(s) on "
-        f"{', '.join(sorted({s.label for s in plan.slots}))}; per worker: {plan.threads} torch thread(s), "
-        f"npp={plan.npp}, nps={plan.nps}"
+        f"{', '.join(sorted({s.label for s in plan.slots}))}, {plan.schedule} schedule; per worker: "
+        f"{plan.threads} torch thread(s), npp={plan.npp}, nps={plan.nps}"
     )
     if config.device == "cpu":
-        log("nnunet-launch: running on the CPU (-device cpu)")
-    warning = memory_warning(
+        reporter.log("nnunet-launch: running on the CPU (-device cpu)")
+    host_memory = memory_warning(
         plan, config.model.num_channels, config.model.num_labels, psutil.virtual_memory().available
     )
-    if warning:
-        print(f"nnunet-launch: {warning}", file=sys.stderr, flush=True)
+    for warning in [*plan.warnings, *([host_memory] if host_memory else [])]:
+        reporter.log(f"nnunet-launch: warning: {warning}")
     exit_code = 2
     try:
-        exit_code = Supervisor(config, plan, journal, verify, log).run()
+        exit_code = Supervisor(config, plan, journal, verify, reporter).run()
     finally:
         journal.end_run(run_id, exit_code)
-        summary = write_summary(out, journal, exit_code, started)
+        reporter.close()
+        summary = write_summary(state, journal, exit_code, started)
         hint = "nnunet-launch " + shlex.join(argv)
-        for line in summary_lines(summary, out, hint):
-            print(line, file=sys.stderr if exit_code else sys.stdout, flush=True)
+        with open(os.path.join(logs_dir(state), "supervisor.log"), "a") as supervisor_log:
+            for line in summary_lines(summary, out, state, hint):
+                print(line, file=sys.stderr if exit_code else sys.stdout, flush=True)
+                supervisor_log.write(line + "\n")
     return exit_code
 
 
@@ -116,7 +138,7 @@ def _discard_previous(config: RunConfig, journal: Journal, plan: Plan) -> None:
         except FileNotFoundError:
             pass
     journal.clear()
-    log(f"nnunet-launch: --fresh: discarded the previous run's state and {removed} output file(s) in {out}")
+    print(f"nnunet-launch: --fresh: discarded the previous run's state and {removed} output file(s) in {out}")
 
 
 def _predict_args(config: RunConfig, plan: Plan) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from launcher import gpus
-from launcher.config import RunConfig
+from launcher.config import RunConfig, run_state_dir
 from launcher.journal import DONE, FAILED, PENDING, Journal
 from launcher.outputs import clear_tmp, logs_dir, tmp_dir
 from launcher.planning import Plan, prev_stage_file
@@ -71,9 +71,11 @@ def describe_exit(exitcode: int | None, oom_killed: bool = False) -> str:
 
 
 class Supervisor:
-    def __init__(self, config: RunConfig, plan: Plan, journal: Journal, verify: set[str], log=print):
+    def __init__(self, config: RunConfig, plan: Plan, journal: Journal, verify: set[str], reporter):
         self.config, self.plan, self.journal, self.verify = config, plan, journal, verify
-        self.log = log
+        self.reporter = reporter
+        self.log = reporter.log
+        self.log_paths: dict[int, str] = {}  # part -> its current worker's log
         self.workers: dict[int, WorkerHandle] = {}  # by part
         self.attempts: dict[int, int] = {}
         self.health = DeviceHealth()
@@ -116,6 +118,7 @@ class Supervisor:
                     return self._shut_down()
                 self._step()
                 self._kill_hung_workers()
+                self.reporter.refresh()
             self._fail_leftovers()
             return self._result()
         except BaseException:
@@ -169,7 +172,7 @@ class Supervisor:
             return
         self.journal.assign(cases, part)
         attempt = self.attempts[part] = self.attempts.get(part, 0) + 1
-        state = os.path.join(tmp_dir(self.config.output_folder), f"part-{part}-attempt-{attempt}")
+        state = os.path.join(tmp_dir(run_state_dir(self.config)), f"part-{part}-attempt-{attempt}")
         clear_tmp(state)
         spec = WorkerSpec(
             part_id=part,
@@ -179,7 +182,7 @@ class Supervisor:
             supervisor_pid=os.getpid(),
             out_dir=os.path.abspath(self.config.output_folder),
             tmp_dir=state,
-            log_path=os.path.join(logs_dir(self.config.output_folder), f"part-{part}.log"),
+            log_path=self._log_path(part, attempt),
             settings=self.settings,
             cases=tuple(self._work_case(c) for c in cases),
             more_to_come=more_to_come,
@@ -195,6 +198,11 @@ class Supervisor:
         self.workers[part] = handle
         self.journal.part_worker(part, process.pid, "running")
         self.journal.event("spawn", part, None, f"attempt {attempt} on {slot.label}, pid {process.pid}")
+
+    def _log_path(self, part: int, attempt: int) -> str:
+        path = os.path.join(logs_dir(run_state_dir(self.config)), f"part-{part}.attempt-{attempt}.log")
+        self.log_paths[part] = path
+        return path
 
     def _work_case(self, case_id: str) -> WorkCase:
         files = self.plan.cases[case_id].files
@@ -280,8 +288,7 @@ class Supervisor:
         state = self.journal.case_failed_attempt(case_id, error, self.config.case_retries)
         self.journal.event("case_error", part, case_id, error)
         verdict = "failed for good" if state == FAILED else "will retry"
-        log_hint = f"; log: {os.path.join(logs_dir(self.config.output_folder), f'part-{part}.log')}"
-        self.log(f"[part {part}] case {case_id}: {error} ({verdict}{log_hint})")
+        self.log(f"[part {part}] case {case_id}: {error} ({verdict}; log: {self.log_paths.get(part)})")
         if state == PENDING and self.queue is not None:
             self.queue.give_back([case_id])
 

@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import cli
-from launcher.scheduler import make_slots, static_parts
+from launcher.scheduler import (
+    LargestFirstQueue,
+    lower_bound,
+    make_slots,
+    simulate_dynamic,
+    simulate_static,
+    static_parts,
+)
 
 # names that sort differently by number and by text, with spaces, quotes, unicode, dashes
 TRICKY_IDS = ["c_10", "c_2", "c_1", "-lead", "with space", "quote'd", "ünï", "A_upper", "c_2_b", "x"]
@@ -75,3 +82,34 @@ def test_slots_put_k_workers_on_each_gpu_in_order():
         (3, 1, "GPU-a"),
     ]
     assert [s.label for s in make_slots([], 1, 3)] == ["cpu", "cpu", "cpu"]
+
+
+work_maps = st.dictionaries(st.text(min_size=1, max_size=5), st.floats(0.1, 1000), min_size=1, max_size=60)
+
+
+@given(work_maps, st.integers(1, 8), st.integers(0, 4))
+def test_dynamic_schedule_assigns_every_case_exactly_once(work, num_slots, lookahead):
+    makespan, assignment = simulate_dynamic(work, num_slots, lookahead)
+    assert sorted(c for part in assignment for c in part) == sorted(work)
+    assert lower_bound(work, num_slots) <= makespan + 1e-9
+
+
+@given(work_maps)
+def test_queue_hands_out_largest_first_and_takes_back_what_a_dead_worker_held(work):
+    queue = LargestFirstQueue(work)
+    taken = [queue.take() for _ in range(min(3, len(work)))]
+    expected = sorted(work, key=lambda c: (-work[c], c))
+    assert taken == expected[: len(taken)]
+    queue.give_back(taken[1:])  # a worker died holding these
+    queue.give_back(taken[1:])  # given back twice: still once in the queue
+    rest = list(iter(queue.take, None))
+    assert rest == sorted(set(expected) - {taken[0]}, key=lambda c: (-work[c], c))
+
+
+def test_dynamic_beats_the_static_split_on_a_skewed_set():
+    work = {f"c_{i:03d}": 1.0 for i in range(40)}
+    work["c_000"] = 30.0  # part 0 of the static split also gets c_002, c_004, ...
+    assert simulate_static(work, 2) == 30 + 19
+    assert lower_bound(work, 2) == 34.5
+    assert simulate_dynamic(work, 2, 0)[0] == 35  # one small case above the bound
+    assert simulate_dynamic(work, 2, 3)[0] == 35

@@ -1,0 +1,168 @@
+"""What the operator sees while a run goes on. Reads the journal; changes no run state.
+
+Every line also goes to OUT/.nnunet-launch/logs/supervisor.log. On a terminal: a rich live
+view, one row per worker slot and an overall bar. Elsewhere (nohup, cron, SLURM logs): plain
+timestamped lines, one per finished or failed case, and a summary line every minute.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from launcher.journal import Journal
+
+PLAIN_SUMMARY_EVERY_S = 60.0
+LIVE_REFRESH_S = 0.5
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def overall_eta(snapshot: dict, elapsed_s: float, done_at_start: int) -> float | None:
+    done_now = snapshot["done"] - done_at_start
+    left = snapshot["total"] - snapshot["done"] - snapshot["failed"]
+    if done_now <= 0 or elapsed_s <= 0:
+        return None
+    return left * elapsed_s / done_now
+
+
+def render(
+    snapshot: dict,
+    gpu_names: dict[str, str],
+    utilisation: dict[str, tuple[int, int, int]],
+    elapsed_s: float,
+    done_at_start: int,
+) -> Group:
+    """The live view: a row per worker slot and an overall bar (pure: for tests too)."""
+    table = Table(expand=False, pad_edge=False)
+    for column in (
+        "part",
+        "GPU",
+        "state",
+        "done",
+        "current case",
+        "cases/min",
+        "ETA",
+        "restarts",
+        "GPU util",
+        "GPU mem",
+    ):
+        table.add_column(column, justify="right" if column in ("done", "cases/min", "restarts") else "left")
+    for part in snapshot["parts"]:
+        uuid = part["gpu_uuid"]
+        util = utilisation.get(uuid) if uuid else None
+        table.add_row(
+            str(part["part_id"]),
+            gpu_names.get(uuid, part["gpu"]) if uuid else part["gpu"],
+            part["state"],
+            f"{part['done']}/{part['total']}",
+            part["current_case"] or "-",
+            f"{part['rate_per_min']:.1f}" if part["rate_per_min"] else "-",
+            _eta(part["eta_s"]) if part["state"] == "running" else "-",
+            str(part["restarts"]),
+            f"{util[0]}%" if util else "-",
+            f"{util[1] / 2**30:.1f}/{util[2] / 2**30:.0f} GiB" if util else "-",
+        )
+    total, done, failed = snapshot["total"], snapshot["done"], snapshot["failed"]
+    eta = overall_eta(snapshot, elapsed_s, done_at_start)
+    line = Text(
+        f"{done}/{total} done, {failed} failed, {snapshot['running']} running, "
+        f"ETA {_eta(eta)}, elapsed {_eta(elapsed_s)}"
+    )
+    return Group(table, ProgressBar(total=max(total, 1), completed=done + failed, width=60), line)
+
+
+class GpuMonitor:
+    """Utilisation and memory per GPU UUID from NVML, or nothing where NVML is absent."""
+
+    def __init__(self, uuids: list[str]):
+        self.handles = {}
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handles = {u: pynvml.nvmlDeviceGetHandleByUUID(u) for u in uuids if u.startswith("GPU-")}
+        except Exception:
+            self.handles = {}
+
+    def sample(self) -> dict[str, tuple[int, int, int]]:
+        found = {}
+        for uuid, handle in self.handles.items():
+            try:
+                memory = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+                found[uuid] = (self.nvml.nvmlDeviceGetUtilizationRates(handle).gpu, memory.used, memory.total)
+            except Exception:
+                pass
+        return found
+
+
+class Reporter:
+    def __init__(self, log_path: str, journal: Journal, gpu_names: dict[str, str], live: bool):
+        self.file = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
+        self.journal, self.gpu_names = journal, gpu_names
+        self.started = time.monotonic()
+        self.done_at_start = journal.snapshot()["done"]
+        self.last_summary = self.last_refresh = time.monotonic()
+        self.live = None
+        if live:
+            self.monitor = GpuMonitor(list(gpu_names))
+            self.live = Live(self._render(), console=Console(), refresh_per_second=2, transient=False)
+            self.live.start()
+
+    def log(self, text: str) -> None:
+        line = f"{_stamp()} {text}"
+        self.file.write(line + "\n")
+        if self.live is not None:
+            self.live.console.print(text)
+        else:
+            print(line, flush=True)
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if self.live is not None and now - self.last_refresh >= LIVE_REFRESH_S:
+            self.last_refresh = now
+            self.live.update(self._render())
+        elif self.live is None and now - self.last_summary >= PLAIN_SUMMARY_EVERY_S:
+            self.last_summary = now
+            s = self.journal.snapshot()
+            eta = overall_eta(s, now - self.started, self.done_at_start)
+            self.log(
+                f"progress: {s['done']}/{s['total']} done, {s['failed']} failed, {s['running']} running, "
+                f"ETA {_eta(eta)}"
+            )
+
+    def _render(self) -> Group:
+        return render(
+            self.journal.snapshot(),
+            self.gpu_names,
+            self.monitor.sample(),
+            time.monotonic() - self.started,
+            self.done_at_start,
+        )
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+            self.live.stop()
+        self.file.close()
+
+
+def wants_live_view() -> bool:
+    return sys.stdout.isatty()

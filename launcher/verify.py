@@ -1,0 +1,60 @@
+"""After a SLURM array: does every case of the input have a complete output? Merges the nodes'
+journals into OUT/.nnunet-launch/summary.json and cases.csv and names what is missing with the
+one command that finishes it."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+from launcher.cases import discover
+from launcher.config import RunConfig
+from launcher.outputs import case_outputs, node_state_dirs, slurm_dir, state_dir
+from launcher.report import write_report_files
+from launcher.scheduler import static_parts
+from launcher.slurm import ARRAY_SCRIPT
+from launcher.status import status_and_cases
+
+
+def output_complete(path: str) -> bool:
+    """Present, not empty, and for gzip files a stream whose length and CRC check out (a
+    truncated .nii.gz reads without error in SimpleITK, with wrong voxels)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return False
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+        return True
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return False
+
+
+def verify(config: RunConfig, nodes: int, parts_per_node: int) -> tuple[int, list[str]]:
+    """(exit code, lines to print)."""
+    out, model = config.output_folder, config.model
+    ids = [c.id for c in discover(config.input_folder, model.file_ending, model.num_channels)]
+    missing = [
+        c
+        for c in ids
+        if not all(
+            output_complete(os.path.join(out, n)) for n in case_outputs(c, model.file_ending, config.save_probabilities)
+        )
+    ]
+    if node_state_dirs(out):
+        merged, rows = status_and_cases(out)
+        write_report_files(state_dir(out), merged, rows, 0 if not missing else 1, None)
+    if not missing:
+        return 0, [f"nnunet-launch verify: all {len(ids)} case(s) have complete outputs in {out}"]
+    parts = static_parts(ids, nodes * parts_per_node)
+    node_of = {c: k // parts_per_node for k, part in enumerate(parts) for c in part}
+    to_rerun = sorted({node_of[c] for c in missing})
+    shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+    return 1, [
+        f"nnunet-launch verify: {len(missing)} of {len(ids)} case(s) have no complete output: {shown}",
+        "finish them with: sbatch --array="
+        + ",".join(map(str, to_rerun))
+        + " "
+        + os.path.join(slurm_dir(out), ARRAY_SCRIPT),
+    ]

@@ -1,0 +1,156 @@
+"""What the operator sees: the live view, plain lines off a terminal, the report files, the
+GPU table and warnings, config files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+from rich.console import Console
+
+from conftest import assert_same_predictions, cli, run_args
+from launcher.journal import Journal
+from launcher.progress import render
+
+
+def test_live_view_renders_counts_of_a_run_in_progress(tmp_path):
+    journal = Journal.open(str(tmp_path / "journal.sqlite"))
+    journal.start_run(
+        {}, [(0, "gpu0", "GPU-aaaa"), (1, "gpu1", "GPU-bbbb")], {"a": 0, "b": 0, "c": 1, "d": 1, "e": None}
+    )
+    journal.part_worker(0, 111, "running")
+    journal.part_worker(1, 222, "running")
+    for case in ("a", "c", "b"):
+        journal.case_started(case, "gpu")
+    journal.case_done("a", 2.0)
+    journal.case_done("c", 3.0)
+    journal.case_stage("b", "predict")
+    console = Console(record=True, width=160)
+    console.print(
+        render(
+            journal.snapshot(),
+            {"GPU-aaaa": "H100 #0"},
+            {"GPU-aaaa": (87, 3 << 30, 80 << 30)},
+            elapsed_s=10,
+            done_at_start=0,
+        )
+    )
+    text = console.export_text()
+    assert re.search(r"0\s+│\s+H100 #0\s+│\s+running\s+│\s+1/2\s+│\s+b\s+│", text), text
+    assert "87%" in text and "3.0/80 GiB" in text
+    assert re.search(r"1\s+│\s+gpu1\s+│\s+running\s+│\s+1/2\s+│\s+-\s+│", text), text
+    assert "2/5 done, 0 failed, 1 running" in text
+    journal.close()
+
+
+def test_plain_output_has_a_timestamped_line_per_case_and_reports_agree(small, tmp_path):
+    out = tmp_path / "out"
+    result = cli(*run_args(small, out, "--workers", "2"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    stamped = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[part \d cpu\] done (case_\d+) ")
+    done = [m.group(1) for m in map(stamped.match, result.stdout.splitlines()) if m]
+    assert sorted(done) == small["ids"]
+    assert "6/6 case(s) predicted, 0 failed" in result.stdout
+    assert_same_predictions(out, small["reference"])
+    state = out / ".nnunet-launch"
+    summary = json.loads((state / "summary.json").read_text())
+    rows = list(csv.DictReader((state / "cases.csv").open()))
+    assert summary["done"] == 6 and sorted(r["id"] for r in rows) == small["ids"]
+    assert {r["state"] for r in rows} == {"done"} and all(float(r["seconds"]) > 0 for r in rows)
+    assert sum(p["done"] for p in summary["parts"]) == 6
+    assert (state / "logs" / "supervisor.log").read_text().count("] done case_") == 6
+    assert sorted(p.name for p in (state / "logs").iterdir()) == [
+        "part-0.attempt-1.log",
+        "part-1.attempt-1.log",
+        "supervisor.log",
+    ]
+    assert "Predicting case_" in (state / "logs" / "part-0.attempt-1.log").read_text(), "nnU-Net's prints"
+    assert "Predicting" not in result.stdout
+
+
+FAKE = [
+    {"index": 0, "uuid": "GPU-idle", "name": "H100", "memory_total": 80 << 30, "memory_used": 1 << 30},
+    {
+        "index": 1,
+        "uuid": "GPU-busy",
+        "name": "H100",
+        "memory_total": 80 << 30,
+        "memory_used": 70 << 30,
+        "processes": [{"pid": 4242, "used_memory": 69 << 30}],
+    },
+]
+
+
+def test_busy_gpus_are_warned_about_or_left_out_and_shown_in_the_table(tiny, tmp_path):
+    fake = tmp_path / "gpus.json"
+    fake.write_text(json.dumps(FAKE))
+    env = {"NNUNET_LAUNCH_FAKE_GPUS": str(fake)}
+    args = ["plan", "-i", str(tiny["inputs"]), "-o", str(tmp_path / "o"), "-m", str(tiny["model"]), "-f", "0", "--json"]
+    warned = cli(*args, env=env)
+    plan = json.loads(warned.stdout)
+    assert [p["gpu"] for p in plan["parts"]] == ["gpu0", "gpu1"]
+    assert any("GPU 1 is busy (processes 4242)" in w for w in plan["warnings"])
+    assert not any("GiB free" in w for w in plan["warnings"]), "10 GiB is enough for one worker here"
+    skipped = json.loads(cli(*args, "--skip-busy", env=env).stdout)
+    assert [p["gpu"] for p in skipped["parts"]] == ["gpu0"]
+    crowded = json.loads(cli(*args, "--workers-per-gpu", "8", env=env).stdout)
+    assert any("GPU 1 has 10.0 GiB free; 8 worker(s) may need" in w for w in crowded["warnings"])
+    table = cli("gpus", env=env)
+    assert "GPU-busy" in table.stdout and "4242 (69.0 GiB)" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("workers = 'two'\n", "workers must be an integer, got 'two'"),
+        ("step_size = '0.5'\n", "step_size must be a number"),
+        ("disable_tta = 1\n", "disable_tta must be true or false"),
+        ("folds = 0\n", "folds must be a list like [0, 1]"),
+        ("max-restarts = true\n", "max_restarts must be an integer"),
+        ("turbo = true\n", "unknown key 'turbo'; valid keys: case_retries, checkpoint"),
+    ],
+)
+def test_config_file_errors_name_the_key(tiny, tmp_path, text, words):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    result = cli(
+        "plan",
+        "-i",
+        str(tiny["inputs"]),
+        "-o",
+        str(tmp_path / "o"),
+        "-m",
+        str(tiny["model"]),
+        "-device",
+        "cpu",
+        "--config",
+        str(config),
+    )
+    assert result.returncode == 2 and words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["default.toml", "overnight.toml"])
+def test_shipped_config_files_load(tiny, tmp_path, name):
+    from conftest import ROOT
+
+    result = cli(
+        "plan",
+        "-i",
+        str(tiny["inputs"]),
+        "-o",
+        str(tmp_path / "o"),
+        "-m",
+        str(tiny["model"]),
+        "-f",
+        "0",
+        "-device",
+        "cpu",
+        "--config",
+        str(ROOT / "configs" / name),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["schedule"] == "dynamic"
