@@ -41,7 +41,8 @@ def array_script(
     """Task k runs the launcher on share k; requeue-safe because each share resumes from its own
     journal in OUT/.nnunet-launch/node-k/."""
     lines = _header("nnunet-launch", "task-%a.log", out, options)
-    lines += [f"#SBATCH --array=0-{nodes - 1}", "#SBATCH --requeue", "#SBATCH --ntasks=1"]
+    # append: a requeued or resubmitted task adds to its log instead of erasing the earlier attempt's
+    lines += [f"#SBATCH --array=0-{nodes - 1}", "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --ntasks=1"]
     if gpus_per_node:
         lines.append(f"#SBATCH --gres=gpu:{gpus_per_node}")
     command = [

@@ -3,4 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
+# The SLURM tests start a real cluster (Debian's Slurm: munged, slurmctld, slurmd); install it
+# when missing and this is root on Debian. Without it those tests are skipped and say why.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then
+  echo "installing SLURM for the SLURM tests (slurmctld slurmd slurm-client munge)..." >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      slurmctld slurmd slurm-client munge; } >/dev/null 2>&1 \
+    || echo "warning: could not install SLURM; its tests will be skipped" >&2
+fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -41,9 +41,17 @@ class SlurmCluster:
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o400)
         socket_path = root / "munge" / "munge.sock"
-        subprocess.run(["munged", f"--key-file={key}", f"--socket={socket_path}", f"--pid-file={self.munge_pid}",
-                        f"--log-file={root / 'munge' / 'munged.log'}", f"--seed-file={root / 'munge' / 'seed'}"],
-                       check=True)
+        subprocess.run(
+            [
+                "munged",
+                f"--key-file={key}",
+                f"--socket={socket_path}",
+                f"--pid-file={self.munge_pid}",
+                f"--log-file={root / 'munge' / 'munged.log'}",
+                f"--seed-file={root / 'munge' / 'seed'}",
+            ],
+            check=True,
+        )
         self.conf.write_text(self._config(socket_path))
         subprocess.run(["slurmctld", "-c", "-f", str(self.conf)], check=True, env=self.env)
         for node in self.nodes:
@@ -56,20 +64,39 @@ class SlurmCluster:
         memory = max(256, int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8))
         ctld_port, node_port = _free_port(), _free_port()
         lines = [
-            "ClusterName=nnunetlaunch", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={ctld_port}",
-            "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
-            f"AuthInfo=socket={munge_socket}", f"StateSaveLocation={root / 'state'}",
-            f"SlurmdSpoolDir={root / 'spool'}/%n", f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={root}/slurmd-%n.pid", f"SlurmctldLogFile={root / 'slurmctld.log'}",
-            f"SlurmdLogFile={root}/slurmd-%n.log", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-            "JobCompType=jobcomp/filetxt", f"JobCompLoc={root / 'jobcomp.txt'}", "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core", "ReturnToService=2", "MinJobAge=3600", "MpiDefault=none",
-            "SlurmdParameters=config_overrides", "SchedulerParameters=sched_interval=1",
+            "ClusterName=nnunetlaunch",
+            f"SlurmctldHost={host}(127.0.0.1)",
+            f"SlurmctldPort={ctld_port}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={munge_socket}",
+            f"StateSaveLocation={root / 'state'}",
+            f"SlurmdSpoolDir={root / 'spool'}/%n",
+            f"SlurmctldPidFile={root / 'slurmctld.pid'}",
+            f"SlurmdPidFile={root}/slurmd-%n.pid",
+            f"SlurmctldLogFile={root / 'slurmctld.log'}",
+            f"SlurmdLogFile={root}/slurmd-%n.log",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/filetxt",
+            f"JobCompLoc={root / 'jobcomp.txt'}",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "ReturnToService=2",
+            "MinJobAge=3600",
+            "MpiDefault=none",
+            "SlurmdParameters=config_overrides",
+            "SchedulerParameters=sched_interval=1",
         ]
         for i, node in enumerate(self.nodes):
-            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={node_port + i} "
-                         f"CPUs={cpus} RealMemory={memory} State=UNKNOWN")
+            lines.append(
+                f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={node_port + i} "
+                f"CPUs={cpus} RealMemory={memory} State=UNKNOWN"
+            )
         lines.append(f"PartitionName=main Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
         return "\n".join(lines) + "\n"
 
@@ -114,8 +141,9 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             states = self.job_states(job_id)
-            if states and all(s not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")
-                              for s, _ in states.values()):
+            if states and all(
+                s not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED") for s, _ in states.values()
+            ):
                 return states
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} not done in {timeout} s: {self.job_states(job_id)}")
