@@ -90,6 +90,11 @@ class Supervisor:
         self.hang_timeout_s = hang_timeout(config.hang_timeout, journal.slowest_case_seconds())
         import torch.multiprocessing as torch_mp  # spawn context; importing torch does not touch CUDA
 
+        # A killed worker leaves its pools' semaphores registered with the spawn resource tracker,
+        # which cleans them up at exit and warns about it: expected here, not news for the user.
+        if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
+            sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+
         self.context = torch_mp.get_context("spawn")
         self.settings = PredictSettings(
             model_folder=config.model.folder,

@@ -65,33 +65,10 @@ PLAIN_NNUNET_ONE_THREAD = (
 )
 
 
-def plain_nnunet(inputs: Path, out: Path, model: Path, *extra: str) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            PLAIN_NNUNET_ONE_THREAD,
-            "-i",
-            str(inputs),
-            "-o",
-            str(out),
-            "-m",
-            str(model),
-            "-f",
-            "0",
-            "-device",
-            "cpu",
-            "--disable_tta",
-            "-npp",
-            "1",
-            "-nps",
-            "1",
-            "--disable_progress_bar",
-            *extra,
-        ],
-        check=True,
-        capture_output=True,
-    )
+def plain_nnunet(inputs: Path, out: Path, model: Path, device: str = "cpu") -> None:
+    common = ["-device", device, "--disable_tta", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+    args = ["-i", str(inputs), "-o", str(out), "-m", str(model), "-f", "0", *common]
+    subprocess.run([sys.executable, "-c", PLAIN_NNUNET_ONE_THREAD, *args], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="session")
@@ -118,22 +95,13 @@ def small(tiny, reference) -> dict:
     return {"inputs": inputs, "model": tiny["model"], "reference": ref, "ids": ids}
 
 
-def run_args(tiny: dict, out: Path, *extra: str) -> list[str]:
-    return [
-        "run",
-        "-i",
-        str(tiny["inputs"]),
-        "-o",
-        str(out),
-        "-m",
-        str(tiny["model"]),
-        "-f",
-        "0",
-        "-device",
-        "cpu",
-        "--disable_tta",
-        *extra,
-    ]
+def model_args(data: dict, out: Path, *extra: str) -> list[str]:
+    """-i/-o/-m/-f for a fixture's inputs and model."""
+    return ["-i", str(data["inputs"]), "-o", str(out), "-m", str(data["model"]), "-f", "0", *extra]
+
+
+def run_args(data: dict, out: Path, *extra: str) -> list[str]:
+    return ["run", *model_args(data, out), "-device", "cpu", "--disable_tta", *extra]
 
 
 def assert_same_predictions(out: Path, reference: Path, without: tuple[str, ...] = ()) -> None:
@@ -251,8 +219,3 @@ def status_json(out: Path) -> dict | None:
 
 def copy_outputs_mtimes(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
-
-
-def fresh_copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

@@ -4,12 +4,11 @@ GPU (CI, this project's CPU machines); run by scripts/gpu_check.sh on a lent GPU
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from conftest import BIN, NUM_CASES, assert_same_predictions, cli, run_args
+from conftest import NUM_CASES, assert_same_predictions, cli, plain_nnunet, run_args
 from launcher import gpus
 
 
@@ -33,29 +32,7 @@ def test_nvml_inventory_lists_every_gpu_with_uuid_and_memory():
 
 def test_cuda_run_with_two_workers_per_gpu_matches_plain_nnunet_on_the_gpu(tiny, tmp_path):
     reference = tmp_path / "reference"
-    subprocess.run(
-        [
-            str(BIN / "nnUNetv2_predict_from_modelfolder"),
-            "-i",
-            str(tiny["inputs"]),
-            "-o",
-            str(reference),
-            "-m",
-            str(tiny["model"]),
-            "-f",
-            "0",
-            "-device",
-            "cuda",
-            "--disable_tta",
-            "-npp",
-            "1",
-            "-nps",
-            "1",
-            "--disable_progress_bar",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    plain_nnunet(tiny["inputs"], reference, tiny["model"], device="cuda")  # one torch thread, as on GPUs
     out = tmp_path / "out"
     args = run_args(tiny, out, "--workers-per-gpu", "2")
     args[args.index("-device") + 1] = "cuda"

@@ -78,26 +78,12 @@ def test_gpus_flag_selects_within_what_is_visible():
 
 
 def test_fake_inventory_feeds_plan_with_one_part_per_gpu_pinned_by_uuid(tiny, tmp_path):
-    from conftest import cli
+    from conftest import cli, model_args
 
     fake = tmp_path / "gpus.json"
     fake.write_text(json.dumps(FAKE))
     env = {gpus.FAKE_INVENTORY_ENV: str(fake), "CUDA_VISIBLE_DEVICES": "2,0"}
-    result = cli(
-        "plan",
-        "-i",
-        str(tiny["inputs"]),
-        "-o",
-        str(tmp_path / "out"),
-        "-m",
-        str(tiny["model"]),
-        "-f",
-        "0",
-        "--workers-per-gpu",
-        "2",
-        "--json",
-        env=env,
-    )
+    result = cli("plan", *model_args(tiny, tmp_path / "out"), "--workers-per-gpu", "2", "--json", env=env)
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["num_parts"] == 4
@@ -115,10 +101,10 @@ def test_fake_inventory_feeds_plan_with_one_part_per_gpu_pinned_by_uuid(tiny, tm
 
 
 def test_without_nvml_cuda_runs_exit_2_with_a_hint_to_use_the_cpu(tiny, tmp_path):
-    from conftest import cli
+    from conftest import cli, model_args
 
     for args in (["run"], ["plan"]):
-        result = cli(*args, "-i", str(tiny["inputs"]), "-o", str(tmp_path / "out"), "-m", str(tiny["model"]), "-f", "0")
+        result = cli(*args, *model_args(tiny, tmp_path / "out"))
         assert result.returncode == 2
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
         assert "-device cpu --workers N" in result.stderr

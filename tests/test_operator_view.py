@@ -10,7 +10,7 @@ import re
 import pytest
 from rich.console import Console
 
-from conftest import assert_same_predictions, cli, run_args
+from conftest import assert_same_predictions, cli, model_args, run_args
 from launcher.journal import Journal
 from launcher.progress import render
 
@@ -87,7 +87,7 @@ def test_busy_gpus_are_warned_about_or_left_out_and_shown_in_the_table(tiny, tmp
     fake = tmp_path / "gpus.json"
     fake.write_text(json.dumps(FAKE))
     env = {"NNUNET_LAUNCH_FAKE_GPUS": str(fake)}
-    args = ["plan", "-i", str(tiny["inputs"]), "-o", str(tmp_path / "o"), "-m", str(tiny["model"]), "-f", "0", "--json"]
+    args = ["plan", *model_args(tiny, tmp_path / "o"), "--json"]
     warned = cli(*args, env=env)
     plan = json.loads(warned.stdout)
     assert [p["gpu"] for p in plan["parts"]] == ["gpu0", "gpu1"]
@@ -115,19 +115,7 @@ def test_busy_gpus_are_warned_about_or_left_out_and_shown_in_the_table(tiny, tmp
 def test_config_file_errors_name_the_key(tiny, tmp_path, text, words):
     config = tmp_path / "bad.toml"
     config.write_text(text)
-    result = cli(
-        "plan",
-        "-i",
-        str(tiny["inputs"]),
-        "-o",
-        str(tmp_path / "o"),
-        "-m",
-        str(tiny["model"]),
-        "-device",
-        "cpu",
-        "--config",
-        str(config),
-    )
+    result = cli("plan", *model_args(tiny, tmp_path / "o"), "-device", "cpu", "--config", str(config))
     assert result.returncode == 2 and words in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -137,20 +125,7 @@ def test_shipped_config_files_load(tiny, tmp_path, name):
     from conftest import ROOT
 
     result = cli(
-        "plan",
-        "-i",
-        str(tiny["inputs"]),
-        "-o",
-        str(tmp_path / "o"),
-        "-m",
-        str(tiny["model"]),
-        "-f",
-        "0",
-        "-device",
-        "cpu",
-        "--config",
-        str(ROOT / "configs" / name),
-        "--json",
+        "plan", *model_args(tiny, tmp_path / "o"), "-device", "cpu", "--config", str(ROOT / "configs" / name), "--json"
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["schedule"] == "dynamic"

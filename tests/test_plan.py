@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import cli
+from conftest import cli, model_args
 from launcher.scheduler import (
     LargestFirstQueue,
     lower_bound,
@@ -36,24 +36,8 @@ def tricky_inputs(tmp_path):
 def test_static_plan_equals_nnunet_split(tiny, tricky_inputs, tmp_path, num_parts):
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
-    result = cli(
-        "plan",
-        "-i",
-        str(tricky_inputs),
-        "-o",
-        str(tmp_path / "out"),
-        "-m",
-        str(tiny["model"]),
-        "-f",
-        "0",
-        "-device",
-        "cpu",
-        "--workers",
-        str(num_parts),
-        "--schedule",
-        "static",
-        "--json",
-    )
+    args = model_args({**tiny, "inputs": tricky_inputs}, tmp_path / "out")
+    result = cli("plan", *args, "-device", "cpu", "--workers", str(num_parts), "--schedule", "static", "--json")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     lists = create_lists_from_splitted_dataset_folder(str(tricky_inputs), ".nii.gz", num_processes=1)
