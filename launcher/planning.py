@@ -25,6 +25,7 @@ class Plan:
     nps: int
     schedule: str = "static"
     work: dict[str, float] = field(default_factory=dict)  # estimated work per case (voxels x channels)
+    largest_voxels: int = 0  # of the largest case, from its header (0: unreadable)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -51,7 +52,7 @@ class Plan:
                     "gpu": s.label,
                     "gpu_uuid": s.gpu_uuid,
                     "cases": self.parts[s.part_id],
-                    "estimated_work": sum(self.work.get(c, 0) for c in self.parts[s.part_id]),
+                    **({"estimated_work": sum(self.work[c] for c in self.parts[s.part_id])} if self.work else {}),
                 }
                 for s in self.slots
             ],
@@ -67,8 +68,7 @@ def make_plan(config: RunConfig) -> Plan:
     cases = discover(config.input_folder, model.file_ending, model.num_channels)
     warnings = []
     if config.device == "cuda":
-        largest = max((voxels(c) or 0 for c in _largest_files(cases)), default=0)
-        need = gpu_inventory.estimated_bytes_per_worker(model.patch_size, model.num_labels, largest)
+        need = gpu_inventory.estimated_bytes_per_worker(model.patch_size, model.num_labels, largest_voxels(cases))
         chosen, warnings = gpu_inventory.check_gpus(
             gpu_inventory.usable_gpus(config.gpus), config.workers_per_gpu, need, config.skip_busy
         )
@@ -94,6 +94,7 @@ def make_plan(config: RunConfig) -> Plan:
         parts=parts,
         schedule=config.schedule,
         work=work,
+        largest_voxels=largest_voxels(cases),
         warnings=warnings,
         # on a GPU nnU-Net itself runs torch with one thread; on the CPU each worker gets its share
         threads=1 if config.device == "cuda" else share,
@@ -129,24 +130,25 @@ def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: in
 
     Per worker: the cases being preprocessed (npp + 1) and predicted hold float32 channels; each
     export in flight (nps + 1) holds float32 logits plus their resampled copy. The largest case
-    is found among the biggest files by header, not by reading every one."""
-    sizes = [v for v in (voxels(c) for c in _largest_files(list(plan.cases.values()))) if v]
-    if not sizes:
+    is the plan's (see largest_voxels)."""
+    if not plan.largest_voxels:
         return None
     per_voxel = 4 * (num_channels * (plan.npp + 2) + 2 * num_labels * (plan.nps + 1))
-    need = len(plan.slots) * max(sizes) * per_voxel
+    need = len(plan.slots) * plan.largest_voxels * per_voxel
     if need <= available:
         return None
     return (
         f"{len(plan.slots)} worker(s) may need about {need / 2**30:.1f} GiB of host memory for the "
-        f"largest case ({max(sizes):,} voxels) but {available / 2**30:.1f} GiB is free; consider fewer "
+        f"largest case ({plan.largest_voxels:,} voxels) but {available / 2**30:.1f} GiB is free; consider fewer "
         "workers or lower -npp/-nps"
     )
 
 
-def _largest_files(cases: list[Case], count: int = 5) -> list[Case]:
-    """The likely largest cases, found by file size: reading every header is not needed."""
-    return sorted(cases, key=lambda c: c.size_bytes, reverse=True)[:count]
+def largest_voxels(cases: list[Case], candidates: int = 5) -> int:
+    """Voxels of the largest case, read from the headers of the biggest files only (reading
+    every header is not needed for this); 0 when none can be read."""
+    biggest = sorted(cases, key=lambda c: c.size_bytes, reverse=True)[:candidates]
+    return max((voxels(c) or 0 for c in biggest), default=0)
 
 
 def _check_prev_stage_files(config: RunConfig, cases: list[Case]) -> None:

@@ -77,7 +77,7 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     run_id = journal.start_run(identity, [(s.part_id, s.label, s.gpu_uuid) for s in plan.slots], plan.part_of())
     write_run_metadata(out, tmp_dir(state), config.model.folder, _predict_args(config, plan))
     done = set(journal.cases_in_state(DONE))
-    vanished = sorted(done - set(_existing_outputs(config, plan)))
+    vanished = sorted(done - set(strays))
     if vanished:  # journaled done, but someone removed the output since: predict it again
         journal.reopen_cases(vanished)
         done -= set(vanished)

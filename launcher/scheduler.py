@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from collections import deque
 from collections.abc import Sequence
@@ -56,24 +55,28 @@ class LargestFirstQueue:
 
     def __init__(self, work: dict[str, float]):
         self.work = dict(work)
-        self._order = sorted(self.work, key=self._key)
-
-    def _key(self, case_id: str) -> tuple[float, str]:
-        return (-self.work[case_id], case_id)
+        self._heap = [(-w, c) for c, w in self.work.items()]
+        heapq.heapify(self._heap)
+        self._queued = set(self.work)
 
     def take(self) -> str | None:
-        return self._order.pop(0) if self._order else None
+        if not self._heap:
+            return None
+        _, case_id = heapq.heappop(self._heap)
+        self._queued.discard(case_id)
+        return case_id
 
     def give_back(self, case_ids: Sequence[str]) -> None:
         for case_id in case_ids:
-            if case_id not in self._order:
-                bisect.insort(self._order, case_id, key=self._key)
+            if case_id not in self._queued:
+                heapq.heappush(self._heap, (-self.work[case_id], case_id))
+                self._queued.add(case_id)
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._heap)
 
     def __contains__(self, case_id: str) -> bool:
-        return case_id in self._order
+        return case_id in self._queued
 
 
 def simulate_static(work: dict[str, float], num_slots: int) -> float:

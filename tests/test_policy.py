@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.planning import Plan, memory_warning
+from launcher.cases import voxels
+from launcher.planning import Plan, largest_voxels, memory_warning
 from launcher.policy import DeviceHealth, InFlight, blame, hang_timeout
 from launcher.scheduler import make_slots
 
@@ -36,7 +37,16 @@ def test_memory_warning_names_the_need_when_free_memory_is_short(tiny):
     from launcher.cases import discover
 
     cases = {c.id: c for c in discover(str(tiny["inputs"]), ".nii.gz", 1)}
-    plan = Plan(cases=cases, slots=make_slots([], 1, 4), parts={}, threads=1, npp=1, nps=1)
+    plan = Plan(
+        cases=cases,
+        slots=make_slots([], 1, 4),
+        parts={},
+        threads=1,
+        npp=1,
+        nps=1,
+        largest_voxels=largest_voxels(list(cases.values())),
+    )
+    assert plan.largest_voxels == max(voxels(c) for c in cases.values()) > 0
     assert memory_warning(plan, 1, 3, available=64 << 30) is None
     warning = memory_warning(plan, 1, 3, available=1 << 20)
     assert warning.startswith("4 worker(s) may need about") and "consider fewer workers" in warning
