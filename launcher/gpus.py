@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 
 from launcher.errors import LauncherError
@@ -39,11 +40,17 @@ class NvmlUnavailable(LauncherError):
 
 
 def inventory() -> list[Gpu]:
-    """All GPUs NVML sees, in NVML (PCI bus) order; raises NvmlUnavailable without NVML."""
+    """All GPUs NVML sees, in NVML (PCI bus) order; raises NvmlUnavailable without NVML.
+    A GPU NVML fails on is left out with a warning on stderr (see _scan)."""
+    return _scan()[0]
+
+
+def _scan() -> tuple[list[Gpu], dict[int, str]]:
+    """(GPUs NVML reads, {NVML index: why it was skipped})."""
     fake = os.environ.get(FAKE_INVENTORY_ENV)
     if fake:
         with open(fake) as f:
-            return [Gpu(**entry) for entry in json.load(f)]
+            return [Gpu(**entry) for entry in json.load(f)], {}
     try:
         import pynvml
     except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
@@ -52,10 +59,23 @@ def inventory() -> list[Gpu]:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
         raise NvmlUnavailable(f"NVML is not available ({exc})") from exc
+    found, skipped = [], {}
     try:
-        return [_read_gpu(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount())]
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as exc:
+            raise NvmlUnavailable(f"NVML cannot count the GPUs ({exc})") from exc
+        for i in range(count):
+            try:
+                found.append(_read_gpu(pynvml, i))
+            except pynvml.NVMLError as exc:
+                # one lost or faulty GPU (e.g. "GPU is lost" after an Xid) must not take the
+                # others down with it: leave it out, say so, and keep the reason for --gpus
+                skipped[i] = f"NVML error: {exc}"
+                print(f"nnunet-launch: warning: GPU {i} skipped: {skipped[i]}", file=sys.stderr)
     finally:
         pynvml.nvmlShutdown()
+    return found, skipped
 
 
 def _read_gpu(pynvml, index: int) -> Gpu:
@@ -160,8 +180,12 @@ def visible_gpus(gpus: list[Gpu], visible: list[str] | None) -> list[Gpu]:
     return chosen
 
 
-def select_gpus(spec: str, gpus: list[Gpu], visible: list[str] | None) -> list[Gpu]:
-    """`--gpus all` or a comma list of NVML indices / UUIDs, bounded by CUDA_VISIBLE_DEVICES."""
+def select_gpus(
+    spec: str, gpus: list[Gpu], visible: list[str] | None, skipped: dict[int, str] | None = None
+) -> list[Gpu]:
+    """`--gpus all` or a comma list of NVML indices / UUIDs, bounded by CUDA_VISIBLE_DEVICES;
+    `skipped` ({NVML index: reason}) names GPUs the inventory could not read."""
+    skipped = skipped or {}
     allowed = visible_gpus(gpus, visible)
     if spec.strip().lower() == "all":
         return allowed
@@ -170,8 +194,12 @@ def select_gpus(spec: str, gpus: list[Gpu], visible: list[str] | None) -> list[G
         if not token:
             raise LauncherError(f"--gpus {spec!r}: empty entry")
         gpu = _match(token, gpus) or _match(token, allowed)
+        if gpu is None and token.isdigit() and int(token) in skipped:
+            raise LauncherError(f"--gpus names GPU {token}, which is not usable ({skipped[int(token)]})")
         if gpu is None:
             names = ", ".join(f"{g.index} ({g.uuid})" for g in gpus) or "none"
+            # a UUID of a skipped GPU may be unreadable: list the skipped ones so the user can tell
+            names += "".join(f"; {i} skipped ({why})" for i, why in skipped.items())
             raise LauncherError(f"--gpus names GPU {token!r}, which is not on this machine (GPUs: {names})")
         if gpu not in allowed:
             raise LauncherError(
@@ -224,12 +252,13 @@ def check_gpus(chosen: list[Gpu], workers_per_gpu: int, need_per_worker: int, sk
 def usable_gpus(spec: str) -> list[Gpu]:
     """The GPUs a `-device cuda` run will use, or a LauncherError that says how to run without."""
     try:
-        gpus = inventory()
+        gpus, skipped = _scan()
     except NvmlUnavailable as exc:
         raise LauncherError(f"-device cuda needs a GPU, but {exc}; {CPU_HINT}") from None
     if not gpus:
-        raise LauncherError(f"-device cuda needs a GPU, but NVML finds none; {CPU_HINT}")
-    chosen = select_gpus(spec, gpus, parse_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")))
+        why = f" usable ({len(skipped)} skipped on NVML errors)" if skipped else ""
+        raise LauncherError(f"-device cuda needs a GPU, but NVML finds none{why}; {CPU_HINT}")
+    chosen = select_gpus(spec, gpus, parse_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES")), skipped)
     if not chosen:
         raise LauncherError(
             "-device cuda needs a GPU, but CUDA_VISIBLE_DEVICES="

@@ -4,6 +4,7 @@ inventory file, the only boundary we cannot have here), and the real NVML path w
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -111,3 +112,110 @@ def test_without_nvml_cuda_runs_exit_2_with_a_hint_to_use_the_cpu(tiny, tmp_path
     assert not (tmp_path / "out").exists()
     listing = cli("gpus")
     assert listing.returncode == 2 and "NVML" in listing.stderr
+
+
+class FakeNvmlError(Exception):
+    pass
+
+
+class FakeGpuIsLost(FakeNvmlError):
+    def __str__(self):
+        return "GPU is lost"
+
+
+class FakePynvml:
+    """The part of pynvml inventory() uses: three GPUs, `lost` ones raise from `failing_call`."""
+
+    NVMLError = FakeNvmlError
+
+    def __init__(self, lost=(1,), failing_call="nvmlDeviceGetHandleByIndex"):
+        self.lost, self.failing_call, self.shutdowns = set(lost), failing_call, 0
+
+    def _check(self, call, index):
+        if call == self.failing_call and index in self.lost:
+            raise FakeGpuIsLost()
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self):
+        return 3
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        self._check("nvmlDeviceGetHandleByIndex", index)
+        return index  # the handle is just the index here
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        self._check("nvmlDeviceGetMemoryInfo", handle)
+        return type("Memory", (), {"total": 80 << 30, "used": 1 << 30})()
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return []
+
+    def nvmlDeviceGetName(self, handle):
+        return b"H100"
+
+    def nvmlDeviceGetUUID(self, handle):
+        self._check("nvmlDeviceGetUUID", handle)
+        return f"GPU-{handle}{handle}{handle}{handle}-0000"
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """Installs a FakePynvml as `pynvml` (real NVML path, no GPU needed); call it to configure."""
+    monkeypatch.delenv(gpus.FAKE_INVENTORY_ENV, raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def install(**kwargs):
+        fake = FakePynvml(**kwargs)
+        monkeypatch.setitem(sys.modules, "pynvml", fake)
+        return fake
+
+    return install
+
+
+@pytest.mark.parametrize("failing_call", ["nvmlDeviceGetHandleByIndex", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUUID"])
+def test_an_nvml_error_on_one_gpu_skips_it_with_a_warning_and_keeps_the_others(fake_nvml, capsys, failing_call):
+    nvml = fake_nvml(failing_call=failing_call)
+    found = gpus.inventory()
+    assert [(g.index, g.uuid, g.name) for g in found] == [(0, "GPU-0000-0000", "H100"), (2, "GPU-2222-0000", "H100")]
+    assert nvml.shutdowns == 1
+    err = capsys.readouterr().err
+    assert err == "nnunet-launch: warning: GPU 1 skipped: NVML error: GPU is lost\n"
+
+
+def test_gpus_flag_selection_works_around_a_skipped_gpu_and_refuses_to_name_it(fake_nvml, capsys):
+    fake_nvml(lost={1})
+    assert [g.index for g in gpus.usable_gpus("all")] == [0, 2]
+    assert [g.index for g in gpus.usable_gpus("2,0")] == [2, 0]
+    with pytest.raises(LauncherError, match=r"GPU 1, which is not usable \(NVML error: GPU is lost\)"):
+        gpus.usable_gpus("0,1")
+    # a UUID cannot be matched to a GPU NVML failed on: the message lists the skipped ones
+    with pytest.raises(LauncherError, match=r"not on this machine .*1 skipped \(NVML error: GPU is lost\)"):
+        gpus.usable_gpus("GPU-1111")
+    assert "GPU 1 skipped" in capsys.readouterr().err
+
+
+def test_with_every_gpu_skipped_a_cuda_run_says_none_is_usable_and_hints_at_the_cpu(fake_nvml):
+    fake_nvml(lost={0, 1, 2})
+    with pytest.raises(LauncherError, match=r"finds none usable \(3 skipped on NVML errors\).*-device cpu"):
+        gpus.usable_gpus("all")
+
+
+def test_gpus_json_prints_valid_json_on_stdout_and_the_skip_warning_on_stderr(fake_nvml):
+    from click.testing import CliRunner
+
+    from launcher.cli import cli
+
+    fake_nvml(lost={1}, failing_call="nvmlDeviceGetMemoryInfo")
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout by default
+    except TypeError:
+        runner = CliRunner()  # click >= 8.2 always keeps them apart
+    result = runner.invoke(cli, ["gpus", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [g["index"] for g in json.loads(result.stdout)] == [0, 2]
+    assert "GPU 1 skipped: NVML error: GPU is lost" in result.stderr
