@@ -13,6 +13,7 @@ from launcher import config as run_config
 from launcher.errors import LauncherError
 
 EXIT_USAGE = 2
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: never 1, which means "some cases failed"
 
 # nnUNetv2_predict's flags, same spelling; (decls, click kwargs, RunConfig field)
 PREDICT_OPTIONS = [
@@ -44,11 +45,22 @@ PREDICT_OPTIONS = [
         ("--schedule", "schedule"),
         dict(type=str, help="dynamic: largest case first to idle workers; static: nnU-Net's exact split"),
     ),
-    (("--max-restarts", "max_restarts"), dict(type=int, help="restarts per part")),
+    (
+        ("--max-restarts", "max_restarts"),
+        dict(
+            type=int,
+            help="a part gives up when its worker died more than N times since it last finished a case "
+            "(deaths charged to a case count against --case-retries instead)",
+        ),
+    ),
     (("--case-retries", "case_retries"), dict(type=int, help="retries of a failing case")),
     (
         ("--hang-timeout", "hang_timeout"),
-        dict(type=float, help="seconds without progress = hung [default: the larger of 600 and 10x the slowest case]"),
+        dict(
+            type=float,
+            help="seconds a case may show no progress before its worker counts as hung [default: 10x the "
+            "slowest finished case scaled by size, at least 300; 900 before any case finished]",
+        ),
     ),
     (("--fresh", "fresh"), dict(is_flag=True, default=None, help="discard this OUT's previous run")),
     (("--skip-busy", "skip_busy"), dict(is_flag=True, default=None, help="leave out GPUs other programs use")),
@@ -272,14 +284,15 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message(), verbose)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:  # a bug of ours: still one line, the traceback with --verbose
+    except Exception as exc:  # a bug of ours: one line, exit 70; the traceback with --verbose
         if verbose:
             traceback.print_exc()
         print(
-            f"nnunet-launch: internal error: {type(exc).__name__}: {exc} (rerun with --verbose for details)",
+            f"nnunet-launch: internal error: {type(exc).__name__}: {exc} (a bug: the traceback is in "
+            "OUT/.nnunet-launch/logs/supervisor.log when a run had started; --verbose prints it)",
             file=sys.stderr,
         )
-        sys.exit(1)
+        sys.exit(EXIT_INTERNAL_ERROR)
     sys.exit(0)
 
 

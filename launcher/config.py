@@ -72,7 +72,8 @@ class ModelInfo:
     patch_size: tuple[int, ...] | None = None
 
 
-USER_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "node", "nodes", "parts_per_node"}
+# `fresh` discards outputs: a flag for one command line, never a setting a file applies every time
+USER_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "node", "nodes", "parts_per_node", "fresh"}
 # TOML value types accepted per annotation (without "| None")
 _TOML_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "tuple[str, ...]": (list,)}
 _TYPE_WORDS = {
@@ -105,6 +106,11 @@ def load_toml(path: str) -> dict[str, Any]:
         raise LauncherError(f"--config {path!r}: not valid TOML ({exc})") from None
     values = {k.replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(values) - USER_KEYS)
+    if "fresh" in unknown:
+        raise LauncherError(
+            f"--config {path!r}: 'fresh' cannot be a setting (it would discard outputs on every run); "
+            "give --fresh on the command line once"
+        )
     if unknown:
         raise LauncherError(
             f"--config {path!r}: unknown key {unknown[0]!r}; valid keys: " + ", ".join(sorted(USER_KEYS))

@@ -11,6 +11,7 @@ import json
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,15 +31,24 @@ CREATE TABLE IF NOT EXISTS events (
     case_id TEXT, message TEXT);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, started REAL, ended REAL, exit_code INTEGER);
+CREATE INDEX IF NOT EXISTS cases_by_state ON cases(state);
+CREATE INDEX IF NOT EXISTS cases_by_part_state ON cases(part, state);
 """
+# columns the case book may set (scheduler.CaseBook's updates)
+CASE_COLUMNS = {"state", "part", "stage", "attempts", "gpu", "started", "ended", "seconds", "error"}
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+HELD = "held"  # running, but still in a worker's local queue
 RUN_FIELDS = ("pid", "started", "ended", "exit_code")
 
 
+class JournalWriteError(Exception):
+    """The journal could not be written (disk full, I/O error): the run must stop cleanly."""
+
+
 class Journal:
-    def __init__(self, connection: sqlite3.Connection):
-        self.db = connection
+    def __init__(self, connection: sqlite3.Connection, path: str = ""):
+        self.db, self.path = connection, path
 
     @classmethod
     def open(cls, path: str) -> Journal:
@@ -46,7 +56,7 @@ class Journal:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
-        return cls(db)
+        return cls(db, path)
 
     @classmethod
     def open_readonly(cls, path: str) -> Journal:
@@ -54,30 +64,39 @@ class Journal:
             raise LauncherError(
                 f"no launcher journal at {path!r}: was `nnunet-launch run` started with this output folder?"
             )
-        uri = "file:" + path.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
-        return cls(sqlite3.connect(uri, uri=True, timeout=30))
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        return cls(sqlite3.connect(uri, uri=True, timeout=30), path)
 
     def close(self) -> None:
         self.db.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """One short write transaction. A write that fails (a full disk, an I/O error) raises
+        JournalWriteError; SQLite may have rolled the transaction back itself already."""
         try:
-            yield self.db
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise JournalWriteError(f"cannot write the journal {self.path!r}: {exc}") from exc
 
     # --- the run ---------------------------------------------------------------------------
     def identity(self) -> dict | None:
         row = self.db.execute("SELECT value FROM meta WHERE key='identity'").fetchone()
         return json.loads(row[0]) if row else None
 
-    def start_run(self, identity: dict, parts: list[tuple[int, str, str | None]], case_parts: dict[str, int]) -> int:
-        """Record the identity, this run's parts and cases; cases a dead run left running go back
-        to pending (their outputs were never moved into place). Returns the run id."""
+    def start_run(
+        self, identity: dict, parts: list[tuple[int, str, str | None]], case_parts: dict[str, int | None]
+    ) -> tuple[int, int]:
+        """Record the identity, this run's parts and cases. Cases a dead run left in flight go
+        back to pending without charging that attempt; failed cases are tried again with a fresh
+        attempt budget (the cause may be fixed). Returns (run id, failed cases tried again)."""
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('identity', ?)", (json.dumps(identity),))
             db.execute("DELETE FROM parts")
@@ -91,14 +110,20 @@ class Journal:
                 "WHERE cases.state != 'done'",
                 case_parts.items(),
             )
-            db.execute("UPDATE cases SET state=?, stage=NULL WHERE state=?", (PENDING, RUNNING))
+            db.execute(
+                "UPDATE cases SET state=?, stage=NULL, attempts=MAX(attempts - (stage IS NOT NULL AND stage != ?), 0) "
+                "WHERE state=?",
+                (PENDING, HELD, RUNNING),
+            )
+            retried = db.execute(
+                "UPDATE cases SET state=?, stage=NULL, attempts=0, error=NULL WHERE state=?", (PENDING, FAILED)
+            ).rowcount
             cursor = db.execute("INSERT INTO runs (pid, started) VALUES (?, ?)", (os.getpid(), time.time()))
-            return cursor.lastrowid
+            return cursor.lastrowid, retried
 
     def end_run(self, run_id: int, exit_code: int) -> None:
         with self._tx() as db:
             db.execute("UPDATE runs SET ended=?, exit_code=? WHERE id=?", (time.time(), exit_code, run_id))
-            db.execute("UPDATE cases SET state=?, stage=NULL WHERE state=?", (PENDING, RUNNING))
             db.execute("UPDATE parts SET worker_pid=NULL")
 
     def clear(self) -> None:
@@ -113,38 +138,20 @@ class Journal:
             sql, args = sql + " AND part=?", args + [part]
         return [row[0] for row in self.db.execute(sql + " ORDER BY id", args)]
 
-    def case_started(self, case_id: str, gpu: str) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE cases SET state=?, stage='preprocess', attempts=attempts+1, gpu=?, "
-                "started=?, ended=NULL, error=NULL WHERE id=?",
-                (RUNNING, gpu, time.time(), case_id),
-            )
+    def states(self) -> tuple[dict[str, str], dict[str, int]]:
+        """({case: state}, {case: attempts}) for the case book at the start of a run."""
+        rows = self.db.execute("SELECT id, state, attempts FROM cases").fetchall()
+        return {c: s for c, s, _ in rows}, {c: a for c, _, a in rows}
 
-    def case_stage(self, case_id: str, stage: str) -> None:
+    def apply(self, updates: list[tuple[str, dict]]) -> None:
+        """Write the case book's updates [(case id, {column: value})] in one transaction."""
         with self._tx() as db:
-            db.execute("UPDATE cases SET stage=? WHERE id=? AND state=?", (stage, case_id, RUNNING))
-
-    def case_done(self, case_id: str, seconds: float | None) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE cases SET state=?, stage=NULL, ended=?, seconds=?, error=NULL WHERE id=?",
-                (DONE, time.time(), seconds, case_id),
-            )
-
-    def case_failed_attempt(self, case_id: str, error: str, case_retries: int) -> str:
-        """One failed attempt: back to pending while retries are left, else failed."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE cases SET state=CASE WHEN attempts > ? THEN ? ELSE ? END, stage=NULL, "
-                "ended=?, error=? WHERE id=?",
-                (case_retries, FAILED, PENDING, time.time(), error, case_id),
-            )
-            return db.execute("SELECT state FROM cases WHERE id=?", (case_id,)).fetchone()[0]
-
-    def assign(self, case_ids: list[str], part: int) -> None:
-        with self._tx() as db:
-            db.executemany("UPDATE cases SET part=? WHERE id=?", [(part, c) for c in case_ids])
+            for case_id, row in updates:
+                columns = sorted(row)
+                if not set(columns) <= CASE_COLUMNS:
+                    raise ValueError(f"not a case column: {set(columns) - CASE_COLUMNS}")
+                assignments = ", ".join(f"{c}=?" for c in columns)
+                db.execute(f"UPDATE cases SET {assignments} WHERE id=?", [row[c] for c in columns] + [case_id])
 
     def reopen_cases(self, case_ids: list[str]) -> None:
         with self._tx() as db:
@@ -152,29 +159,8 @@ class Journal:
                 "UPDATE cases SET state=?, attempts=0, error=NULL WHERE id=?", [(PENDING, c) for c in case_ids]
             )
 
-    def fail_cases(self, case_ids: list[str], error: str) -> None:
-        with self._tx() as db:
-            db.executemany(
-                "UPDATE cases SET state=?, stage=NULL, ended=?, error=? WHERE id=?",
-                [(FAILED, time.time(), error, c) for c in case_ids],
-            )
-
-    def in_flight(self, part: int) -> list[tuple[str, str | None, float]]:
-        """(case, stage, started) of the part's running cases."""
-        return self.db.execute(
-            "SELECT id, stage, started FROM cases WHERE state=? AND part=? ORDER BY started", (RUNNING, part)
-        ).fetchall()
-
-    def release_cases(self, case_ids: list[str]) -> None:
-        """Back to pending without charging the attempt: they were only queued behind a crash."""
-        with self._tx() as db:
-            db.executemany(
-                "UPDATE cases SET state=?, stage=NULL, attempts=MAX(attempts-1, 0) WHERE id=? AND state=?",
-                [(PENDING, c, RUNNING) for c in case_ids],
-            )
-
-    def slowest_case_seconds(self) -> float | None:
-        return self.db.execute("SELECT MAX(seconds) FROM cases WHERE state=?", (DONE,)).fetchone()[0]
+    def done_seconds(self) -> dict[str, float]:
+        return dict(self.db.execute("SELECT id, seconds FROM cases WHERE state=? AND seconds IS NOT NULL", (DONE,)))
 
     # --- parts and events ------------------------------------------------------------------
     def part_worker(self, part: int, pid: int | None, state: str) -> None:
@@ -200,6 +186,10 @@ class Journal:
         db.execute("BEGIN")
         try:
             counts = dict(db.execute("SELECT state, COUNT(*) FROM cases GROUP BY state").fetchall())
+            # cases waiting in a worker's local queue have not started: pending to the user
+            held = db.execute("SELECT COUNT(*) FROM cases WHERE state=? AND stage=?", (RUNNING, HELD)).fetchone()[0]
+            counts[RUNNING] = counts.get(RUNNING, 0) - held
+            counts[PENDING] = counts.get(PENDING, 0) + held
             run_started = db.execute("SELECT MAX(started) FROM runs").fetchone()[0] or 0.0
             parts = []
             for part_id, gpu, uuid, restarts, pid, state in db.execute(

@@ -127,12 +127,26 @@ class Reporter:
             self.live.start()
 
     def log(self, text: str) -> None:
+        """A line for the operator and supervisor.log. Best-effort: a full disk must not crash
+        the supervisor over a log line."""
         line = f"{_stamp()} {text}"
-        self.file.write(line + "\n")
-        if self.live is not None:
-            self.live.console.print(text)
-        else:
-            print(line, flush=True)
+        self.append_to_file([line])
+        try:
+            if self.live is not None:
+                self.live.console.print(text, markup=False, highlight=False)
+            else:
+                print(line, flush=True)
+        except OSError:
+            pass
+
+    def append_to_file(self, lines: list[str]) -> None:
+        try:
+            if self.file.closed:
+                self.file = open(self.file.name, "a", buffering=1)  # noqa: SIM115 - the end summary
+            self.file.write("".join(line + "\n" for line in lines))
+            self.file.flush()
+        except OSError:
+            pass
 
     def refresh(self) -> None:
         now = time.monotonic()
@@ -161,7 +175,10 @@ class Reporter:
         if self.live is not None:
             self.live.update(self._render())
             self.live.stop()
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass
 
 
 def wants_live_view() -> bool:

@@ -8,12 +8,13 @@ import shlex
 import sys
 import threading
 import time
+import traceback
 
 import psutil
 
 from launcher.config import RunConfig, output_identity, run_state_dir
 from launcher.errors import LauncherError
-from launcher.journal import DONE, Journal, OutLock
+from launcher.journal import DONE, Journal, JournalWriteError, OutLock
 from launcher.outputs import (
     case_outputs,
     clear_tmp,
@@ -26,7 +27,10 @@ from launcher.outputs import (
 from launcher.planning import Plan, make_plan, memory_warning
 from launcher.progress import Reporter, wants_live_view
 from launcher.report import summary_lines, write_summary
+from launcher.scheduler import CaseBook
 from launcher.supervisor import Supervisor
+
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug of ours; the traceback is in supervisor.log
 
 
 def run(config: RunConfig, argv: list[str]) -> int:
@@ -74,23 +78,31 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     started = time.time()
     state = run_state_dir(config)
     clear_tmp(tmp_dir(state))
-    run_id = journal.start_run(identity, [(s.part_id, s.label, s.gpu_uuid) for s in plan.slots], plan.part_of())
+    parts = [(s.part_id, s.label, s.gpu_uuid) for s in plan.slots]
+    run_id, retried = journal.start_run(identity, parts, plan.part_of())
     write_run_metadata(out, tmp_dir(state), config.model.folder, _predict_args(config, plan))
-    done = set(journal.cases_in_state(DONE))
+    states, attempts = journal.states()
+    done = {c for c, s in states.items() if s == DONE}
     vanished = sorted(done - set(strays))
     if vanished:  # journaled done, but someone removed the output since: predict it again
         journal.reopen_cases(vanished)
+        states, attempts = journal.states()
         done -= set(vanished)
     verify = {c for c in strays if c not in done}
-    os.makedirs(logs_dir(state), exist_ok=True)
-    reporter = Reporter(
-        os.path.join(logs_dir(state), "supervisor.log"),
-        journal,
-        {s.gpu_uuid: s.label for s in plan.slots if s.gpu_uuid},
-        wants_live_view(),
+    book = CaseBook(
+        plan.work or dict.fromkeys(plan.cases, 1.0),
+        states,
+        attempts,
+        plan.part_of() if plan.schedule == "static" else None,
     )
+    os.makedirs(logs_dir(state), exist_ok=True)
+    supervisor_log = os.path.join(logs_dir(state), "supervisor.log")
+    reporter = Reporter(
+        supervisor_log, journal, {s.gpu_uuid: s.label for s in plan.slots if s.gpu_uuid}, wants_live_view()
+    )
+    again = f", {retried} failed case(s) of the last run tried again" if retried else ""
     reporter.log(
-        f"nnunet-launch: {len(plan.cases)} case(s), {len(done)} already done, {plan.num_parts} part(s) on "
+        f"nnunet-launch: {len(plan.cases)} case(s), {len(done)} already done{again}, {plan.num_parts} part(s) on "
         f"{', '.join(sorted({s.label for s in plan.slots}))}, {plan.schedule} schedule; per worker: "
         f"{plan.threads} torch thread(s), npp={plan.npp}, nps={plan.nps}"
     )
@@ -101,19 +113,42 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     )
     for warning in [*plan.warnings, *([host_memory] if host_memory else [])]:
         reporter.log(f"nnunet-launch: warning: {warning}")
-    exit_code = 2
+    exit_code = EXIT_INTERNAL_ERROR
     try:
-        exit_code = Supervisor(config, plan, journal, verify, reporter).run()
+        exit_code = Supervisor(config, plan, journal, book, verify, reporter).run()
+    except BaseException:
+        reporter.log("nnunet-launch: internal error:\n" + traceback.format_exc().rstrip())
+        raise
     finally:
-        journal.end_run(run_id, exit_code)
-        reporter.close()
-        summary = write_summary(state, journal, exit_code, started)
-        hint = "nnunet-launch " + shlex.join(argv)
-        with open(os.path.join(logs_dir(state), "supervisor.log"), "a") as supervisor_log:
-            for line in summary_lines(summary, out, state, hint):
-                print(line, file=sys.stderr if exit_code else sys.stdout, flush=True)
-                supervisor_log.write(line + "\n")
+        _finish(config, journal, reporter, run_id, exit_code, started, argv)
     return exit_code
+
+
+def _finish(config: RunConfig, journal: Journal, reporter, run_id: int, exit_code: int, started: float, argv) -> None:
+    """Close the run's books. Best-effort: on a full disk the journal or the report may not be
+    writable, and that must not hide why the run stopped."""
+    state = run_state_dir(config)
+    try:
+        journal.end_run(run_id, exit_code)
+    except JournalWriteError as exc:
+        reporter.log(f"nnunet-launch: {exc}")
+    reporter.close()
+    try:
+        summary = write_summary(state, journal, exit_code, started)
+    except OSError as exc:
+        print(f"nnunet-launch: could not write the run's summary: {exc}", file=sys.stderr)
+        return
+    hint = "nnunet-launch " + shlex.join(resume_argv(argv))
+    lines = summary_lines(summary, config.output_folder, state, hint)
+    for line in lines:
+        print(line, file=sys.stderr if exit_code else sys.stdout, flush=True)
+    reporter.append_to_file(lines)
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """The command that resumes this run: the same, less what must not happen twice (--fresh
+    would discard the outputs this run just made)."""
+    return [a for a in argv if a != "--fresh"]
 
 
 def _existing_outputs(config: RunConfig, plan: Plan) -> list[str]:

@@ -1,11 +1,14 @@
-"""Which case goes to which part, and which part to which GPU: pure logic, no I/O."""
+"""Which case goes to which part, and which part to which GPU; the case book, the one owner of
+every case's state. Pure logic, no I/O: the supervisor writes what the book returns."""
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from launcher.spec import STAGES
 
 # cases each worker holds queued beyond the one it works on (the supervisor's top-up, plus
 # the preprocessing lookahead): the plan's estimate and the benchmark model it
@@ -112,3 +115,159 @@ def simulate_dynamic(work: dict[str, float], num_slots: int, lookahead: int = 0)
 
 def lower_bound(work: dict[str, float], num_slots: int) -> float:
     return max(sum(work.values()) / num_slots, max(work.values(), default=0.0))
+
+
+# --- the case book ---------------------------------------------------------------------------
+# A case's state, in the journal's words: queued ("pending"), in flight on one worker
+# ("running"), done, or failed.
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+HELD = "held"  # in flight, but still waiting in the worker's local queue (not started)
+
+Update = tuple[str, dict]  # (case id, journal columns to set)
+
+
+@dataclass
+class Flight:
+    worker: int  # the serial number of the worker that holds it
+    part: int
+    stage: str  # HELD, then one of STAGES
+    since: float  # when it entered that stage
+    progress_at: float  # its last sign of progress (stage entry, sliding-window step)
+
+
+class CaseBook:
+    """Every case is in exactly one place: a queue, in flight on one worker, done or failed.
+    Each transition returns the journal updates that make it durable; nothing else changes case
+    state, so the journal never disagrees with the book.
+
+    Queues are keyed by part (static schedule: nnU-Net's split) or all under None (dynamic).
+    Each key has a queue of cases that need a worker of their own ("solo": a case suspected of
+    killing its worker is retried alone, so the next death is certainly its fault)."""
+
+    def __init__(
+        self,
+        work: dict[str, float],
+        states: dict[str, str],
+        attempts: dict[str, int],
+        static_part: dict[str, int] | None = None,
+    ):
+        self.work = work
+        self.static_part = static_part
+        self.charged = {c: attempts.get(c, 0) for c in work}  # attempts that counted
+        self.done = {c for c, s in states.items() if s == DONE}
+        self.failed = {c: "" for c, s in states.items() if s == FAILED}
+        self.flights: dict[str, Flight] = {}
+        self.queues: dict[int | None, LargestFirstQueue] = {}
+        self.solo: dict[int | None, LargestFirstQueue] = {}
+        for case_id in work:
+            if case_id not in self.done and case_id not in self.failed:
+                self._queue(case_id, solo=False)
+
+    # --- where cases are -----------------------------------------------------------------
+    def key(self, case_id: str) -> int | None:
+        return None if self.static_part is None else self.static_part[case_id]
+
+    def _queue(self, case_id: str, solo: bool) -> None:
+        queues = self.solo if solo else self.queues
+        queue = queues.get(self.key(case_id))
+        if queue is None:
+            queue = queues[self.key(case_id)] = LargestFirstQueue({})
+        queue.work[case_id] = self.work[case_id]
+        queue.give_back([case_id])
+
+    def queued(self, key: int | None = None, solo: bool | None = None, any_key: bool = False) -> int:
+        """Queued cases under `key` (or every key), normal, solo or both."""
+        kinds = [self.queues, self.solo] if solo is None else [self.solo if solo else self.queues]
+        return sum(len(q) for queues in kinds for k, q in queues.items() if any_key or k == key)
+
+    def queued_keys(self) -> set[int | None]:
+        return {k for queues in (self.queues, self.solo) for k, q in queues.items() if q}
+
+    def place(self, case_id: str) -> str:
+        if case_id in self.done:
+            return DONE
+        if case_id in self.failed:
+            return FAILED
+        if case_id in self.flights:
+            return RUNNING
+        return PENDING
+
+    def on_worker(self, worker: int) -> list[str]:
+        return [c for c, f in self.flights.items() if f.worker == worker]
+
+    def unfinished(self) -> int:
+        return len(self.work) - len(self.done) - len(self.failed)
+
+    # --- transitions ---------------------------------------------------------------------
+    def take(self, key: int | None, worker: int, part: int, solo: bool, now: float) -> tuple[str | None, list[Update]]:
+        """The largest queued case under `key` for this worker (a solo one when `solo`)."""
+        queue = (self.solo if solo else self.queues).get(key)
+        case_id = queue.take() if queue else None
+        if case_id is None:
+            return None, []
+        self.flights[case_id] = Flight(worker, part, HELD, now, now)
+        return case_id, [(case_id, {"state": RUNNING, "part": part, "stage": HELD})]
+
+    def enter_stage(self, case_id: str, stage: str, now: float, gpu: str, wall: float) -> list[Update]:
+        """The worker moved a case it holds into a stage; the first one starts an attempt."""
+        flight = self.flights.get(case_id)
+        if flight is None or stage not in STAGES:
+            return []
+        starting = flight.stage == HELD
+        flight.stage, flight.since, flight.progress_at = stage, now, now
+        if not starting:
+            return [(case_id, {"stage": stage})]
+        return [
+            (
+                case_id,
+                {"stage": stage, "attempts": self.charged[case_id] + 1, "gpu": gpu, "started": wall, "error": None},
+            )
+        ]
+
+    def progress(self, case_id: str, now: float) -> None:
+        if case_id in self.flights:
+            self.flights[case_id].progress_at = now
+
+    def finish(self, case_id: str, seconds: float | None, now: float) -> list[Update]:
+        if self.flights.pop(case_id, None) is None:
+            return []
+        self.done.add(case_id)
+        attempts = self.charged[case_id] + 1
+        return [(case_id, {"state": DONE, "stage": None, "attempts": attempts, "ended": now, "seconds": seconds})]
+
+    def charge(self, case_id: str, error: str, final: bool, retries: int, solo: bool, now: float) -> list[Update]:
+        """An attempt that failed for certain because of this case. It fails for good when the
+        failure cannot change (`final`) or its retries are spent; else it is queued again."""
+        if self.flights.pop(case_id, None) is None:
+            return []
+        self.charged[case_id] += 1
+        if final or self.charged[case_id] > retries:
+            self.failed[case_id] = error
+            state = FAILED
+        else:
+            self._queue(case_id, solo)
+            state = PENDING
+        row = {"state": state, "stage": None, "attempts": self.charged[case_id], "ended": now, "error": error}
+        return [(case_id, row)]
+
+    def release(self, case_ids: Iterable[str], solo: bool = False) -> list[Update]:
+        """Back to the queue without charging the attempt (interrupted, queued behind a crash,
+        or suspected: then `solo`, to be retried alone)."""
+        updates = []
+        for case_id in case_ids:
+            if self.flights.pop(case_id, None) is None:
+                continue
+            self._queue(case_id, solo)
+            updates.append((case_id, {"state": PENDING, "stage": None, "attempts": self.charged[case_id]}))
+        return updates
+
+    def fail_queued(self, keys: Iterable[int | None], error: str, now: float) -> list[Update]:
+        """Nobody is left to run these queues: their cases fail with `error`."""
+        updates = []
+        for key in list(keys):
+            for queues in (self.queues, self.solo):
+                queue = queues.get(key)
+                while queue and (case_id := queue.take()) is not None:
+                    self.failed[case_id] = error
+                    updates.append((case_id, {"state": FAILED, "stage": None, "ended": now, "error": error}))
+        return updates

@@ -1,6 +1,7 @@
-"""The supervisor: spawns one worker per part, watches them, restarts what crashes or hangs,
-drops sick devices, handles signals, and is the only writer of the journal.
-Never imports nnunetv2, never touches CUDA."""
+"""The supervisor: the event loop and process handling only. It spawns one worker per slot,
+waits on their pipes and deaths, feeds what happens to the case book (scheduler.CaseBook) and the
+failure policy (policy.py), writes what the book returns into the journal (the only writer), and
+handles stop signals. Never imports nnunetv2, never touches CUDA."""
 
 from __future__ import annotations
 
@@ -8,44 +9,67 @@ import os
 import signal
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from launcher import gpus
 from launcher.config import RunConfig, run_state_dir
-from launcher.journal import DONE, FAILED, PENDING, Journal
+from launcher.journal import Journal, JournalWriteError
 from launcher.outputs import clear_tmp, logs_dir, tmp_dir
 from launcher.planning import Plan, prev_stage_file
-from launcher.policy import STARTUP_GRACE_S, DeviceHealth, InFlight, blame, hang_timeout
-from launcher.scheduler import LargestFirstQueue, Slot
-from launcher.worker import PredictSettings, WorkCase, WorkerSpec, worker_main
+from launcher.policy import WORKER_STARTUP_GRACE_S, DeviceHealth, InFlight, blame, restart_delay, stall_timeout
+from launcher.scheduler import FAILED, HELD, CaseBook, Slot
+from launcher.spec import WORKER_EXIT_INTERRUPTED, PredictSettings, WorkCase, WorkerSpec
+from launcher.worker import worker_main
 
 SHUTDOWN_GRACE_S = 5.0
-# dynamic schedule: cases a worker holds beyond the ones it is working on, so that it never
-# waits for the supervisor to learn its next case
-DYNAMIC_LOOKAHEAD = 2
-WAIT_S = 0.5
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+REAP_TIMEOUT_S = 5.0  # a process stuck in the kernel cannot be reaped: report it and go on
+# A worker killed by a stop signal may die a moment before the supervisor's own signal arrives
+# (SLURM and systemd signal every process): wait this long before replacing it.
+INTERRUPTED_RESPAWN_DELAY_S = 2.0
+# cases a worker holds queued beyond the ones it works on, so it never waits for the supervisor
+# to learn its next case
+LOOKAHEAD = 2
+MAX_WAIT_S = 0.5
+EXIT_OK, EXIT_FAILED, EXIT_NO_SPACE, EXIT_INTERRUPTED = 0, 1, 75, 130
 CGROUP_MEMORY_EVENTS = "/sys/fs/cgroup/memory.events"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass
 class WorkerHandle:
-    part: int
-    slot: Slot  # where it runs: its own slot, or a healthy one that took over a sick device's part
+    serial: int  # unique per spawned worker: the case book knows flights by it
+    slot: Slot
+    key: int | None  # the case book's queue it draws from (static: a part; dynamic: None)
+    part: int  # the part whose cases it runs (static: may be another slot's, which gave up)
     attempt: int
     process: object
     conn: object
     tmp: str
     oom_kills_at_start: int | None
+    started_at: float
+    solo: bool = False  # it holds one suspected case and gets nothing else until that case ends
     conn_open: bool = True
     no_more_sent: bool = False
     ready: bool = False
     finished: bool = False
-    fatal: str | None = None
+    fatal: tuple[str, str] | None = None  # (message, kind)
     hung: str | None = None
-    last_progress: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class PartState:
+    deaths_since_finished: int = 0  # deaths no case is certainly to blame for, since a case was done
+    not_before: float = 0.0  # restart back-off
+    gave_up: bool = False
+    attempts: int = 0
+    log_path: str | None = None
+
+
+@dataclass
+class Outcome:
+    stop_reason: str | None = None  # why the run stops early (disk full, journal unwritable)
+    unreaped: list[int] = field(default_factory=list)
 
 
 def oom_kill_count() -> int | None:
@@ -71,27 +95,24 @@ def describe_exit(exitcode: int | None, oom_killed: bool = False) -> str:
 
 
 class Supervisor:
-    def __init__(self, config: RunConfig, plan: Plan, journal: Journal, verify: set[str], reporter):
-        self.config, self.plan, self.journal, self.verify = config, plan, journal, verify
+    def __init__(self, config: RunConfig, plan: Plan, journal: Journal, book: CaseBook, verify: set[str], reporter):
+        self.config, self.plan, self.journal, self.book, self.verify = config, plan, journal, book, verify
         self.reporter = reporter
         self.log = reporter.log
-        self.log_paths: dict[int, str] = {}  # part -> its current worker's log
-        self.workers: dict[int, WorkerHandle] = {}  # by part
-        self.attempts: dict[int, int] = {}
+        self.workers: dict[int, WorkerHandle] = {}  # by slot (its part id)
+        self.parts = {s.part_id: PartState() for s in plan.slots}
         self.health = DeviceHealth()
-        self.orphans: deque[int] = deque()  # static: parts whose device was dropped, waiting for a slot
-        self.given_up: set[int] = set()
-        self.queue = (
-            LargestFirstQueue({c: plan.work[c] for c in journal.cases_in_state(PENDING)})
-            if config.schedule == "dynamic"
-            else None
-        )
+        self.serials = 0
         self.stop_signals = 0
-        self.hang_timeout_s = hang_timeout(config.hang_timeout, journal.slowest_case_seconds())
+        self.outcome = Outcome()
+        self.seconds_per_work = _slowest_rate(journal.done_seconds(), plan.work)
         import torch.multiprocessing as torch_mp  # spawn context; importing torch does not touch CUDA
 
-        # A killed worker leaves its pools' semaphores registered with the spawn resource tracker,
-        # which cleans them up at exit and warns about it: expected here, not news for the user.
+        # A killed worker cannot unlink its pools' named semaphores. With the spawn start method
+        # every process of the run registers them with one resource tracker, the supervisor's,
+        # which unlinks what is left when the run ends (so nothing leaks in /dev/shm) and warns
+        # about it. A worker's own tracker would die with the worker's process group and leak
+        # them. So the supervisor's tracker is the right owner, and its warning is expected.
         if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
             sys.warnoptions.append("ignore:resource_tracker:UserWarning")
 
@@ -113,25 +134,38 @@ class Supervisor:
     # --- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
         previous = self._install_signal_handlers()
-        how = "--hang-timeout" if self.config.hang_timeout else "10 min or 10x the slowest case, adapting"
-        self.log(f"nnunet-launch: hang timeout {self.hang_timeout_s:.0f} s ({how})")
+        self._log_watchdog()
         try:
-            for slot in self.plan.slots:
-                self._spawn_if_work_left(slot.part_id, slot)
-            while self._fill_free_slots() or self.workers:
+            while True:
                 if self.stop_signals:
-                    return self._shut_down()
-                self._step()
-                self._kill_hung_workers()
+                    return self._shut_down(EXIT_INTERRUPTED, "interrupted: stopping workers...")
+                if self.outcome.stop_reason:
+                    return self._shut_down(EXIT_NO_SPACE, f"stopping: {self.outcome.stop_reason}")
+                wake = self._start_workers(time.monotonic())
+                if not self.workers and wake is None:
+                    break
+                self._step(MAX_WAIT_S if wake is None else min(MAX_WAIT_S, max(0.0, wake - time.monotonic())))
+                self._feed_workers()
+                self._watchdog(time.monotonic())
                 self.reporter.refresh()
             self._fail_leftovers()
-            return self._result()
+            return EXIT_FAILED if self.book.failed or self.book.unfinished() else EXIT_OK
+        except JournalWriteError as exc:  # the journal failed beyond the event loop's reach
+            self.outcome.stop_reason = str(exc)
+            return self._shut_down(EXIT_NO_SPACE, f"stopping: {exc}")
         except BaseException:
             self._kill_all(signal.SIGKILL)  # a supervisor bug must not leave workers behind
             raise
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _log_watchdog(self) -> None:
+        if self.config.hang_timeout is not None:
+            how = f"{self.config.hang_timeout:.0f} s (--hang-timeout)"
+        else:
+            how = "10x the slowest finished case, scaled by the case's size, at least 5 min; 15 min before any"
+        self.log(f"nnunet-launch: a case with no progress for {how} is hung")
 
     def _install_signal_handlers(self) -> dict:
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -145,40 +179,90 @@ class Supervisor:
         if self.stop_signals > 1:  # second Ctrl-C: no more grace
             self._kill_all(signal.SIGKILL)
 
-    def _step(self) -> None:
+    def _step(self, timeout: float) -> None:
         waitables = [w.conn for w in self.workers.values() if w.conn_open]
         waitables += [w.process.sentinel for w in self.workers.values()]
-        ready = set(wait(waitables, timeout=WAIT_S))
+        ready = set(wait(waitables, timeout=timeout)) if waitables else set()
+        if not waitables:
+            time.sleep(timeout)
         for handle in list(self.workers.values()):
             if handle.conn_open and handle.conn in ready:
                 self._drain(handle)
             if handle.process.sentinel in ready:
                 self._on_worker_exit(handle)
 
-    def _kill_hung_workers(self) -> None:
-        now = time.monotonic()
-        for handle in self.workers.values():
-            limit = self.hang_timeout_s if handle.ready else max(self.hang_timeout_s, STARTUP_GRACE_S)
-            if handle.hung is None and now - handle.last_progress > limit:
-                handle.hung = f"hung: no progress for {now - handle.last_progress:.0f} s (hang timeout {limit:.0f} s)"
-                self.log(f"[part {handle.part}] {handle.hung}; killing its process group")
-                _kill_group(handle.process.pid, signal.SIGKILL)
-
-    # --- workers ---------------------------------------------------------------------------
-    def _spawn_if_work_left(self, part: int, slot: Slot) -> None:
-        if self.queue is None:
-            cases, more_to_come = self.journal.cases_in_state(PENDING, part), False
-        else:
-            cases = [c for c in (self.queue.take() for _ in range(DYNAMIC_LOOKAHEAD + 1)) if c is not None]
-            more_to_come = len(self.queue) > 0
-        if not cases:
-            self.journal.part_worker(part, None, "finished")
-            self._take_orphan(slot)
+    def _write(self, updates: list) -> None:
+        """Make the book's transition durable. A journal that cannot be written (a full disk)
+        stops the run cleanly: what is not journaled is predicted again on the next run."""
+        if not updates:
             return
-        self.journal.assign(cases, part)
-        attempt = self.attempts[part] = self.attempts.get(part, 0) + 1
-        state = os.path.join(tmp_dir(run_state_dir(self.config)), f"part-{part}-attempt-{attempt}")
-        clear_tmp(state)
+        try:
+            self.journal.apply(updates)
+        except JournalWriteError as exc:
+            if not self.outcome.stop_reason:
+                self.outcome.stop_reason = str(exc)
+
+    def _event(self, kind: str, part: int | None, case_id: str | None, message: str) -> None:
+        try:
+            self.journal.event(kind, part, case_id, message)
+        except JournalWriteError as exc:
+            self.outcome.stop_reason = self.outcome.stop_reason or str(exc)
+
+    # --- starting workers ------------------------------------------------------------------
+    def _start_workers(self, now: float) -> float | None:
+        """Give every free slot a worker where there is work for it. Returns when to look again
+        for slots that wait (back-off) while work is queued, or None when none waits."""
+        wake = None
+        for slot in self.plan.slots:
+            state = self.parts[slot.part_id]
+            if slot.part_id in self.workers or state.gave_up:
+                continue
+            key = self._key_for(slot, now)
+            if key is False:
+                continue
+            ready_at = self._ready_at(slot)
+            if ready_at > now:
+                wake = ready_at if wake is None else min(wake, ready_at)
+                continue
+            self._spawn(slot, key, now)
+        return wake
+
+    def _key_for(self, slot: Slot, now: float):
+        """The queue a new worker on this slot draws from, or False when it has no work: its own
+        part (static) or the shared queue (dynamic). In the static schedule a slot whose part is
+        finished takes over a part whose own slot gave up or rests."""
+        if self.book.static_part is None:
+            return None if self.book.queued(None) else False
+        if self.book.queued(slot.part_id):
+            return slot.part_id
+        running = {w.key for w in self.workers.values()}
+        for key in sorted(k for k in self.book.queued_keys() if k not in running):
+            if self.parts[key].gave_up or self._waiting(self._slot(key), now):
+                return key
+        return False
+
+    def _slot(self, part: int) -> Slot:
+        return next(s for s in self.plan.slots if s.part_id == part)
+
+    def _ready_at(self, slot: Slot) -> float:
+        """When this slot may start a worker again (restart back-off, device rest)."""
+        return max(self.parts[slot.part_id].not_before, self.health.rest_until.get(slot.device_key, 0.0))
+
+    def _waiting(self, slot: Slot, now: float) -> bool:
+        return self._ready_at(slot) > now
+
+    def _spawn(self, slot: Slot, key: int | None, now: float) -> None:
+        self.serials += 1
+        part = slot.part_id if key is None else key
+        handle_cases, solo = self._cases_for_new_worker(key, slot.part_id, now)
+        if not handle_cases:
+            return
+        state = self.parts[slot.part_id]
+        state.attempts += 1
+        attempt = state.attempts
+        tmp = os.path.join(tmp_dir(run_state_dir(self.config)), f"part-{part}-attempt-{attempt}")
+        clear_tmp(tmp)
+        state.log_path = os.path.join(logs_dir(run_state_dir(self.config)), f"part-{part}.attempt-{attempt}.log")
         spec = WorkerSpec(
             part_id=part,
             attempt=attempt,
@@ -186,11 +270,11 @@ class Supervisor:
             gpu_uuid=slot.gpu_uuid,
             supervisor_pid=os.getpid(),
             out_dir=os.path.abspath(self.config.output_folder),
-            tmp_dir=state,
-            log_path=self._log_path(part, attempt),
+            tmp_dir=tmp,
+            log_path=state.log_path,
             settings=self.settings,
-            cases=tuple(self._work_case(c) for c in cases),
-            more_to_come=more_to_come,
+            cases=tuple(self._work_case(c) for c in handle_cases),
+            more_to_come=True,
         )
         parent_conn, child_conn = self.context.Pipe(duplex=True)
         process = self.context.Process(
@@ -198,55 +282,76 @@ class Supervisor:
         )
         process.start()
         child_conn.close()
-        handle = WorkerHandle(part, slot, attempt, process, parent_conn, state, oom_kill_count())
-        handle.no_more_sent = not more_to_come
-        self.workers[part] = handle
-        self.journal.part_worker(part, process.pid, "running")
-        self.journal.event("spawn", part, None, f"attempt {attempt} on {slot.label}, pid {process.pid}")
+        self.workers[slot.part_id] = WorkerHandle(
+            self.serials, slot, key, part, attempt, process, parent_conn, tmp, oom_kill_count(), now, solo
+        )
+        self.journal.part_worker(slot.part_id, process.pid, "running")
+        alone = f", alone with {handle_cases[0]}" if solo else ""
+        self._event("spawn", part, None, f"attempt {attempt} on {slot.label}, pid {process.pid}{alone}")
+        if solo:
+            self.log(f"[part {part}] retrying {handle_cases[0]} alone in a new worker")
 
-    def _log_path(self, part: int, attempt: int) -> str:
-        path = os.path.join(logs_dir(run_state_dir(self.config)), f"part-{part}.attempt-{attempt}.log")
-        self.log_paths[part] = path
-        return path
+    def _cases_for_new_worker(self, key: int | None, part: int, now: float) -> tuple[list[str], bool]:
+        """A suspected case alone, else up to LOOKAHEAD + 1 queued cases."""
+        case_id, updates = self.book.take(key, self.serials, part, solo=True, now=now)
+        if case_id is not None:
+            self._write(updates)
+            return [case_id], True
+        taken = []
+        for _ in range(LOOKAHEAD + 1):
+            case_id, updates = self.book.take(key, self.serials, part, solo=False, now=now)
+            if case_id is None:
+                break
+            self._write(updates)
+            taken.append(case_id)
+        return taken, False
 
     def _work_case(self, case_id: str) -> WorkCase:
         files = self.plan.cases[case_id].files
         return WorkCase(case_id, files, prev_stage_file(self.config, case_id), case_id in self.verify)
 
-    def _top_up(self, handle: WorkerHandle) -> None:
-        """Dynamic schedule: a worker took a case from its local queue; send it the next one."""
-        if self.queue is None or handle.no_more_sent:
-            return
-        case_id = self.queue.take()
-        try:
-            if case_id is None:
-                handle.conn.send(("no_more",))
-                handle.no_more_sent = True
-            else:
-                self.journal.assign([case_id], handle.part)
-                handle.conn.send(("cases", [self._work_case(case_id)]))
-        except OSError:  # the worker just died; its exit gives the case back
-            pass
+    # --- feeding live workers --------------------------------------------------------------
+    def _feed_workers(self) -> None:
+        """Keep each live worker's local queue topped up; tell it "no more" only when nothing is
+        queued for it and no other worker holds a case that could come back to the queue."""
+        now = time.monotonic()
+        for handle in list(self.workers.values()):
+            if handle.no_more_sent or not handle.conn_open or handle.hung:
+                continue
+            mine = self.book.on_worker(handle.serial)
+            if handle.solo and mine:
+                continue
+            handle.solo = False
+            cases = []
+            if not mine:
+                case_id, updates = self.book.take(handle.key, handle.serial, handle.part, solo=True, now=now)
+                if case_id is not None:
+                    self._write(updates)
+                    cases, handle.solo = [case_id], True
+                    self.log(f"[part {handle.part}] retrying {case_id} alone")
+            held = sum(1 for c in mine if self.book.flights[c].stage == HELD)
+            while not handle.solo and held + len(cases) < LOOKAHEAD:
+                case_id, updates = self.book.take(handle.key, handle.serial, handle.part, solo=False, now=now)
+                if case_id is None:
+                    break
+                self._write(updates)
+                cases.append(case_id)
+            try:
+                if cases:
+                    handle.conn.send(("cases", [self._work_case(c) for c in cases]))
+                elif not mine and not self._could_come_back(handle):
+                    handle.conn.send(("no_more",))
+                    handle.no_more_sent = True
+            except OSError:  # it just died; its exit gives the cases back
+                pass
 
-    def _take_orphan(self, slot: Slot) -> None:
-        """Static schedule: a free healthy slot takes over a part whose device was dropped."""
-        if self.orphans and slot.device_key not in self.health.sick:
-            part = self.orphans.popleft()
-            self.log(f"[part {part}] continues on {slot.label} (slot of part {slot.part_id})")
-            self._spawn_if_work_left(part, slot)
+    def _could_come_back(self, handle: WorkerHandle) -> bool:
+        """Cases for this worker's queue may still come back (another worker holds some)."""
+        if self.book.queued(handle.key):
+            return True
+        return any(f.worker != handle.serial and self.book.key(c) == handle.key for c, f in self.book.flights.items())
 
-    def _fill_free_slots(self) -> bool:
-        """Dynamic schedule: healthy slots without a worker take queued cases (given back by a
-        crash or a failed attempt after their worker was told there was no more)."""
-        if self.queue is None or not self.queue:
-            return False
-        busy = {w.slot for w in self.workers.values()}
-        for slot in self.plan.slots:
-            usable = slot.device_key not in self.health.sick and slot.part_id not in self.given_up
-            if self.queue and usable and slot not in busy:
-                self._spawn_if_work_left(slot.part_id, slot)
-        return bool(self.workers)
-
+    # --- messages --------------------------------------------------------------------------
     def _drain(self, handle: WorkerHandle) -> None:
         try:
             while handle.conn.poll():
@@ -255,122 +360,177 @@ class Supervisor:
             handle.conn_open = False
 
     def _on_message(self, handle: WorkerHandle, message: tuple) -> None:
-        kind, part = message[0], handle.part
-        handle.last_progress = time.monotonic()
-        if kind == "started":
-            self.journal.case_started(message[1], handle.slot.label)
-            self._top_up(handle)
-        elif kind == "stage":
-            self.journal.case_stage(message[1], message[2])
+        kind, now = message[0], time.monotonic()
+        if kind == "stage":
+            self._write(self.book.enter_stage(message[1], message[2], now, handle.slot.label, time.time()))
+        elif kind == "step":
+            self.book.progress(message[1], now)
         elif kind == "done":
-            _, case_id, seconds, verified = message
-            self.journal.case_done(case_id, seconds)
-            self.verify.discard(case_id)
-            self.health.case_finished(handle.slot.device_key)
-            if seconds is not None and self.config.hang_timeout is None:
-                self._adapt_hang_timeout(seconds)
-            how = "kept (existing output verified)" if verified else f"{seconds:.1f} s"
-            self.log(f"[part {part} {handle.slot.label}] done {case_id} ({how}) {self._progress()}")
+            self._on_case_done(handle, *message[1:])
         elif kind == "case_error":
-            self._case_attempt_failed(part, message[1], message[2])
+            self._on_case_error(handle, *message[1:])
         elif kind == "note":
-            self.journal.event("note", part, message[1], message[2])
-            self.log(f"[part {part}] {message[1]}: {message[2]}")
+            self._event("note", handle.part, message[1], message[2])
+            self.log(f"[part {handle.part}] {message[1]}: {message[2]}")
         elif kind == "ready":
             handle.ready = True
         elif kind == "finished":
             handle.finished = True
         elif kind == "fatal":
-            handle.fatal = message[1]
+            handle.fatal = (message[1], message[2])
 
-    def _adapt_hang_timeout(self, case_seconds: float) -> None:
-        adapted = hang_timeout(None, case_seconds)
-        if adapted > self.hang_timeout_s:
-            self.hang_timeout_s = adapted
-            self.log(f"nnunet-launch: hang timeout now {adapted:.0f} s (10x a {case_seconds:.0f} s case)")
+    def _on_case_done(self, handle: WorkerHandle, case_id: str, seconds: float | None, verified: bool) -> None:
+        flight = self.book.flights.get(case_id)
+        self._write(self.book.finish(case_id, seconds, time.time()))
+        self.verify.discard(case_id)
+        self.health.case_finished(handle.slot.device_key)
+        self.parts[handle.slot.part_id].deaths_since_finished = 0
+        if seconds and flight is not None and flight.stage != HELD:
+            rate = seconds / max(self.plan.work.get(case_id, 1.0), 1.0)
+            self.seconds_per_work = max(self.seconds_per_work or 0.0, rate)
+        how = "kept (existing output verified)" if verified else f"{seconds:.1f} s"
+        progress = f"[{len(self.book.done)}/{len(self.book.work)}]"
+        self.log(f"[part {handle.part} {handle.slot.label}] done {case_id} ({how}) {progress}")
 
-    def _case_attempt_failed(self, part: int, case_id: str, error: str) -> None:
-        state = self.journal.case_failed_attempt(case_id, error, self.config.case_retries)
-        self.journal.event("case_error", part, case_id, error)
-        verdict = "failed for good" if state == FAILED else "will retry"
-        self.log(f"[part {part}] case {case_id}: {error} ({verdict}; log: {self.log_paths.get(part)})")
-        if state == PENDING and self.queue is not None:
-            self.queue.give_back([case_id])
+    def _on_case_error(self, handle: WorkerHandle, case_id: str, error: str, kind: str) -> None:
+        log = self.parts[handle.slot.part_id].log_path
+        if kind == "disk_full":  # not the case's fault: stop, and the next run predicts it
+            self._write(self.book.release([case_id]))
+            self.outcome.stop_reason = self.outcome.stop_reason or f"{error} (while writing {case_id})"
+            return
+        final = kind == "permanent"
+        retries = self.config.case_retries
+        self._write(self.book.charge(case_id, error, final, retries, solo=kind == "oom", now=time.time()))
+        self._event("case_error", handle.part, case_id, error)
+        if self.book.place(case_id) == FAILED:
+            verdict = "failed: a retry cannot change this" if final else "failed for good"
+        else:
+            verdict = "will retry" + (" alone in a new worker" if kind == "oom" else "")
+        self.log(f"[part {handle.part}] case {case_id}: {error} ({verdict}; log: {log})")
 
+    # --- deaths ----------------------------------------------------------------------------
     def _on_worker_exit(self, handle: WorkerHandle) -> None:
         self._drain(handle)
-        handle.process.join()
-        part, slot = handle.part, handle.slot
+        handle.process.join(REAP_TIMEOUT_S)
         _kill_group(handle.process.pid, signal.SIGKILL)  # nnU-Net's helpers of a dead worker die with it
         clear_tmp(handle.tmp)
-        del self.workers[part]
-        if self.queue is not None:
-            self.queue.give_back(self.journal.cases_in_state(PENDING, part))
+        del self.workers[handle.slot.part_id]
+        in_flight = self.book.on_worker(handle.serial)
         if handle.finished and handle.process.exitcode == 0:
-            self._spawn_if_work_left(part, slot)  # retry cases whose attempt failed, if any
+            self._write(self.book.release(in_flight))  # none expected: it said it had finished
+            self.journal.part_worker(handle.slot.part_id, None, "finished")
             return
+        if self._interrupted(handle):
+            self._write(self.book.release(in_flight, solo=handle.solo))
+            self.parts[handle.slot.part_id].not_before = time.monotonic() + INTERRUPTED_RESPAWN_DELAY_S
+            self.log(f"[part {handle.part}] worker stopped by a stop signal; nothing charged")
+            return
+        kind = handle.fatal[1] if handle.fatal else "crash"
+        if kind == "restart":  # it ended itself to free GPU memory; its case was already charged
+            self._write(self.book.release(in_flight))
+            return
+        self._on_worker_died(handle, in_flight, kind)
+
+    def _interrupted(self, handle: WorkerHandle) -> bool:
+        code = handle.process.exitcode
+        signalled = code is not None and (code == WORKER_EXIT_INTERRUPTED or -code in STOP_SIGNALS)
+        return bool(self.stop_signals) or signalled or (handle.fatal or ("", ""))[1] == "interrupted"
+
+    def _on_worker_died(self, handle: WorkerHandle, in_flight: list[str], kind: str) -> None:
+        now, slot, state = time.monotonic(), handle.slot, self.parts[handle.slot.part_id]
         reason = handle.hung or _death_reason(handle)
-        self._charge_crash(part, reason)
-        restarts = self.journal.part_restarted(part)
-        self.journal.event("worker_died", part, None, f"on {slot.label}: {reason}")
-        if self.health.worker_died(slot.device_key):
-            self._report_sick_device(slot, part, reason)
-        if slot.device_key in self.health.sick:
-            self._move_off_sick_device(part)
+        flights = [InFlight(c, self.book.flights[c].stage, self.book.flights[c].since) for c in in_flight]
+        verdict = blame(flights, handle.solo, helper_died=kind == "helper")
+        if verdict.charged:
+            error = f"worker died while on it, alone: {reason}"
+            self._write(self.book.charge(verdict.charged, error, False, self.config.case_retries, True, time.time()))
+        if verdict.suspect:
+            self._write(self.book.release([verdict.suspect], solo=True))
+        self._write(self.book.release(verdict.released, solo=handle.solo and not verdict.charged))
+        no_case = verdict.charged is None and verdict.suspect is None
+        rest = self.health.death(slot.device_key, verdict.charged, no_case or kind == "device", now)
+        restarts = self.journal.part_restarted(slot.part_id)
+        self._event("worker_died", handle.part, verdict.charged or verdict.suspect, f"on {slot.label}: {reason}")
+        if verdict.charged is None:  # a death charged to a case is budgeted by --case-retries
+            state.deaths_since_finished += 1
+        whose = self._whose_fault(verdict)
+        if rest:
+            self._report_resting_device(slot, handle.part, reason, rest)
+        if state.deaths_since_finished > self.config.max_restarts:
+            self._give_up(
+                slot.part_id,
+                f"part {handle.part} gave up: its worker died {state.deaths_since_finished} times without "
+                f"finishing a case (--max-restarts {self.config.max_restarts}; last: {reason})",
+            )
             return
-        if restarts > self.config.max_restarts:
-            self._give_up(part, f"part {part} gave up after {self.config.max_restarts} restarts (last: {reason})")
-            self._take_orphan(slot)
-            return
-        self.log(f"[part {part}] worker died ({reason}); restart {restarts}/{self.config.max_restarts}")
-        self._spawn_if_work_left(part, slot)
-
-    def _charge_crash(self, part: int, reason: str) -> None:
-        blamed, released = blame([InFlight(*row) for row in self.journal.in_flight(part)])
-        self.journal.release_cases(released)
-        for case_id in blamed:
-            self._case_attempt_failed(part, case_id, f"worker died while on it: {reason}")
-
-    def _report_sick_device(self, slot: Slot, part: int, reason: str) -> None:
-        health = gpus.health_report(slot.gpu_uuid) if slot.gpu_uuid else ""
+        state.not_before = now + restart_delay(state.deaths_since_finished)
+        delay = state.not_before - now
+        when = f" in {delay:.0f} s" if delay >= 1 else ""
         self.log(
-            f"[{slot.label}] dropped from the run: workers died {self.health.limit} times in a row "
-            f"without finishing a case (last: {reason}){health}"
+            f"[part {handle.part}] worker died ({reason}){whose}; restart {restarts}{when} "
+            f"({state.deaths_since_finished}/{self.config.max_restarts} since the last finished case)"
         )
-        self.journal.event("device_dropped", part, None, f"{slot.device_key}: {reason}{health}")
 
-    def _move_off_sick_device(self, part: int) -> None:
-        """Static: the part waits for a free healthy slot. Dynamic: its cases go back to the queue.
-        With no healthy device left, the run ends."""
-        healthy = [s for s in self.plan.slots if s.device_key not in self.health.sick]
-        if not healthy:
-            for orphan in [part, *self.orphans]:
-                self._give_up(orphan, "no usable device left: every one was dropped")
-            self.orphans.clear()
-            self._fail_leftovers("no usable device left: every one was dropped")
-            return
-        if self.queue is None:
-            self.orphans.append(part)
-        busy = {w.slot for w in self.workers.values()}
-        for free in [s for s in healthy if s not in busy]:
-            self._take_orphan(free)
+    def _whose_fault(self, verdict) -> str:
+        if verdict.charged:
+            left = "failed for good" if self.book.place(verdict.charged) == FAILED else "charged one attempt"
+            return f"; {verdict.charged} was alone on it: {left}"
+        if verdict.suspect:
+            return f"; {verdict.suspect} is suspected and will be retried alone"
+        return "; no case was running: counted against the device"
 
-    def _give_up(self, part: int, why: str) -> None:
-        self.given_up.add(part)
-        left = self.journal.cases_in_state(PENDING, part)
-        if self.queue is not None:  # dynamic: its cases went back to the queue for the other workers
-            left = [c for c in left if c not in self.queue]
-        self.journal.fail_cases(left, why)
-        self.journal.part_worker(part, None, "gave up")
-        self.log(f"[part {part}] {why}; {len(left)} case(s) left unfinished")
+    def _report_resting_device(self, slot: Slot, part: int, reason: str, rest: float) -> None:
+        health = gpus.health_report(slot.gpu_uuid) if slot.gpu_uuid else ""
+        faults = self.health.faults.get(slot.device_key, 0)
+        self.log(
+            f"[{slot.label}] suspected ({faults} unexplained death(s) in a row, last: {reason}){health}; "
+            f"it rests {rest:.0f} s while the others take its cases"
+        )
+        self._event("device_rests", part, None, f"{slot.device_key}: {reason}{health}; {rest:.0f} s")
 
+    def _give_up(self, slot_part: int, why: str) -> None:
+        self.parts[slot_part].gave_up = True
+        self.journal.part_worker(slot_part, None, "gave up")
+        self.log(f"[part {slot_part}] {why}")
+        self._event("gave_up", slot_part, None, why)
+
+    # --- the watchdog ----------------------------------------------------------------------
+    def _watchdog(self, now: float) -> None:
+        """A worker is hung when its cases in flight show no progress for their stall timeout
+        (scaled by each case's work); before it is ready, when start-up takes too long."""
+        explicit = self.config.hang_timeout
+        for handle in self.workers.values():
+            if handle.hung is not None:
+                continue
+            if not handle.ready:
+                limit = max(explicit or 0.0, WORKER_STARTUP_GRACE_S)
+                if now - handle.started_at > limit:
+                    self._kill_hung(handle, f"hung: not ready after {now - handle.started_at:.0f} s")
+                continue
+            active = [(c, f) for c in self.book.on_worker(handle.serial) if (f := self.book.flights[c]).stage != HELD]
+            if not active:
+                continue
+            last = max(f.progress_at for _, f in active)
+            limit = max(stall_timeout(explicit, self.plan.work.get(c, 0.0), self.seconds_per_work) for c, _ in active)
+            if now - last > limit:
+                stages = ", ".join(f"{c} in {f.stage}" for c, f in active)
+                self._kill_hung(handle, f"hung: no progress for {now - last:.0f} s ({stages}; limit {limit:.0f} s)")
+
+    def _kill_hung(self, handle: WorkerHandle, why: str) -> None:
+        handle.hung = why
+        self.log(f"[part {handle.part}] {why}; killing its process group")
+        _kill_group(handle.process.pid, signal.SIGKILL)
+
+    # --- the end ---------------------------------------------------------------------------
     def _kill_all(self, signum: int) -> None:
         for handle in self.workers.values():
             _kill_group(handle.process.pid, signum)
 
-    def _shut_down(self) -> int:
-        self.log("interrupted: stopping workers...")
-        self.journal.event("interrupted", None, None, f"signal count {self.stop_signals}")
+    def _shut_down(self, exit_code: int, message: str) -> int:
+        """Stop every worker (TERM, a grace to finish what is nearly done, then KILL). Cases in
+        flight go back to the queue uncharged; a process that cannot be reaped is named."""
+        self.log(message)
+        self._event("interrupted" if exit_code == EXIT_INTERRUPTED else "stopped", None, None, message)
         self._kill_all(signal.SIGTERM)
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         while self.workers and time.monotonic() < deadline:
@@ -382,39 +542,43 @@ class Supervisor:
         self._kill_all(signal.SIGKILL)
         for handle in list(self.workers.values()):
             self._reap(handle)
-        return EXIT_INTERRUPTED
+        if self.outcome.unreaped:
+            pids = ", ".join(map(str, self.outcome.unreaped))
+            self.log(f"nnunet-launch: could not reap worker pid(s) {pids} (stuck in the kernel?); exiting anyway")
+        return exit_code
 
     def _reap(self, handle: WorkerHandle) -> None:
-        handle.process.join()
+        handle.process.join(REAP_TIMEOUT_S)
+        if handle.process.exitcode is None:
+            self.outcome.unreaped.append(handle.process.pid)
         self._drain(handle)
         _kill_group(handle.process.pid, signal.SIGKILL)
         clear_tmp(handle.tmp)
-        self.workers.pop(handle.part, None)
+        self._write(self.book.release(self.book.on_worker(handle.serial), solo=handle.solo))
+        self.workers.pop(handle.slot.part_id, None)
 
-    # --- reporting -------------------------------------------------------------------------
-    def _progress(self) -> str:
-        done = len(self.journal.cases_in_state(DONE))
-        return f"[{done}/{len(self.plan.cases)}]"
+    def _fail_leftovers(self) -> None:
+        """Every slot gave up: what is still queued cannot be predicted in this run."""
+        keys = self.book.queued_keys()
+        if not keys:
+            return
+        left = self.book.queued(any_key=True)
+        why = f"not predicted: every worker that could run it gave up (--max-restarts {self.config.max_restarts})"
+        self._write(self.book.fail_queued(keys, why, time.time()))
+        self.log(f"nnunet-launch: {left} case(s) {why}")
 
-    def _fail_leftovers(self, why: str = "not predicted: every worker that could run it gave up") -> None:
-        left = self.journal.cases_in_state(PENDING)
-        if self.queue is not None:
-            while self.queue.take() is not None:
-                pass
-        if left:
-            self.journal.fail_cases(left, why)
-            self.log(f"nnunet-launch: {len(left)} case(s) {why}")
 
-    def _result(self) -> int:
-        unfinished = self.journal.cases_in_state(FAILED) or self.journal.cases_in_state(PENDING)
-        return EXIT_FAILED if unfinished else EXIT_OK
+def _slowest_rate(done_seconds: dict[str, float], work: dict[str, float]) -> float | None:
+    """Seconds per unit of work of the slowest case already done (a resumed run's watchdog)."""
+    rates = [s / max(work.get(c, 1.0), 1.0) for c, s in done_seconds.items() if s and c in work]
+    return max(rates, default=None)
 
 
 def _death_reason(handle: WorkerHandle) -> str:
     now = oom_kill_count()
     oom = handle.oom_kills_at_start is not None and now is not None and now > handle.oom_kills_at_start
     if handle.fatal:
-        return handle.fatal + ("; the kernel's OOM killer killed a process meanwhile" if oom else "")
+        return handle.fatal[0] + ("; the kernel's OOM killer killed a process meanwhile" if oom else "")
     return describe_exit(handle.process.exitcode, oom)
 
 

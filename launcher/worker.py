@@ -13,50 +13,13 @@ import sys
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+
+from launcher.spec import WORKER_EXIT_INTERRUPTED, WorkCase, WorkerSpec
 
 PR_SET_PDEATHSIG = 1
 # Tests only: device keys (GPU UUIDs, or cpu-slot-K) whose workers crash at start, like a sick GPU.
 FAULTY_DEVICES_ENV = "NNUNET_LAUNCH_TEST_FAULTY_DEVICES"
 REAPER_POLL_S = 0.2
-
-
-@dataclass(frozen=True)
-class WorkCase:
-    id: str
-    files: tuple[str, ...]
-    prev_stage_file: str | None = None
-    verify_existing: bool = False  # an output is in OUT but not journaled: keep it if it decodes
-
-
-@dataclass(frozen=True)
-class PredictSettings:
-    model_folder: str
-    folds: tuple[str, ...]
-    checkpoint: str
-    step_size: float
-    disable_tta: bool
-    verbose: bool
-    save_probabilities: bool
-    device: str  # "cuda" or "cpu"
-    threads: int
-    npp: int
-    nps: int
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    part_id: int
-    attempt: int
-    device_key: str
-    gpu_uuid: str | None
-    supervisor_pid: int
-    out_dir: str
-    tmp_dir: str
-    log_path: str
-    settings: PredictSettings
-    cases: tuple[WorkCase, ...]
-    more_to_come: bool  # dynamic schedule: the supervisor keeps sending cases until "no_more"
 
 
 class CaseFeed:
@@ -89,6 +52,7 @@ class CaseFeed:
 def worker_main(spec: WorkerSpec, conn) -> None:
     os.setsid()  # own process group: the supervisor can kill the worker with all its helpers
     _die_with_supervisor(spec.supervisor_pid)
+    _exit_on_stop_signals()
     _redirect_output(spec.log_path)
     _start_group_reaper()
     _pin_device(spec)
@@ -96,21 +60,49 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     if spec.device_key in os.environ.get(FAULTY_DEVICES_ENV, "").split(","):
         os.kill(os.getpid(), signal.SIGSEGV)
     try:
-        from launcher.nnunet import CasePipeline
+        from launcher.pipeline import CasePipeline, WorkerEnds
 
         os.makedirs(spec.tmp_dir, exist_ok=True)
-        pipeline = CasePipeline(spec.settings, spec.out_dir, spec.tmp_dir)
+        pipeline = CasePipeline(_backend(spec), spec.settings, spec.out_dir, spec.tmp_dir)
         conn.send(("ready",))
         pipeline.run(CaseFeed(conn, spec.cases, spec.more_to_come), conn.send)
         pipeline.close()
         conn.send(("finished",))
     except BaseException as exc:
+        kind = exc.kind if isinstance(exc, WorkerEnds) else "crash"
+        if kind == "interrupted":
+            os._exit(WORKER_EXIT_INTERRUPTED)
         traceback.print_exc()
         sys.stdout.flush()
         try:
-            conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
+            conn.send(("fatal", f"{type(exc).__name__}: {exc}" if kind == "crash" else str(exc), kind))
         finally:
             os._exit(1)
+
+
+def _backend(spec: WorkerSpec):
+    """nnU-Net, or in tests (and only when a test asks for it) the fault-injecting stand-in."""
+    from launcher.fake_backend import BACKEND_ENV
+
+    if os.environ.get(BACKEND_ENV) == "fake":
+        from launcher.fake_backend import FakeBackend
+
+        return FakeBackend(spec.settings)
+    from launcher.nnunet import NnunetBackend
+
+    return NnunetBackend(spec.settings)
+
+
+def _exit_on_stop_signals() -> None:
+    """SLURM (scancel, time limit, preemption) and systemd signal every process of the job at
+    once. A worker that gets SIGTERM ends with a code that tells the supervisor it was
+    interrupted, not crashed, so nothing is charged."""
+
+    def stop(signum, frame):
+        os._exit(WORKER_EXIT_INTERRUPTED)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def _die_with_supervisor(supervisor_pid: int) -> None:
@@ -130,7 +122,9 @@ def _start_group_reaper() -> None:
     if os.fork() != 0:
         return
     try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # a stop signal to every process must not end the reaper before the group is gone
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         while os.getppid() == worker_pid:
             time.sleep(REAPER_POLL_S)
         os.killpg(0, signal.SIGKILL)

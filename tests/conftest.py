@@ -123,8 +123,14 @@ class LauncherProcess:
     """A launcher run in its own process; remembers every process it ever had below it, so a
     test can prove none survives and clean up by pid."""
 
-    def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen(launcher_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, args: list[str], env: dict | None = None):
+        self.proc = subprocess.Popen(
+            launcher_cmd(*args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         self.seen: dict[int, float] = {}  # pid -> create_time
 
     def sample_tree(self) -> None:
@@ -181,8 +187,8 @@ class LauncherProcess:
 def launch():
     started: list[LauncherProcess] = []
 
-    def start(args: list[str]) -> LauncherProcess:
-        process = LauncherProcess(args)
+    def start(args: list[str], env: dict | None = None) -> LauncherProcess:
+        process = LauncherProcess(args, env)
         started.append(process)
         return process
 
@@ -219,3 +225,40 @@ def status_json(out: Path) -> dict | None:
 
 def copy_outputs_mtimes(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+
+
+# --- the fault-injecting stand-in for nnU-Net (launcher/fake_backend.py) --------------------
+def fake_env(tmp_path: Path, faults: dict[str, str] | None = None, case_seconds: float = 0.05) -> dict:
+    """The environment that makes a launcher use the fake backend with these faults."""
+    from launcher.fake_backend import BACKEND_ENV, CASE_SECONDS_ENV, FAULT_DIR_ENV, FAULTS_ENV
+
+    fault_dir = tmp_path / "fault-counters"
+    fault_dir.mkdir(exist_ok=True)
+    return {
+        BACKEND_ENV: "fake",
+        FAULTS_ENV: json.dumps(faults or {}),
+        FAULT_DIR_ENV: str(fault_dir),
+        CASE_SECONDS_ENV: str(case_seconds),
+    }
+
+
+def assert_fake_outputs(out: Path, inputs: Path, ids: list[str]) -> None:
+    """OUT holds exactly these cases' complete fake predictions (plus nnU-Net's three files)."""
+    import gzip
+
+    from launcher.fake_backend import expected_output
+
+    names = sorted(p.name for p in out.iterdir() if p.name != ".nnunet-launch")
+    assert names == sorted(
+        [f"{c}.nii.gz" for c in ids] + ["dataset.json", "plans.json", "predict_from_raw_data_args.json"]
+    )
+    for case_id in ids:
+        with gzip.open(out / f"{case_id}.nii.gz") as f:
+            assert f.read() == expected_output([str(inputs / f"{case_id}_0000.nii.gz")]), case_id
+
+
+def case_rows(out: Path) -> dict[str, dict]:
+    import csv
+
+    with (out / ".nnunet-launch" / "cases.csv").open() as f:
+        return {row["id"]: row for row in csv.DictReader(f)}

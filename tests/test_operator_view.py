@@ -23,10 +23,9 @@ def test_live_view_renders_counts_of_a_run_in_progress(tmp_path):
     journal.part_worker(0, 111, "running")
     journal.part_worker(1, 222, "running")
     for case in ("a", "c", "b"):
-        journal.case_started(case, "gpu")
-    journal.case_done("a", 2.0)
-    journal.case_done("c", 3.0)
-    journal.case_stage("b", "predict")
+        journal.apply([(case, {"state": "running", "stage": "preprocess", "gpu": "gpu", "started": 1.0})])
+    journal.apply([("a", {"state": "done", "seconds": 2.0, "ended": 3.0}), ("c", {"state": "done", "seconds": 3.0})])
+    journal.apply([("b", {"stage": "predict"})])
     console = Console(record=True, width=160)
     console.print(
         render(

@@ -1,36 +1,58 @@
-"""The failure policy's pure parts, and the CUDA out-of-memory fallback at its boundary."""
+"""The failure policy's pure parts, and how prediction errors are told apart."""
 
 from __future__ import annotations
 
-import pytest
-
 from launcher.cases import voxels
 from launcher.planning import Plan, largest_voxels, memory_warning
-from launcher.policy import DeviceHealth, InFlight, blame, hang_timeout
+from launcher.policy import (
+    STALL_FLOOR_S,
+    STARTUP_STALL_S,
+    Blame,
+    DeviceHealth,
+    InFlight,
+    backoff,
+    blame,
+    restart_delay,
+    stall_timeout,
+)
 from launcher.scheduler import make_slots
 
 
-def test_hang_timeout_is_explicit_or_the_larger_of_ten_minutes_and_ten_slowest_cases():
-    assert hang_timeout(30, 500) == 30
-    assert hang_timeout(None, None) == 600
-    assert hang_timeout(None, 12) == 600
-    assert hang_timeout(None, 90) == 900
+def test_stall_timeout_is_explicit_or_scaled_by_the_case_work_with_a_floor_and_a_startup_value():
+    assert stall_timeout(30, 1000.0, 2.0) == 30
+    assert stall_timeout(None, 1000.0, None) == STARTUP_STALL_S
+    assert stall_timeout(None, 10.0, 0.5) == STALL_FLOOR_S, "a small case never gets less than the floor"
+    assert stall_timeout(None, 1000.0, 0.5) == 10 * 0.5 * 1000, "a big case gets 10x what its size predicts"
 
 
-def test_crash_is_charged_to_the_predicting_case_else_the_oldest_and_queued_cases_are_released():
-    flight = [InFlight("a", "export", 1.0), InFlight("b", "predict", 2.0), InFlight("c", "preprocess", 3.0)]
-    assert blame(flight) == (["b"], ["a", "c"])
-    assert blame([InFlight("c", "preprocess", 3.0), InFlight("a", "export", 1.0)]) == (["a"], ["c"])
-    assert blame([]) == ([], [])
+def test_a_death_blames_the_predicting_case_a_helper_death_the_oldest_in_a_helper_and_never_queued_ones():
+    flight = [InFlight("a", "export", 1.0), InFlight("b", "predict", 2.0), InFlight("c", "held", 0.5)]
+    assert blame(flight, solo=False) == Blame(None, "b", ("a", "c"))
+    assert blame(flight, solo=False, helper_died=True) == Blame(None, "a", ("b", "c"))
+    assert blame([InFlight("c", "preprocess", 3.0), InFlight("a", "export", 1.0)], solo=False).suspect == "a"
+    assert blame([InFlight("c", "held", 3.0)], solo=False) == Blame(None, None, ("c",)), "start-up: no case"
+    assert blame([], solo=True) == Blame(None, None, ())
 
 
-def test_device_is_sick_after_three_deaths_in_a_row_without_a_finished_case():
+def test_only_a_case_alone_on_its_worker_is_charged_with_certainty():
+    assert blame([InFlight("b", "predict", 2.0)], solo=True) == Blame("b", None, ())
+    assert blame([InFlight("b", "predict", 2.0)], solo=False) == Blame(None, "b", ())
+
+
+def test_device_is_suspected_for_unexplained_deaths_or_different_isolated_cases_and_rests_longer_each_time():
     health = DeviceHealth()
-    assert [health.worker_died("gpu-a") for _ in range(2)] == [False, False]
+    assert health.death("gpu-a", "x", False, now=0.0) == 0.0, "one isolated case dying: its own fault"
+    assert health.death("gpu-a", "x", False, now=0.0) == 0.0, "the same case again: still its own"
+    assert health.death("gpu-a", "y", False, now=0.0) == 5.0, "a second, different case: the device"
+    assert health.death("gpu-a", None, True, now=10.0) == 10.0
+    assert health.resting("gpu-a", 19.0) and not health.resting("gpu-a", 20.5)
     health.case_finished("gpu-a")
-    assert [health.worker_died("gpu-a") for _ in range(3)] == [False, False, True]
-    assert health.worker_died("gpu-a") is False, "reported once"
-    assert health.sick == {"gpu-a"}
+    assert health.death("gpu-a", None, True, now=30.0) == 5.0, "a finished case forgives"
+    assert [backoff(n, 5.0, 300.0) for n in (1, 2, 3, 10)] == [5.0, 10.0, 20.0, 300.0]
+
+
+def test_restarts_back_off_after_the_first_so_a_burst_of_kills_passes():
+    assert [restart_delay(n) for n in (1, 2, 3, 4, 9)] == [0.0, 1.0, 2.0, 4.0, 30.0]
 
 
 def test_memory_warning_names_the_need_when_free_memory_is_short(tiny):
@@ -52,39 +74,14 @@ def test_memory_warning_names_the_need_when_free_memory_is_short(tiny):
     assert warning.startswith("4 worker(s) may need about") and "consider fewer workers" in warning
 
 
-class FakeCudaPredictor:
-    """Stands in for the GPU, which this machine lacks: the first on-device try runs out of memory."""
-
-    def __init__(self):
-        import torch
-
-        self.device = torch.device("cpu")
-        self.perform_everything_on_device = True
-        self.calls = []
-
-    def predict_logits_from_preprocessed_data(self, data):
-        import torch
-
-        self.calls.append(self.perform_everything_on_device)
-        if self.perform_everything_on_device:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return data * 2
-
-
-def test_cuda_out_of_memory_is_retried_once_without_everything_on_device():
+def test_prediction_errors_out_of_memory_restarts_a_worker_other_cuda_errors_end_it_others_retry():
     import torch
 
-    from launcher.nnunet import predict_with_memory_fallback
+    from launcher.nnunet import NnunetBackend
 
-    predictor, notes = FakeCudaPredictor(), []
-    result = predict_with_memory_fallback(predictor, torch.ones(2), notes.append)
-    assert result.tolist() == [2.0, 2.0]
-    assert predictor.calls == [True, False] and predictor.perform_everything_on_device is True
-    assert "perform_everything_on_device=False" in notes[0]
-
-    predictor.perform_everything_on_device = False
-    predictor.predict_logits_from_preprocessed_data = lambda d: (_ for _ in ()).throw(
-        torch.cuda.OutOfMemoryError("still too big")
-    )
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        predict_with_memory_fallback(predictor, torch.ones(2), notes.append)
+    kind = NnunetBackend.prediction_error_kind
+    assert kind(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")) == "oom"
+    assert kind(RuntimeError("CUDA error: an illegal memory access was encountered")) == "device"
+    assert kind(RuntimeError("CUDA error: unspecified launch failure")) == "device"
+    assert kind(RuntimeError("Encountered inf in predicted array. Aborting...")) == "retry"
+    assert kind(ValueError("shapes do not match")) == "retry"

@@ -1,0 +1,140 @@
+"""TESTS ONLY: a fast, fault-injecting stand-in for the nnU-Net backend (see pipeline.py).
+
+Selected by NNUNET_LAUNCH_TEST_BACKEND=fake in the environment of a test's launcher; never used
+otherwise. It runs through the real supervisor, workers, pools, journal and signals, so a test
+of crashes, hangs and interruptions takes seconds instead of minutes. Its "prediction" of a case
+is a gzip file holding a digest of the case's input files, so a test can tell that every output
+is complete and belongs to its case.
+
+NNUNET_LAUNCH_TEST_FAULTS is a JSON object {case id: fault}; a fault "name" fires every time,
+"name:N" only the first N times (counted in files under NNUNET_LAUNCH_TEST_FAULT_DIR), and
+"slow:S" makes the prediction take S seconds, reporting progress. Faults:
+  crash         the worker's main process dies (SIGSEGV) while predicting the case
+  hang          the prediction blocks, reporting no progress
+  helper_hang   the preprocessing helper blocks on the case
+  helper_crash  the preprocessing helper is killed (SIGKILL) on the case
+  unreadable    reading the scan fails
+  error         the prediction raises an ordinary error
+  oom           the prediction runs out of (CUDA) memory
+  cuda_error    the prediction raises a CUDA error that breaks the context
+  disk_full     the export fails with ENOSPC
+NNUNET_LAUNCH_TEST_CASE_S: seconds each prediction takes (default 0.05).
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import json
+import os
+import signal
+import time
+
+from launcher.spec import PredictSettings, UnreadableInput
+
+BACKEND_ENV = "NNUNET_LAUNCH_TEST_BACKEND"
+FAULTS_ENV = "NNUNET_LAUNCH_TEST_FAULTS"
+FAULT_DIR_ENV = "NNUNET_LAUNCH_TEST_FAULT_DIR"
+CASE_SECONDS_ENV = "NNUNET_LAUNCH_TEST_CASE_S"
+STEPS = 5
+
+
+class FakeOutOfMemory(RuntimeError):
+    pass
+
+
+def _fault(case_id: str, here: tuple[str, ...]) -> tuple[str, float]:
+    """(fault name, its number) for this case if it is one of the faults that fire `here`, now;
+    else ("", 0)."""
+    spec = json.loads(os.environ.get(FAULTS_ENV) or "{}").get(case_id, "")
+    name, _, number = spec.partition(":")
+    if name not in here:
+        return "", 0.0
+    if name == "slow":
+        return name, float(number)
+    if number:
+        counter = os.path.join(os.environ[FAULT_DIR_ENV], f"{case_id}.{name}")
+        with open(counter, "a+") as f:
+            f.seek(0)
+            fired = len(f.read().splitlines())
+            if fired >= int(number):
+                return "", 0.0
+            f.write(f"{os.getpid()}\n")
+    return name, 0.0
+
+
+def expected_output(files: tuple[str, ...] | list[str]) -> bytes:
+    """What the fake prediction of a case with these input files holds."""
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest().encode()
+
+
+def _preprocess(files: tuple[str, ...], prev_stage_file: str | None):
+    case_id = os.path.basename(files[0]).split("_0000")[0]
+    fault, _ = _fault(case_id, ("helper_hang", "helper_crash", "unreadable"))
+    if fault == "helper_hang":
+        time.sleep(10**6)
+    if fault == "helper_crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "unreadable":
+        raise UnreadableInput("RuntimeError: Exception thrown in SimpleITK ReadImage (fake: truncated file)")
+    return expected_output(files), {"case_id": case_id}
+
+
+def _export(content: bytes, properties: dict, output_base: str, file_ending: str) -> None:
+    if _fault(properties["case_id"], ("disk_full",))[0]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), output_base + file_ending)
+    with gzip.open(output_base + file_ending, "wb") as f:
+        f.write(content)
+
+
+def _no_init() -> None:
+    pass
+
+
+class FakeBackend:
+    preprocess = staticmethod(_preprocess)
+    export = staticmethod(_export)
+
+    def __init__(self, settings: PredictSettings):
+        with open(os.path.join(settings.model_folder, "dataset.json")) as f:
+            self.file_ending = json.load(f)["file_ending"]
+        self.case_seconds = float(os.environ.get(CASE_SECONDS_ENV, "0.05"))
+
+    def preprocess_initializer(self) -> tuple:
+        return _no_init, ()
+
+    def predict(self, case_id: str, data: bytes, on_step) -> bytes:
+        fault, seconds = _fault(case_id, ("crash", "hang", "error", "oom", "cuda_error", "slow"))
+        if fault == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if fault == "hang":
+            time.sleep(10**6)
+        if fault == "error":
+            raise RuntimeError("fake: the network raised an error")
+        if fault == "oom":
+            raise FakeOutOfMemory("CUDA out of memory. Tried to allocate 20.00 GiB (fake)")
+        if fault == "cuda_error":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (fake)")
+        seconds = seconds or self.case_seconds
+        for step in range(1, STEPS + 1):
+            time.sleep(seconds / STEPS)
+            on_step(step, STEPS)
+        return data
+
+    @staticmethod
+    def prediction_error_kind(exc: BaseException) -> str:
+        if isinstance(exc, FakeOutOfMemory):
+            return "oom"
+        return "device" if "CUDA error" in str(exc) else "retry"
+
+    def export_args(self, content: bytes, properties: dict, output_base: str) -> tuple:
+        return (content, properties, output_base, self.file_ending)
+
+    def read_output(self, path: str) -> None:
+        with gzip.open(path, "rb") as f:
+            f.read()

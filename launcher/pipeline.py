@@ -1,0 +1,182 @@
+"""A worker's long-lived case pipeline, independent of what does the predicting (the backend):
+one preprocessing pool and one export pool for the worker's whole life, the next cases
+preprocessed while the current one is predicted, exports overlapping the next prediction, a
+bounded number of cases in flight. Exports go to the worker's temp folder and are moved into OUT
+only when complete.
+
+The backend is nnU-Net (launcher.nnunet) in every user's run; tests may select a fast,
+fault-injecting stand-in (launcher.fake_backend) with NNUNET_LAUNCH_TEST_BACKEND.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+
+from launcher.outputs import case_outputs, move_into_place
+from launcher.spec import PredictSettings, UnreadableInput, WorkCase
+
+POLL_S = 0.05
+STEP_REPORT_EVERY_S = 1.0
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class WorkerEnds(Exception):
+    """The worker must end now; `kind` is a spec.FATAL_KINDS entry."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}".rstrip(": ")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+class CasePipeline:
+    def __init__(self, backend, settings: PredictSettings, out_dir: str, tmp_dir: str):
+        self.backend, self.settings, self.out_dir, self.tmp_dir = backend, settings, out_dir, tmp_dir
+        context = multiprocessing.get_context("spawn")
+        self.prep_pool = context.Pool(settings.npp, *backend.preprocess_initializer())
+        self.export_pool = context.Pool(settings.nps)
+        # Pool silently replaces a dead process and the task it held never returns: watch the originals.
+        self.pool_processes = list(self.prep_pool._pool) + list(self.export_pool._pool)
+        self.exporting: list[tuple[WorkCase, object, float]] = []
+
+    def close(self) -> None:
+        for pool in (self.prep_pool, self.export_pool):
+            pool.close()
+            pool.join()
+
+    def run(self, feed, emit: Callable[[tuple], None]) -> None:
+        """Predict every case the feed gives (see worker.CaseFeed) until it is exhausted."""
+        self.emit, self.feed = emit, feed
+        preparing: deque = deque()
+        while True:
+            while len(preparing) < self.settings.npp + 1 and (case := feed.take()) is not None:
+                if case.verify_existing and self._existing_output_decodes(case.id):
+                    emit(("done", case.id, None, True))
+                    continue
+                emit(("stage", case.id, "preprocess"))
+                job = self.prep_pool.apply_async(self.backend.preprocess, (case.files, case.prev_stage_file))
+                preparing.append((case, time.monotonic(), job))
+            if not preparing:
+                if feed.exhausted():
+                    break
+                self._wait(lambda: feed.has_cases() or feed.exhausted())
+                continue
+            case, started, pending = preparing.popleft()
+            self._wait(pending.ready)
+            try:
+                data, properties = pending.get()
+            except UnreadableInput as exc:
+                self._case_error(case, f"cannot read the scan: {exc}", "permanent", exc)
+                continue
+            except Exception as exc:
+                self._case_error(case, f"preprocessing failed: {describe(exc)}", "retry", exc)
+                continue
+            self._predict_and_export(case, started, data, properties)
+        self._wait(lambda: not self.exporting)
+
+    def _case_error(self, case: WorkCase, error: str, kind: str, exc: BaseException) -> None:
+        """Report one failed attempt; the case's traceback goes to this worker's log."""
+        if is_disk_full(exc):
+            kind = "disk_full"
+        print(f"\ncase {case.id}: {error}", flush=True)
+        traceback.print_exception(exc)
+        self.emit(("case_error", case.id, error, kind))
+
+    def _predict_and_export(self, case: WorkCase, started: float, data, properties) -> None:
+        self._wait(lambda: len(self.exporting) <= self.settings.nps)  # bounded: memory!
+        self.emit(("stage", case.id, "predict"))
+        print(f"\nPredicting {case.id}", flush=True)
+        last_report = [0.0]
+
+        def on_step(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last_report[0] >= STEP_REPORT_EVERY_S or done == total:
+                last_report[0] = now
+                self.emit(("step", case.id, done, total))
+
+        try:
+            logits = self.backend.predict(case.id, data, on_step)
+        except Exception as exc:
+            kind = self.backend.prediction_error_kind(exc)
+            if kind == "device":  # the CUDA context is unusable: nothing more can run in this process
+                traceback.print_exception(exc)
+                raise WorkerEnds(f"CUDA error while predicting {case.id}: {describe(exc)}", "device") from exc
+            self._case_error(case, f"prediction failed: {describe(exc)}", kind, exc)
+            if kind == "oom":
+                raise WorkerEnds("CUDA out of memory: the worker restarts to free its GPU memory", "restart") from exc
+            return
+        self.emit(("stage", case.id, "export"))
+        job = self.export_pool.apply_async(
+            self.backend.export, self.backend.export_args(logits, properties, os.path.join(self.tmp_dir, case.id))
+        )
+        self.exporting.append((case, job, started))
+
+    def _wait(self, condition: Callable[[], bool]) -> None:
+        """Wait for `condition` while finishing exports and watching the pools. It sends nothing
+        by itself: the supervisor's watchdog listens for progress, not for a live loop."""
+        while True:
+            self.feed.poll()
+            self._collect_exports()
+            if condition():
+                return
+            dead = [p for p in self.pool_processes if not p.is_alive()]
+            if dead:
+                code = dead[0].exitcode
+                if code is not None and -code in STOP_SIGNALS:  # SLURM/systemd signal every process
+                    raise WorkerEnds(f"a helper process was stopped ({signal.Signals(-code).name})", "interrupted")
+                oom = "; killed, likely by the OOM killer" if code == -signal.SIGKILL else ""
+                raise WorkerEnds(f"an nnU-Net helper process died (exit code {code}{oom})", "helper")
+            time.sleep(POLL_S)
+
+    def _collect_exports(self) -> None:
+        still = []
+        for case, job, started in self.exporting:
+            if not job.ready():
+                still.append((case, job, started))
+                continue
+            try:
+                job.get()
+                move_into_place(
+                    self.tmp_dir,
+                    self.out_dir,
+                    case_outputs(case.id, self.backend.file_ending, self.settings.save_probabilities),
+                )
+            except Exception as exc:
+                self._case_error(case, f"export failed: {describe(exc)}", "retry", exc)
+                continue
+            print(f"done with {case.id}: moved into place", flush=True)
+            self.emit(("done", case.id, round(time.monotonic() - started, 3), False))
+        self.exporting = still
+
+    def _existing_output_decodes(self, case_id: str) -> bool:
+        names = case_outputs(case_id, self.backend.file_ending, self.settings.save_probabilities)
+        try:
+            for name in names:
+                path = os.path.join(self.out_dir, name)
+                if path.endswith(".gz"):
+                    # SimpleITK returns wrong voxels from a truncated .gz without an error;
+                    # the gzip stream's length and CRC check catch it.
+                    with gzip.open(path, "rb") as f:
+                        while f.read(1 << 20):
+                            pass
+                self.backend.read_output(path)
+            return True
+        except Exception:
+            return False

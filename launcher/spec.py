@@ -1,0 +1,76 @@
+"""What the supervisor and a worker tell each other: the worker's spec, the cases it gets, and
+the messages on its pipe. Imported by both sides (no import circle between worker and pipeline).
+
+Worker -> supervisor messages (tuples, first item the kind):
+  ("hello", pid)                        process started, pinned
+  ("ready",)                            model loaded, pools up
+  ("stage", case, stage)                a case entered preprocess / predict / export
+  ("step", case, done, total)           sliding-window steps of the predicting case (progress)
+  ("done", case, seconds, verified)     output moved into place (verified: an existing one kept)
+  ("case_error", case, error, kind)     one attempt failed; kind is one of ERROR_KINDS
+  ("note", case, text)                  something worth a log line
+  ("fatal", error, kind)                the worker ends itself; kind is one of FATAL_KINDS
+  ("finished",)                         the feed is exhausted, every case handed back
+Supervisor -> worker: ("cases", [WorkCase...]) and ("no_more",).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STAGES = ("preprocess", "predict", "export")
+
+# case_error kinds: "retry" (may pass next time), "permanent" (cannot change on a retry: the scan
+# is unreadable), "disk_full" (not the case's fault: the run stops), "oom" (CUDA out of memory even
+# after nnU-Net's own fallback: retry alone in a fresh worker, whose GPU memory is all free)
+ERROR_KINDS = ("retry", "permanent", "disk_full", "oom")
+# fatal kinds: "crash" (an ordinary failure of the worker), "helper" (an nnU-Net helper process
+# died: blame its case), "device" (a CUDA error that leaves the context unusable), "restart" (the
+# worker ends itself on purpose after an "oom" case error), "interrupted" (a stop signal reached it)
+FATAL_KINDS = ("crash", "helper", "device", "restart", "interrupted")
+
+# Exit code of a worker that was stopped by SIGTERM/SIGINT (an interruption, charged to nobody).
+WORKER_EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as a shell reports it
+
+
+@dataclass(frozen=True)
+class WorkCase:
+    id: str
+    files: tuple[str, ...]
+    prev_stage_file: str | None = None
+    verify_existing: bool = False  # an output is in OUT but not journaled: keep it if it decodes
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    model_folder: str
+    folds: tuple[str, ...]
+    checkpoint: str
+    step_size: float
+    disable_tta: bool
+    verbose: bool
+    save_probabilities: bool
+    device: str  # "cuda" or "cpu"
+    threads: int
+    npp: int
+    nps: int
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    part_id: int
+    attempt: int
+    device_key: str
+    gpu_uuid: str | None
+    supervisor_pid: int
+    out_dir: str
+    tmp_dir: str
+    log_path: str
+    settings: PredictSettings
+    cases: tuple[WorkCase, ...]
+    more_to_come: bool  # the supervisor keeps sending cases until "no_more"
+
+
+class UnreadableInput(Exception):
+    """A case's scan cannot be read (truncated, corrupt, channels that differ): a retry cannot
+    change that. Raised in a preprocessing helper; pickled back to the worker."""

@@ -1,0 +1,122 @@
+"""The case book, the one owner of case state: random event sequences keep every case in exactly
+one place, and the journal written from the book's updates always agrees with it."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from launcher.journal import Journal
+from launcher.scheduler import DONE, FAILED, PENDING, CaseBook
+
+CASES = [f"c{i}" for i in range(8)]
+WORK = {c: float(i + 1) for i, c in enumerate(CASES)}
+WORKERS = 3
+
+event = st.one_of(
+    st.tuples(st.just("take"), st.integers(0, WORKERS - 1), st.booleans()),
+    st.tuples(st.just("stage"), st.sampled_from(CASES), st.sampled_from(["preprocess", "predict", "export"])),
+    st.tuples(st.just("finish"), st.sampled_from(CASES)),
+    st.tuples(st.just("charge"), st.sampled_from(CASES), st.booleans(), st.booleans()),
+    st.tuples(st.just("release"), st.sampled_from(CASES), st.booleans()),
+    st.tuples(st.just("worker_dies"), st.integers(0, WORKERS - 1)),
+    st.tuples(
+        st.just("give_up"),
+    ),
+)
+
+
+def _journal(tmp_path_factory) -> Journal:
+    journal = Journal.open(str(tmp_path_factory.mktemp("j") / "journal.sqlite"))
+    journal.start_run({}, [(0, "cpu", None)], dict.fromkeys(CASES))
+    return journal
+
+
+def _journal_states(journal: Journal) -> dict[str, str]:
+    return dict(journal.db.execute("SELECT id, state FROM cases"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=st.lists(event, max_size=60), static=st.booleans())
+def test_random_events_keep_every_case_in_exactly_one_place_and_the_journal_agrees(tmp_path_factory, events, static):
+    journal = _journal(tmp_path_factory)
+    parts = {c: i % 2 for i, c in enumerate(CASES)} if static else None
+    book = CaseBook(WORK, {}, {}, parts)
+    for ev in events:
+        kind = ev[0]
+        if kind == "take":
+            key = (ev[1] % 2) if static else None
+            _, updates = book.take(key, ev[1], ev[1], solo=ev[2], now=1.0)
+        elif kind == "stage":
+            updates = book.enter_stage(ev[1], ev[2], 1.0, "cpu", 1.0)
+        elif kind == "finish":
+            updates = book.finish(ev[1], 1.0, 2.0)
+        elif kind == "charge":
+            updates = book.charge(ev[1], "boom", final=ev[2], retries=1, solo=ev[3], now=2.0)
+        elif kind == "release":
+            updates = book.release([ev[1]], solo=ev[2])
+        elif kind == "worker_dies":
+            updates = book.release(book.on_worker(ev[1]))
+        else:
+            updates = book.fail_queued(book.queued_keys(), "gave up", 3.0)
+        journal.apply(updates)
+
+        places = {c: book.place(c) for c in CASES}
+        queued = book.queued(any_key=True)
+        assert queued == sum(1 for p in places.values() if p == PENDING), "each queued case is queued once"
+        assert len(book.flights) + queued + len(book.done) + len(book.failed) == len(CASES)
+        assert not (book.done & set(book.failed)) and not (set(book.flights) & book.done)
+        assert _journal_states(journal) == places, "the journal is the book's durable log"
+        for case_id, flight in book.flights.items():
+            assert flight.worker in range(WORKERS) and case_id in book.on_worker(flight.worker)
+    journal.close()
+
+
+def test_charged_attempts_fail_a_case_after_its_retries_and_a_final_error_at_once():
+    book = CaseBook({"a": 1.0, "b": 2.0}, {}, {})
+    for attempt in range(3):
+        case_id, _ = book.take(None, 0, 0, solo=attempt > 0, now=0.0)
+        assert case_id == "b", "the largest first, then from the queue of cases retried alone"
+        book.enter_stage("b", "predict", 0.0, "cpu", 0.0)
+        (row,) = book.charge("b", "boom", final=False, retries=2, solo=True, now=1.0)
+        assert row[1]["attempts"] == attempt + 1
+    assert book.place("b") == FAILED and row[1]["state"] == FAILED
+    case_id, _ = book.take(None, 0, 0, solo=False, now=0.0)
+    book.enter_stage(case_id, "preprocess", 0.0, "cpu", 0.0)
+    (row,) = book.charge(case_id, "unreadable", final=True, retries=2, solo=False, now=1.0)
+    assert book.place("a") == FAILED and row[1]["attempts"] == 1
+
+
+def test_a_released_attempt_is_not_counted_and_a_resumed_book_keeps_done_and_failed():
+    book = CaseBook({"a": 1.0}, {}, {"a": 1})
+    book.take(None, 0, 0, solo=False, now=0.0)
+    (stage_row,) = book.enter_stage("a", "predict", 0.0, "gpu0", 5.0)
+    assert stage_row[1]["attempts"] == 2 and stage_row[1]["started"] == 5.0
+    (row,) = book.release(["a"])
+    assert row[1] == {"state": PENDING, "stage": None, "attempts": 1}
+    resumed = CaseBook({"a": 1.0, "b": 1.0, "c": 1.0}, {"a": DONE, "b": FAILED, "c": PENDING}, {})
+    assert (resumed.place("a"), resumed.place("b"), resumed.place("c")) == (DONE, FAILED, PENDING)
+
+
+def test_journal_write_on_a_full_disk_raises_a_clear_error_and_leaves_no_transaction_open(tmp_path):
+    from launcher.journal import JournalWriteError
+
+    journal = Journal.open(str(tmp_path / "journal.sqlite"))
+    journal.start_run({}, [(0, "cpu", None)], {f"case_{i}": None for i in range(10)})
+    pages = journal.db.execute("PRAGMA page_count").fetchone()[0]
+    journal.db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "database or disk is full"
+    try:
+        big = "x" * 100_000
+        for _ in range(3):
+            journal.event("note", None, None, big)
+        raise AssertionError("the journal should be full")
+    except JournalWriteError as exc:
+        assert "database or disk is full" in str(exc) and "journal.sqlite" in str(exc)
+    assert not journal.db.in_transaction
+    try:
+        journal.db.execute("SELECT COUNT(*) FROM cases").fetchone()
+    except sqlite3.Error as exc:  # pragma: no cover - the journal must stay readable
+        raise AssertionError(exc) from exc
+    journal.close()

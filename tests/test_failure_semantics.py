@@ -1,0 +1,285 @@
+"""Failure semantics through the real supervisor, workers, pools, journal and signals, with the
+fault-injecting stand-in for nnU-Net (launcher/fake_backend.py): crash isolation, the progress
+watchdog, interruptions that charge nothing, reruns that retry failed cases, a full disk.
+Seconds per test; tests/test_failure_policy.py proves the same with real nnU-Net."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import (
+    assert_fake_outputs,
+    case_rows,
+    cli,
+    copy_outputs_mtimes,
+    fake_env,
+    run_args,
+    status_json,
+    wait_gone,
+)
+from launcher.worker import FAULTY_DEVICES_ENV
+
+
+@pytest.fixture
+def cases(tiny, tmp_path) -> dict:
+    """24 cases (copies of the tiny ones under new names) and the tiny model."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    sources = sorted(tiny["inputs"].glob("*_0000.nii.gz"))
+    ids = [f"case_{i:03d}" for i in range(24)]
+    for i, case_id in enumerate(ids):
+        os.link(sources[i % len(sources)], inputs / f"{case_id}_0000.nii.gz")
+    return {"inputs": inputs, "model": tiny["model"], "ids": ids}
+
+
+def _run(cases, out, env, *extra, timeout=120):
+    return cli(*run_args(cases, out, *extra), env=env, timeout=timeout)
+
+
+def _events(out, kind=None) -> list[tuple]:
+    db = sqlite3.connect(f"file:{out / '.nnunet-launch' / 'journal.sqlite'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT kind, part, case_id, message FROM events ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def test_a_case_that_kills_its_worker_every_time_fails_alone_on_one_worker_and_the_rest_is_predicted(cases, tmp_path):
+    out = tmp_path / "out"
+    result = _run(cases, out, fake_env(tmp_path, {"case_005": "crash"}), "--workers", "1")
+    assert result.returncode == 1, result.stderr
+    others = [c for c in cases["ids"] if c != "case_005"]
+    assert_fake_outputs(out, cases["inputs"], others)
+    status = status_json(out)
+    assert status["done"] == 23 and [f["case"] for f in status["failed_cases"]] == ["case_005"]
+    assert "alone" in status["failed_cases"][0]["error"] and "SIGSEGV" in status["failed_cases"][0]["error"]
+    assert "case_005 is suspected and will be retried alone" in result.stdout
+    assert case_rows(out)["case_005"]["attempts"] == "3", "1 + --case-retries 2, all of them alone"
+    assert "gave up" not in result.stdout and "suspected (" not in result.stdout, "the device was not blamed"
+    assert "FAILED case_005" in result.stderr
+
+
+def test_a_burst_of_external_kills_delays_the_run_but_fails_nothing(cases, tmp_path, launch):
+    out = tmp_path / "out"
+    run = launch(run_args(cases, out, "--workers", "2"), env=fake_env(tmp_path, case_seconds=0.4))
+    rng = random.Random(7)
+    kills = 0
+    run.wait_until(lambda: (status_json(out) or {}).get("done", 0) >= 1, 60, "a case done")
+    while kills < 8 and run.proc.poll() is None:
+        run.sample_tree()
+        victims = [p for p in run.seen if p != run.proc.pid and _alive(p)]
+        if victims:
+            os.kill(rng.choice(sorted(victims)), signal.SIGKILL)  # a worker or one of its helpers
+            kills += 1
+        time.sleep(rng.uniform(0.5, 1.5))
+    code, stdout, stderr = run.wait(timeout=180)
+    assert kills >= 6
+    assert code == 0, stdout + stderr
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+    assert "gave up" not in stdout
+    assert all(row["state"] == "done" for row in case_rows(out).values())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_helper_that_hangs_is_caught_by_the_progress_watchdog_and_its_case_retried_alone(cases, tmp_path):
+    out = tmp_path / "out"
+    env = fake_env(tmp_path, {"case_003": "helper_hang:1", "case_007": "helper_hang"})
+    result = _run(cases, out, env, "--workers", "2", "--hang-timeout", "2")
+    assert result.returncode == 1, result.stderr
+    assert "hung: no progress for 2 s (case_003 in preprocess" in result.stdout
+    assert_fake_outputs(out, cases["inputs"], [c for c in cases["ids"] if c != "case_007"])
+    rows = case_rows(out)
+    assert rows["case_003"]["state"] == "done" and rows["case_003"]["attempts"] == "1", "suspected, not charged"
+    assert rows["case_007"]["state"] == "failed" and "hung" in rows["case_007"]["error"]
+
+
+def test_a_long_prediction_that_reports_progress_is_not_a_hang_but_a_silent_one_is(cases, tmp_path):
+    out = tmp_path / "out"
+    env = fake_env(tmp_path, {"case_001": "slow:6", "case_002": "hang:1"})
+    result = _run(cases, out, env, "--workers", "2", "--hang-timeout", "2.5")
+    assert result.returncode == 0, result.stderr
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+    assert "case_001 in" not in result.stdout, "6 s of sliding-window steps, each under 2.5 s apart"
+    assert re.search(r"hung: no progress for \d+ s \([^)]*case_002 in predict", result.stdout), result.stdout
+
+
+def _signal_every_process(run) -> None:
+    """What SLURM and systemd do: SIGTERM to every process of the job at once."""
+    run.sample_tree()
+    for pid in [run.proc.pid, *run.seen]:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def test_sigterm_to_every_process_three_times_charges_nothing_spawns_nothing_and_a_rerun_finishes(
+    cases, tmp_path, launch
+):
+    out = tmp_path / "out"
+    env = fake_env(tmp_path, case_seconds=0.5)
+    args = run_args(cases, out, "--workers", "2")
+    for round_ in range(3):
+        run = launch(args, env=env)
+        done_before = (status_json(out) or {}).get("done", 0)
+        run.wait_until(lambda b=done_before: (status_json(out) or {}).get("done", 0) > b + 1, 60, "cases done")
+        run.wait_until(lambda r=run: len(r.seen) >= 4, 30, "workers and helpers up")
+        _signal_every_process(run)
+        code, stdout, stderr = run.wait(timeout=60)
+        assert code == 130, stdout + stderr
+        assert "worker died" not in stdout and "suspected" not in stdout, f"round {round_}: an interruption"
+        assert wait_gone(list(run.seen), run.seen, timeout=10) == []
+        events = [e[0] for e in _events(out)]
+        last = len(events) - 1 - events[::-1].index("interrupted")
+        assert "spawn" not in events[last:], "nothing spawned after the stop signal"
+        status = status_json(out)
+        assert status["failed"] == 0 and status["running"] == 0
+    result = _run(cases, out, env, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+    assert {row["attempts"] for row in case_rows(out).values()} == {"1"}, "no interrupted attempt counted"
+
+
+def test_a_sigterm_to_the_supervisor_alone_is_an_interruption_too(cases, tmp_path, launch):
+    out = tmp_path / "out"
+    run = launch(run_args(cases, out, "--workers", "2", "--fresh"), env=fake_env(tmp_path, case_seconds=0.5))
+    run.wait_until(lambda: (status_json(out) or {}).get("done", 0) >= 2, 60, "cases done")
+    run.proc.send_signal(signal.SIGTERM)
+    code, stdout, stderr = run.wait(timeout=60)
+    assert code == 130
+    assert "worker died" not in stdout
+    hint = next(line for line in stderr.splitlines() if "resume with:" in line)
+    assert "--fresh" not in hint, "pasting the hint must not discard the finished outputs"
+    assert "--workers 2" in hint
+
+
+def test_a_failed_case_is_retried_by_the_same_command_once_its_scan_is_fixed(cases, tmp_path):
+    out = tmp_path / "out"
+    env = fake_env(tmp_path, {"case_004": "unreadable"})
+    first = _run(cases, out, env, "--workers", "2")
+    assert first.returncode == 1
+    assert (
+        "FAILED case_004: cannot read the scan: RuntimeError: Exception thrown in SimpleITK ReadImage" in first.stderr
+    )
+    assert case_rows(out)["case_004"]["attempts"] == "1", "a reader error cannot change: no retry"
+    log = next(line for line in first.stdout.splitlines() if "case case_004:" in line).split("log: ")[1].rstrip(")")
+    log_text = open(log).read()
+    assert "case case_004: cannot read the scan" in log_text and "Traceback" in log_text
+    before = copy_outputs_mtimes(out)
+
+    second = _run(cases, out, fake_env(tmp_path), "--workers", "2")
+    assert second.returncode == 0, second.stderr
+    assert "1 failed case(s) of the last run tried again" in second.stdout
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+    after = copy_outputs_mtimes(out)
+    assert {n: after[n] for n in before if n.startswith("case_")} == {
+        n: m for n, m in before.items() if n.startswith("case_")
+    }
+
+
+def test_a_full_disk_stops_the_run_with_a_clear_line_and_the_next_run_resumes(cases, tmp_path):
+    out = tmp_path / "out"
+    first = _run(cases, out, fake_env(tmp_path, {"case_006": "disk_full:1"}), "--workers", "2")
+    assert first.returncode == 75, first.stdout + first.stderr
+    assert "No space left on device" in first.stdout
+    status = status_json(out)
+    assert status["failed"] == 0 and "case_006" not in {f["case"] for f in status["failed_cases"]}
+    second = _run(cases, out, fake_env(tmp_path, {"case_006": "disk_full:1"}), "--workers", "2")
+    assert second.returncode == 0, second.stderr
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+
+
+def test_out_of_memory_retries_the_case_alone_in_a_fresh_worker_and_a_cuda_error_ends_the_worker(cases, tmp_path):
+    out = tmp_path / "out"
+    env = fake_env(tmp_path, {"case_002": "oom:1", "case_009": "cuda_error:1"})
+    result = _run(cases, out, env, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+    assert "case case_002: prediction failed: FakeOutOfMemory" in result.stdout
+    assert "will retry alone in a new worker" in result.stdout
+    assert "CUDA error while predicting case_009" in result.stdout
+    assert "[cpu] suspected (1 unexplained death(s) in a row" in result.stdout, "a CUDA error counts against the device"
+    rows = case_rows(out)
+    assert rows["case_002"]["attempts"] == "2" and rows["case_009"]["attempts"] == "1"
+
+
+@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+def test_a_device_whose_workers_always_die_rests_while_the_others_take_its_cases(cases, tmp_path, schedule):
+    out = tmp_path / "out"
+    env = {**fake_env(tmp_path), FAULTY_DEVICES_ENV: "cpu-slot-0"}
+    result = _run(cases, out, env, "--workers", "2", "--schedule", schedule)
+    assert result.returncode == 0, result.stderr
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+    assert "[cpu] suspected (1 unexplained death(s) in a row" in result.stdout
+    assert "no case was running: counted against the device" in result.stdout
+    parts = {p["part_id"]: p for p in status_json(out)["parts"]}
+    assert parts[1]["done"] + parts[0]["done"] == 24 and parts[1]["done"] >= 12
+
+
+def test_the_run_ends_unfinished_only_when_the_last_part_exceeds_max_restarts(cases, tmp_path):
+    out = tmp_path / "out"
+    env = {**fake_env(tmp_path), FAULTY_DEVICES_ENV: "cpu-slot-0"}
+    result = _run(cases, out, env, "--workers", "1", "--max-restarts", "1")
+    assert result.returncode == 1
+    assert "part 0 gave up: its worker died 2 times without finishing a case (--max-restarts 1" in result.stdout
+    assert "24 case(s) not predicted: every worker that could run it gave up" in result.stdout
+    assert not [p for p in out.iterdir() if p.name.startswith("case_")]
+
+
+def test_status_reads_an_output_folder_whose_path_needs_percent_encoding(cases, tmp_path):
+    out = tmp_path / "a%20b #c?d"
+    result = _run(cases, out, fake_env(tmp_path), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    status = cli("status", str(out), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["done"] == 24
+
+
+def test_an_internal_error_exits_70_with_the_traceback_in_supervisor_log(cases, tmp_path):
+    out = tmp_path / "out"
+    script = (
+        "import sys\n"
+        "from launcher import supervisor\n"
+        "def broken(self): raise KeyError('a bug')\n"
+        "supervisor.Supervisor.run = broken\n"
+        "from launcher.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *run_args(cases, out, "--workers", "1")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **fake_env(tmp_path)},
+        timeout=120,
+    )
+    assert result.returncode == 70, result.stderr
+    assert "internal error: KeyError" in result.stderr
+    log = (out / ".nnunet-launch" / "logs" / "supervisor.log").read_text()
+    assert "Traceback" in log and "KeyError: 'a bug'" in log
+    assert json.loads((out / ".nnunet-launch" / "summary.json").read_text())["exit_code"] == 70
+
+
+def test_fresh_is_refused_as_a_config_file_setting(cases, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("fresh = true\n")
+    result = cli(*run_args(cases, tmp_path / "out", "--config", str(config)))
+    assert result.returncode == 2
+    assert "'fresh' cannot be a setting" in result.stderr
+    assert not (tmp_path / "out").exists()
