@@ -1,72 +1,147 @@
-"""Hangs, poison cases and sick devices, with real processes and real nnU-Net on the CPU."""
+"""The failure semantics with real nnU-Net on the CPU, real processes and real signals: a case
+that kills its worker every time, helpers that hang, SIGTERM to every process, a failed case
+whose scan is replaced. (tests/test_failure_semantics.py covers the rest with the fast stand-in.)"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import sqlite3
+import time
 
-import pytest
+import psutil
 
-from conftest import assert_same_predictions, cli, run_args, status_json
+from conftest import assert_same_predictions, case_rows, cli, copy_outputs_mtimes, run_args, status_json, wait_gone
 from launcher.worker import FAULTY_DEVICES_ENV
 
 
-def _ready_worker_pids(out) -> list[int]:
-    status = status_json(out)
-    return [p["worker_pid"] for p in (status or {}).get("parts", []) if p["worker_pid"] and p["done"] >= 1]
+def _running_stage(out, case_id: str) -> tuple[int, str] | None:
+    """(part, stage) of a case a worker has started, read from the journal, or None."""
+    path = out / ".nnunet-launch" / "journal.sqlite"
+    if not path.exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        row = db.execute(
+            "SELECT part, stage FROM cases WHERE id=? AND state='running' "
+            "AND stage IN ('preprocess', 'predict', 'export')",
+            (case_id,),
+        ).fetchone()
+        return tuple(row) if row else None
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
 
 
-def test_stopped_worker_is_killed_after_the_hang_timeout_and_its_part_finishes(small, tmp_path, launch):
+def _worker_pid(out, part: int) -> int | None:
+    status = status_json(out) or {}
+    return next((p["worker_pid"] for p in status.get("parts", []) if p["part_id"] == part), None)
+
+
+def test_a_case_that_kills_its_worker_every_time_fails_alone_and_every_other_case_is_predicted(small, tmp_path, launch):
     out = tmp_path / "out"
-    run = launch(run_args(small, out, "--workers", "2", "--hang-timeout", "8"))
-    run.wait_until(lambda: len(_ready_worker_pids(out)) >= 1, 240, "a worker finished a case")
-    victim = _ready_worker_pids(out)[0]
-    os.kill(victim, signal.SIGSTOP)
-    code, stdout, stderr = run.wait(timeout=300)
-    assert code == 0, stderr
-    assert "hung: no progress for" in stdout and "hang timeout 8 s" in stdout
-    assert_same_predictions(out, small["reference"])
-    assert sum(p["restarts"] for p in status_json(out)["parts"]) == 1
+    victim = "case_001"  # the largest of the small set: it is first, and long enough to catch
+    run = launch(run_args(small, out, "--workers", "1"))
+    kills = 0
+    while run.proc.poll() is None:
+        run.sample_tree()
+        running = _running_stage(out, victim)
+        pid = _worker_pid(out, running[0]) if running else None
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)  # whatever stage it is in, it kills its worker
+                kills += 1
+                run.wait_until(lambda p=pid: _worker_pid(out, 0) != p, 30, "the death noticed")
+            except (ProcessLookupError, AssertionError):
+                pass
+        time.sleep(0.05)
+    code, stdout, stderr = run.wait()
+    assert code == 1, stdout + stderr
+    assert kills >= 3
+    status = status_json(out)
+    assert [f["case"] for f in status["failed_cases"]] == [victim] and status["done"] == 5
+    assert "alone" in status["failed_cases"][0]["error"]
+    assert_same_predictions(out, small["reference"], without=(f"{victim}.nii.gz",))
+    assert case_rows(out)[victim]["attempts"] == "3"
+    assert "gave up" not in stdout
     assert run.alive_descendants() == []
 
 
-def test_corrupt_case_fails_alone_with_its_reason_and_every_other_output_matches(small, tmp_path):
+def test_helpers_stopped_under_a_live_worker_are_caught_and_the_run_finishes(small, tmp_path, launch):
+    out = tmp_path / "out"
+    run = launch(run_args(small, out, "--workers", "1", "--hang-timeout", "10"))
+    run.wait_until(lambda: (status_json(out) or {}).get("done", 0) >= 1, 240, "a case done")
+    worker = psutil.Process(_worker_pid(out, 0))
+    helpers = [p for p in worker.children(recursive=True)]
+    assert len(helpers) >= 2, "nnU-Net's preprocessing and export processes"
+    for helper in helpers:
+        helper.send_signal(signal.SIGSTOP)
+    code, stdout, stderr = run.wait(timeout=300)
+    assert code == 0, stdout + stderr
+    assert "hung: no progress for" in stdout and "limit 10 s" in stdout
+    assert_same_predictions(out, small["reference"])
+    assert {row["state"] for row in case_rows(out).values()} == {"done"}
+    assert run.alive_descendants() == []
+
+
+def test_sigterm_to_every_process_three_times_then_the_same_command_finishes_with_nothing_failed(
+    small, tmp_path, launch
+):
+    out = tmp_path / "out"
+    args = run_args(small, out, "--workers", "2")
+    for round_ in range(3):
+        run = launch(args)
+        run.wait_until(lambda r=run: len(r.seen) >= 6, 240, "workers and their helpers up")
+        run.wait_until(lambda: any(_running_stage(out, c) for c in small["ids"]), 240, "a case in flight")
+        for pid in [run.proc.pid, *run.seen]:  # as SLURM and systemd do
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        code, stdout, stderr = run.wait(timeout=60)
+        assert code == 130, f"round {round_}: {stdout}{stderr}"
+        assert "worker died" not in stdout and "suspected" not in stdout
+        assert wait_gone(list(run.seen), run.seen, timeout=10) == []
+        assert status_json(out)["failed"] == 0
+    result = cli(*args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert_same_predictions(out, small["reference"])
+    assert {row["attempts"] for row in case_rows(out).values()} == {"1"}, "interrupted attempts were not counted"
+
+
+def test_an_unreadable_scan_fails_at_once_and_the_same_command_predicts_it_once_replaced(small, tmp_path):
     inputs = tmp_path / "inputs"
     shutil.copytree(small["inputs"], inputs)
+    good = (inputs / "case_002_0000.nii.gz").read_bytes()
     (inputs / "case_002_0000.nii.gz").write_bytes(b"\x1f\x8b not really a gzip stream")
+    data = {**small, "inputs": inputs}
     out = tmp_path / "out"
-    result = cli(*run_args({**small, "inputs": inputs}, out, "--workers", "2"), timeout=300)
+    result = cli(*run_args(data, out, "--workers", "2"), timeout=300)
     assert result.returncode == 1, result.stderr
-    assert "FAILED case_002: preprocessing failed:" in result.stderr
+    assert "FAILED case_002: cannot read the scan: RuntimeError:" in result.stderr
+    assert "ImageIO" in result.stderr or "SimpleITK" in result.stderr, "the reader's own words"
+    assert case_rows(out)["case_002"]["attempts"] == "1", "a retry cannot change an unreadable scan"
     assert_same_predictions(out, small["reference"], without=("case_002.nii.gz",))
-    status = status_json(out)
-    assert status["done"] == 5 and status["failed"] == 1
-    assert [f["case"] for f in status["failed_cases"]] == ["case_002"]
-    rows = (out / ".nnunet-launch" / "cases.csv").read_text().splitlines()
-    assert any(r.startswith("case_002,") and ",failed,3," in r for r in rows), "three attempts: 1 + 2 retries"
+    log = next(line for line in result.stdout.splitlines() if "case case_002:" in line).split("log: ")[1].rstrip(")")
+    log_text = open(log).read()
+    assert "case case_002: cannot read the scan" in log_text and "Traceback" in log_text
+    before = {n: m for n, m in copy_outputs_mtimes(out).items() if n.startswith("case_")}
 
-
-@pytest.mark.parametrize("schedule", ["static", "dynamic"])
-def test_device_whose_workers_always_die_is_dropped_and_the_run_completes_on_the_others(small, tmp_path, schedule):
-    out = tmp_path / "out"
-    args = run_args(small, out, "--workers", "2", "--schedule", schedule)
-    result = cli(*args, env={FAULTY_DEVICES_ENV: "cpu-slot-0"}, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "[cpu] dropped from the run: workers died 3 times in a row" in result.stdout
+    (inputs / "case_002_0000.nii.gz").write_bytes(good)
+    again = cli(*run_args(data, out, "--workers", "2"), timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "1 failed case(s) of the last run tried again" in again.stdout
     assert_same_predictions(out, small["reference"])
-    parts = {p["part_id"]: p for p in status_json(out)["parts"]}
-    assert parts[0]["restarts"] == 3
-    if schedule == "static":  # the part keeps its cases and moves to the healthy slot
-        assert "[part 0] continues on cpu (slot of part 1)" in result.stdout
-        assert parts[0]["done"] == 3
-    else:  # its cases went back to the queue; the healthy worker took them
-        assert parts[1]["done"] == 6
+    after = copy_outputs_mtimes(out)
+    assert {n: after[n] for n in before} == before, "nothing else was rewritten"
 
 
-def test_run_ends_clearly_when_every_device_is_dropped(small, tmp_path):
+def test_a_device_whose_workers_always_die_rests_and_the_run_completes_on_the_others(small, tmp_path):
     out = tmp_path / "out"
-    result = cli(*run_args(small, out, "--workers", "1"), env={FAULTY_DEVICES_ENV: "cpu-slot-0"}, timeout=120)
-    assert result.returncode == 1
-    assert "no usable device left" in result.stderr
-    assert not [p for p in out.iterdir() if p.name.startswith("case_")]
+    result = cli(*run_args(small, out, "--workers", "2"), env={FAULTY_DEVICES_ENV: "cpu-slot-0"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "[cpu] suspected (1 unexplained death(s) in a row, last: killed by SIGSEGV); it rests 5 s" in result.stdout
+    assert_same_predictions(out, small["reference"])
+    assert {p["part_id"]: p["done"] for p in status_json(out)["parts"]} == {0: 0, 1: 6}
