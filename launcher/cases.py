@@ -21,22 +21,6 @@ class Case:
         return sum(os.path.getsize(f) for f in self.files)
 
 
-def voxels(case: Case) -> int | None:
-    """Voxel count of the case's first channel from its header (no pixel data read)."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(case.files[0])
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    count = 1
-    for size in reader.GetSize():
-        count *= size
-    return count
-
-
 def discover(input_folder: str, file_ending: str, num_channels: int) -> list[Case]:
     """Cases sorted like nnU-Net's np.unique of the names with `_XXXX<file_ending>` cropped.
 
@@ -44,14 +28,24 @@ def discover(input_folder: str, file_ending: str, num_channels: int) -> list[Cas
     nnU-Net's channel naming, or a case missing a channel, is an error here: nnU-Net itself
     would die mid-run with "Background workers died".
     """
+    return discover_with_skipped(input_folder, file_ending, num_channels)[0]
+
+
+def discover_with_skipped(input_folder: str, file_ending: str, num_channels: int) -> tuple[list[Case], list[str]]:
+    """discover(), plus the names of the files nnU-Net would skip silently (another ending)."""
     if not os.path.isdir(input_folder):
         raise LauncherError(f"input folder {input_folder!r} does not exist")
-    names = sorted(
-        n for n in os.listdir(input_folder) if n.endswith(file_ending) and os.path.isfile(os.path.join(input_folder, n))
-    )
+    with os.scandir(input_folder) as entries:
+        listing = [(e.name, e.is_file(), e.is_dir()) for e in entries]
+    names = sorted(n for n, is_file, _ in listing if is_file and n.endswith(file_ending))
+    skipped = sorted(n for n, is_file, _ in listing if is_file and not n.endswith(file_ending))
     if not names:
+        folders = sorted(
+            n for n, _, is_dir in listing if is_dir and _has_scans(os.path.join(input_folder, n), file_ending)
+        )
+        hint = f"; scans are in its subfolder {folders[0]!r}: give that folder to -i" if folders else ""
         raise LauncherError(
-            f"input folder {input_folder!r} has no file ending in {file_ending!r} (the model's file_ending)"
+            f"input folder {input_folder!r} has no file ending in {file_ending!r} (the model's file_ending){hint}"
         )
     channel_file = re.compile(r"(.*)_(\d{4})" + re.escape(file_ending))
     channels: dict[str, dict[int, str]] = {}
@@ -79,4 +73,12 @@ def discover(input_folder: str, file_ending: str, num_channels: int) -> list[Cas
                 f"case {case_id!r} has channel {extra[0]:04d}, but the model expects only {num_channels} channel(s)"
             )
         cases.append(Case(case_id, tuple(found[c] for c in range(num_channels))))
-    return cases
+    return cases, skipped
+
+
+def _has_scans(folder: str, file_ending: str) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.endswith(file_ending) for e in entries)
+    except OSError:
+        return False

@@ -81,7 +81,7 @@ def _preprocess(files: tuple[str, ...], prev_stage_file: str | None):
     if fault == "helper_crash":
         os.kill(os.getpid(), signal.SIGKILL)
     if fault == "unreadable":
-        raise UnreadableInput("RuntimeError: Exception thrown in SimpleITK ReadImage (fake: truncated file)")
+        raise UnreadableInput("cannot read the scan: RuntimeError: Exception thrown in SimpleITK ReadImage (fake)")
     return expected_output(files), {"case_id": case_id}
 
 

@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS cases (
     id TEXT PRIMARY KEY, part INTEGER, state TEXT NOT NULL DEFAULT 'pending',
     stage TEXT, attempts INTEGER NOT NULL DEFAULT 0, gpu TEXT, started REAL, ended REAL,
-    seconds REAL, error TEXT);
+    seconds REAL, error TEXT, work REAL);
 CREATE TABLE IF NOT EXISTS parts (
     part_id INTEGER PRIMARY KEY, gpu TEXT, gpu_uuid TEXT, restarts INTEGER NOT NULL DEFAULT 0,
     worker_pid INTEGER, state TEXT NOT NULL DEFAULT 'waiting');
@@ -56,6 +56,8 @@ class Journal:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
+        if "work" not in {row[1] for row in db.execute("PRAGMA table_info(cases)")}:  # a journal from 0.1
+            db.execute("ALTER TABLE cases ADD COLUMN work REAL")
         return cls(db, path)
 
     @classmethod
@@ -92,7 +94,11 @@ class Journal:
         return json.loads(row[0]) if row else None
 
     def start_run(
-        self, identity: dict, parts: list[tuple[int, str, str | None]], case_parts: dict[str, int | None]
+        self,
+        identity: dict,
+        parts: list[tuple[int, str, str | None]],
+        case_parts: dict[str, int | None],
+        work: dict[str, float] | None = None,
     ) -> tuple[int, int]:
         """Record the identity, this run's parts and cases. Cases a dead run left in flight go
         back to pending without charging that attempt; failed cases are tried again with a fresh
@@ -105,10 +111,11 @@ class Journal:
             gone = known - set(case_parts)
             db.executemany("DELETE FROM cases WHERE id=?", [(c,) for c in gone])
             # a finished case keeps the part that ran it
+            work = work or {}
             db.executemany(
-                "INSERT INTO cases (id, part) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET part=excluded.part "
-                "WHERE cases.state != 'done'",
-                case_parts.items(),
+                "INSERT INTO cases (id, part, work) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "work=excluded.work, part=CASE WHEN cases.state = 'done' THEN cases.part ELSE excluded.part END",
+                [(c, p, work.get(c)) for c, p in case_parts.items()],
             )
             db.execute(
                 "UPDATE cases SET state=?, stage=NULL, attempts=MAX(attempts - (stage IS NOT NULL AND stage != ?), 0) "
@@ -185,12 +192,15 @@ class Journal:
         db = self.db
         db.execute("BEGIN")
         try:
-            counts = dict(db.execute("SELECT state, COUNT(*) FROM cases GROUP BY state").fetchall())
-            # cases waiting in a worker's local queue have not started: pending to the user
-            held = db.execute("SELECT COUNT(*) FROM cases WHERE state=? AND stage=?", (RUNNING, HELD)).fetchone()[0]
-            counts[RUNNING] = counts.get(RUNNING, 0) - held
-            counts[PENDING] = counts.get(PENDING, 0) + held
             run_started = db.execute("SELECT MAX(started) FROM runs").fetchone()[0] or 0.0
+            counts, work = {}, {}
+            # one grouped pass; cases waiting in a worker's local queue have not started: pending
+            for state, count, total_work, work_this_run in db.execute(
+                "SELECT CASE WHEN state=? AND stage=? THEN ? ELSE state END AS shown, COUNT(*), "
+                "TOTAL(work), TOTAL(CASE WHEN ended >= ? THEN work END) FROM cases GROUP BY shown",
+                (RUNNING, HELD, PENDING, run_started),
+            ):
+                counts[state], work[state] = count, (total_work, work_this_run)
             parts = []
             for part_id, gpu, uuid, restarts, pid, state in db.execute(
                 "SELECT part_id, gpu, gpu_uuid, restarts, worker_pid, state FROM parts ORDER BY part_id"
@@ -233,6 +243,10 @@ class Journal:
             "failed": counts.get(FAILED, 0),
             "running": counts.get(RUNNING, 0),
             "pending": counts.get(PENDING, 0),
+            # estimated work (voxels x channels): the ETA comes from work left and work done per second
+            "work_left": work.get(PENDING, (0.0, 0.0))[0] + work.get(RUNNING, (0.0, 0.0))[0],
+            "work_done_this_run": work.get(DONE, (0.0, 0.0))[1],
+            "run_started": run_started,
             "parts": parts,
             "failed_cases": failed,
             "last_run": dict(zip(RUN_FIELDS, last_run, strict=True)) if last_run else None,

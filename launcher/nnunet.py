@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import pickle
 
 import numpy as np
@@ -15,6 +16,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from launcher.headers import gzip_stream_intact
 from launcher.spec import PredictSettings, UnreadableInput
 
 # CUDA errors after which the process's CUDA context is unusable (anything but out of memory).
@@ -49,6 +51,9 @@ def _read(files: tuple[str, ...], prev_stage_file: str | None):
     """Read the scan (and previous stage) as nnU-Net's preprocessor does; a failure to read
     cannot change on a retry. The reader's own words make the message (nnU-Net prints some of
     them, e.g. channels that differ in shape, then raises an empty RuntimeError)."""
+    for path in files:  # SimpleITK reads a cut .nii.gz without an error, and returns wrong voxels
+        if path.endswith(".gz") and (why := gzip_stream_intact(path)):
+            raise UnreadableInput(f"input {os.path.basename(path)} is truncated or corrupt (gzip check: {why})")
     reader = _PREP["plans_manager"].image_reader_writer_class()
     printed = io.StringIO()
     try:
@@ -59,7 +64,9 @@ def _read(files: tuple[str, ...], prev_stage_file: str | None):
         said = printed.getvalue()
         print(said, end="", flush=True)
         words = str(exc).strip().splitlines() or [line for line in said.splitlines() if line.strip()][:1]
-        raise UnreadableInput(f"{type(exc).__name__}: {words[-1] if words else 'the reader failed'}") from None
+        raise UnreadableInput(
+            f"cannot read the scan: {type(exc).__name__}: {words[-1] if words else 'the reader failed'}"
+        ) from None
     print(printed.getvalue(), end="", flush=True)
     return data, seg, properties
 

@@ -46,6 +46,13 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
+def _timed(preprocess, files: tuple[str, ...], prev_stage_file: str | None):
+    """Run in a preprocessing helper: when its work on the case really began (a case may wait
+    in the pool's queue first), and the result. A case's seconds count from there."""
+    started = time.time()
+    return started, preprocess(files, prev_stage_file)
+
+
 class CasePipeline:
     def __init__(self, backend, settings: PredictSettings, out_dir: str, tmp_dir: str):
         self.backend, self.settings, self.out_dir, self.tmp_dir = backend, settings, out_dir, tmp_dir
@@ -71,19 +78,19 @@ class CasePipeline:
                     emit(("done", case.id, None, True))
                     continue
                 emit(("stage", case.id, "preprocess"))
-                job = self.prep_pool.apply_async(self.backend.preprocess, (case.files, case.prev_stage_file))
-                preparing.append((case, time.monotonic(), job))
+                job = self.prep_pool.apply_async(_timed, (self.backend.preprocess, case.files, case.prev_stage_file))
+                preparing.append((case, job))
             if not preparing:
                 if feed.exhausted():
                     break
                 self._wait(lambda: feed.has_cases() or feed.exhausted())
                 continue
-            case, started, pending = preparing.popleft()
+            case, pending = preparing.popleft()
             self._wait(pending.ready)
             try:
-                data, properties = pending.get()
+                started, (data, properties) = pending.get()
             except UnreadableInput as exc:
-                self._case_error(case, f"cannot read the scan: {exc}", "permanent", exc)
+                self._case_error(case, str(exc), "permanent", exc)
                 continue
             except Exception as exc:
                 self._case_error(case, f"preprocessing failed: {describe(exc)}", "retry", exc)
@@ -106,6 +113,7 @@ class CasePipeline:
         last_report = [0.0]
 
         def on_step(done: int, total: int) -> None:
+            self.feed.poll()  # answer a give-back request even during a long prediction
             now = time.monotonic()
             if now - last_report[0] >= STEP_REPORT_EVERY_S or done == total:
                 last_report[0] = now
@@ -162,7 +170,7 @@ class CasePipeline:
                 self._case_error(case, f"export failed: {describe(exc)}", "retry", exc)
                 continue
             print(f"done with {case.id}: moved into place", flush=True)
-            self.emit(("done", case.id, round(time.monotonic() - started, 3), False))
+            self.emit(("done", case.id, round(time.time() - started, 3), False))
         self.exporting = still
 
     def _existing_output_decodes(self, case_id: str) -> bool:

@@ -7,9 +7,10 @@ import os
 from dataclasses import dataclass, field
 
 from launcher import gpus as gpu_inventory
-from launcher.cases import Case, discover, voxels
+from launcher.cases import Case, discover_with_skipped
 from launcher.config import RunConfig
 from launcher.errors import LauncherError
+from launcher.headers import gzip_size_mismatch, gzip_stream_intact, read_header
 from launcher.scheduler import DYNAMIC_PLAN_LOOKAHEAD, Slot, make_slots, simulate_dynamic, static_parts
 
 NNUNET_DEFAULT_PROCESSES = 3  # nnUNetv2_predict's -npp / -nps default
@@ -27,6 +28,7 @@ class Plan:
     work: dict[str, float] = field(default_factory=dict)  # estimated work per case (voxels x channels)
     largest_voxels: int = 0  # of the largest case, from its header (0: unreadable)
     warnings: list[str] = field(default_factory=list)
+    broken: dict[str, str] = field(default_factory=dict)  # cases whose input fails the gzip check: why
 
     @property
     def num_parts(self) -> int:
@@ -52,7 +54,11 @@ class Plan:
                     "gpu": s.label,
                     "gpu_uuid": s.gpu_uuid,
                     "cases": self.parts[s.part_id],
-                    **({"estimated_work": sum(self.work[c] for c in self.parts[s.part_id])} if self.work else {}),
+                    **(
+                        {"estimated_work": sum(self.work[c] for c in self.parts[s.part_id])}
+                        if self.schedule == "dynamic"
+                        else {}
+                    ),
                 }
                 for s in self.slots
             ],
@@ -65,24 +71,29 @@ def available_cores() -> int:
 
 def make_plan(config: RunConfig) -> Plan:
     model = config.model
-    cases = discover(config.input_folder, model.file_ending, model.num_channels)
-    warnings = []
+    cases, skipped = discover_with_skipped(config.input_folder, model.file_ending, model.num_channels)
+    warnings = [_skipped_warning(skipped, model.file_ending)] if skipped else []
+    if model.previous_stage:
+        _check_prev_stage_files(config, cases)
+    work, voxels, broken = survey(cases)
+    largest = max(voxels.values(), default=0)
     if config.device == "cuda":
-        need = gpu_inventory.estimated_bytes_per_worker(model.patch_size, model.num_labels, largest_voxels(cases))
-        chosen, warnings = gpu_inventory.check_gpus(
+        need = gpu_inventory.estimated_bytes_per_worker(model.patch_size, model.num_labels, largest)
+        chosen, gpu_warnings = gpu_inventory.check_gpus(
             gpu_inventory.usable_gpus(config.gpus), config.workers_per_gpu, need, config.skip_busy
         )
+        warnings += gpu_warnings
         slots = make_slots([(g.index, g.uuid) for g in chosen], config.workers_per_gpu, 0)
     else:
         slots = make_slots([], 1, config.workers)
-    if model.previous_stage:
-        _check_prev_stage_files(config, cases)
     share = max(1, available_cores() // len(slots))
     if config.node is not None:
         cases, slots, static = _node_share(config, cases, slots)
+        owned = {c.id for c in cases}
+        work = {c: w for c, w in work.items() if c in owned}
+        broken = {c: why for c, why in broken.items() if c in owned}
     else:
         static = dict(enumerate(static_parts([c.id for c in cases], len(slots))))
-    work = estimate_work(cases) if config.schedule == "dynamic" else {}
     if config.schedule == "dynamic":
         expected = simulate_dynamic(work, len(slots), DYNAMIC_PLAN_LOOKAHEAD)[1]
         parts = {slot.part_id: ids for slot, ids in zip(slots, expected, strict=True)}
@@ -94,13 +105,43 @@ def make_plan(config: RunConfig) -> Plan:
         parts=parts,
         schedule=config.schedule,
         work=work,
-        largest_voxels=largest_voxels(cases),
+        largest_voxels=largest,
         warnings=warnings,
+        broken=broken,
         # on a GPU nnU-Net itself runs torch with one thread; on the CPU each worker gets its share
         threads=1 if config.device == "cuda" else share,
         npp=config.npp or min(share, NNUNET_DEFAULT_PROCESSES),
         nps=config.nps or min(share, NNUNET_DEFAULT_PROCESSES),
     )
+
+
+def _skipped_warning(skipped: list[str], file_ending: str) -> str:
+    shown = ", ".join(repr(n) for n in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    return f"{len(skipped)} file(s) in the input folder do not end in {file_ending!r} and are skipped: {shown}"
+
+
+def survey(cases: list[Case]) -> tuple[dict[str, float], dict[str, int], dict[str, str]]:
+    """From the headers, without decompressing an image: each case's estimated work (voxels x
+    channels; the file sizes where the header cannot be read), its voxels, and the cases whose
+    gzip trailer disagrees with the header (a cut file) and whose stream then fails to decode."""
+    work, voxels, broken = {}, {}, {}
+    for case in cases:
+        header = read_header(case.files[0])
+        if header is not None:
+            voxels[case.id] = header.voxels
+            work[case.id] = float(header.voxels * len(case.files))
+        else:
+            work[case.id] = float(sum(os.path.getsize(f) for f in case.files))
+        for index, path in enumerate(case.files):
+            if not gzip_size_mismatch(path, header):
+                continue
+            if index > 0 and not gzip_size_mismatch(path, read_header(path)):
+                continue  # this channel has another data type than the first
+            why = gzip_stream_intact(path)  # rare: only for a file whose sizes disagree
+            if why:
+                broken[case.id] = f"input {os.path.basename(path)} is truncated or corrupt (gzip check: {why})"
+                break
+    return work, voxels, broken
 
 
 def _node_share(config: RunConfig, cases: list[Case], slots: list[Slot]):
@@ -117,12 +158,6 @@ def _node_share(config: RunConfig, cases: list[Case], slots: list[Slot]):
     owned = {c for ids in mine.values() for c in ids}
     node_slots = [Slot(first + s.part_id, s.gpu_index, s.gpu_uuid) for s in slots]
     return [c for c in cases if c.id in owned], node_slots, mine
-
-
-def estimate_work(cases: list[Case]) -> dict[str, float]:
-    """Voxels x channels from each case's header (cheap: no pixel data); the file size where the
-    header cannot be read."""
-    return {c.id: float((voxels(c) or c.size_bytes) * len(c.files)) for c in cases}
 
 
 def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: int) -> str | None:
@@ -142,13 +177,6 @@ def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: in
         f"largest case ({plan.largest_voxels:,} voxels) but {available / 2**30:.1f} GiB is free; consider fewer "
         "workers or lower -npp/-nps"
     )
-
-
-def largest_voxels(cases: list[Case], candidates: int = 5) -> int:
-    """Voxels of the largest case, read from the headers of the biggest files only (reading
-    every header is not needed for this); 0 when none can be read."""
-    biggest = sorted(cases, key=lambda c: c.size_bytes, reverse=True)[:candidates]
-    return max((voxels(c) or 0 for c in biggest), default=0)
 
 
 def _check_prev_stage_files(config: RunConfig, cases: list[Case]) -> None:

@@ -35,11 +35,12 @@ def _eta(seconds: float | None) -> str:
 
 
 def overall_eta(snapshot: dict, elapsed_s: float, done_at_start: int) -> float | None:
-    done_now = snapshot["done"] - done_at_start
-    left = snapshot["total"] - snapshot["done"] - snapshot["failed"]
+    """Work left / work done per second in this run (work: voxels x channels), so that the large
+    cases done first do not make the rest look slower than it is."""
+    done_now = snapshot.get("work_done_this_run") or 0.0
     if done_now <= 0 or elapsed_s <= 0:
         return None
-    return left * elapsed_s / done_now
+    return snapshot.get("work_left", 0.0) * elapsed_s / done_now
 
 
 def render(

@@ -14,7 +14,7 @@ import psutil
 
 from launcher.config import RunConfig, output_identity, run_state_dir
 from launcher.errors import LauncherError
-from launcher.journal import DONE, Journal, JournalWriteError, OutLock
+from launcher.journal import DONE, FAILED, Journal, JournalWriteError, OutLock
 from launcher.outputs import (
     case_outputs,
     clear_tmp,
@@ -79,7 +79,7 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     state = run_state_dir(config)
     clear_tmp(tmp_dir(state))
     parts = [(s.part_id, s.label, s.gpu_uuid) for s in plan.slots]
-    run_id, retried = journal.start_run(identity, parts, plan.part_of())
+    run_id, retried = journal.start_run(identity, parts, plan.part_of(), plan.work)
     write_run_metadata(out, tmp_dir(state), config.model.folder, _predict_args(config, plan))
     states, attempts = journal.states()
     done = {c for c, s in states.items() if s == DONE}
@@ -89,12 +89,13 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
         states, attempts = journal.states()
         done -= set(vanished)
     verify = {c for c in strays if c not in done}
-    book = CaseBook(
-        plan.work or dict.fromkeys(plan.cases, 1.0),
-        states,
-        attempts,
-        plan.part_of() if plan.schedule == "static" else None,
-    )
+    broken = {c: why for c, why in plan.broken.items() if c not in done}
+    if broken:  # a cut or corrupt input is never predicted
+        journal.apply(
+            [(c, {"state": FAILED, "stage": None, "error": why, "ended": time.time()}) for c, why in broken.items()]
+        )
+        states = {**states, **dict.fromkeys(broken, FAILED)}
+    book = CaseBook(plan.work, states, attempts, plan.part_of() if plan.schedule == "static" else None)
     os.makedirs(logs_dir(state), exist_ok=True)
     supervisor_log = os.path.join(logs_dir(state), "supervisor.log")
     reporter = Reporter(
@@ -113,6 +114,8 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     )
     for warning in [*plan.warnings, *([host_memory] if host_memory else [])]:
         reporter.log(f"nnunet-launch: warning: {warning}")
+    for case_id, why in sorted(broken.items()):
+        reporter.log(f"nnunet-launch: case {case_id}: {why}; not predicted")
     exit_code = EXIT_INTERNAL_ERROR
     try:
         exit_code = Supervisor(config, plan, journal, book, verify, reporter).run()

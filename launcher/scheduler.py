@@ -62,6 +62,9 @@ class LargestFirstQueue:
         heapq.heapify(self._heap)
         self._queued = set(self.work)
 
+    def peek(self) -> str | None:
+        return self._heap[0][1] if self._heap else None
+
     def take(self) -> str | None:
         if not self._heap:
             return None
@@ -157,6 +160,8 @@ class CaseBook:
         self.done = {c for c, s in states.items() if s == DONE}
         self.failed = {c: "" for c, s in states.items() if s == FAILED}
         self.flights: dict[str, Flight] = {}
+        # work not done yet (queued and in flight): the fair share of a worker near the end
+        self.remaining_work = sum(w for c, w in work.items() if c not in self.done and c not in self.failed)
         self.queues: dict[int | None, LargestFirstQueue] = {}
         self.solo: dict[int | None, LargestFirstQueue] = {}
         for case_id in work:
@@ -182,6 +187,13 @@ class CaseBook:
 
     def queued_keys(self) -> set[int | None]:
         return {k for queues in (self.queues, self.solo) for k, q in queues.items() if q}
+
+    def peek(self, key: int | None, solo: bool) -> str | None:
+        queue = (self.solo if solo else self.queues).get(key)
+        return queue.peek() if queue else None
+
+    def held_work(self, worker: int) -> float:
+        return sum(self.work[c] for c, f in self.flights.items() if f.worker == worker)
 
     def place(self, case_id: str) -> str:
         if case_id in self.done:
@@ -232,6 +244,7 @@ class CaseBook:
         if self.flights.pop(case_id, None) is None:
             return []
         self.done.add(case_id)
+        self.remaining_work -= self.work[case_id]
         attempts = self.charged[case_id] + 1
         return [(case_id, {"state": DONE, "stage": None, "attempts": attempts, "ended": now, "seconds": seconds})]
 
@@ -243,6 +256,7 @@ class CaseBook:
         self.charged[case_id] += 1
         if final or self.charged[case_id] > retries:
             self.failed[case_id] = error
+            self.remaining_work -= self.work[case_id]
             state = FAILED
         else:
             self._queue(case_id, solo)
@@ -269,5 +283,6 @@ class CaseBook:
                 queue = queues.get(key)
                 while queue and (case_id := queue.take()) is not None:
                     self.failed[case_id] = error
+                    self.remaining_work -= self.work[case_id]
                     updates.append((case_id, {"state": FAILED, "stage": None, "ended": now, "error": error}))
         return updates

@@ -6,12 +6,14 @@ Worker -> supervisor messages (tuples, first item the kind):
   ("ready",)                            model loaded, pools up
   ("stage", case, stage)                a case entered preprocess / predict / export
   ("step", case, done, total)           sliding-window steps of the predicting case (progress)
-  ("done", case, seconds, verified)     output moved into place (verified: an existing one kept)
+  ("done", case, seconds, verified)     output moved into place (verified: an existing one kept);
+                                        seconds from the start of its preprocessing
   ("case_error", case, error, kind)     one attempt failed; kind is one of ERROR_KINDS
   ("note", case, text)                  something worth a log line
   ("fatal", error, kind)                the worker ends itself; kind is one of FATAL_KINDS
+  ("given_back", [case...])             cases it had not started, returned on request
   ("finished",)                         the feed is exhausted, every case handed back
-Supervisor -> worker: ("cases", [WorkCase...]) and ("no_more",).
+Supervisor -> worker: ("cases", [WorkCase...]), ("give_back", [case...]) and ("no_more",).
 """
 
 from __future__ import annotations

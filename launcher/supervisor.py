@@ -49,6 +49,7 @@ class WorkerHandle:
     oom_kills_at_start: int | None
     started_at: float
     solo: bool = False  # it holds one suspected case and gets nothing else until that case ends
+    giving_back: bool = False  # asked to return the cases it has not started
     conn_open: bool = True
     no_more_sent: bool = False
     ready: bool = False
@@ -213,10 +214,7 @@ class Supervisor:
         """Give every free slot a worker where there is work for it. Returns when to look again
         for slots that wait (back-off) while work is queued, or None when none waits."""
         wake = None
-        for slot in self.plan.slots:
-            state = self.parts[slot.part_id]
-            if slot.part_id in self.workers or state.gave_up:
-                continue
+        for slot in [s for s in self.plan.slots if s.part_id not in self.workers and not self.parts[s.part_id].gave_up]:
             key = self._key_for(slot, now)
             if key is False:
                 continue
@@ -292,19 +290,31 @@ class Supervisor:
             self.log(f"[part {part}] retrying {handle_cases[0]} alone in a new worker")
 
     def _cases_for_new_worker(self, key: int | None, part: int, now: float) -> tuple[list[str], bool]:
-        """A suspected case alone, else up to LOOKAHEAD + 1 queued cases."""
+        """A suspected case alone, else up to LOOKAHEAD + 1 queued cases within its fair share."""
         case_id, updates = self.book.take(key, self.serials, part, solo=True, now=now)
         if case_id is not None:
             self._write(updates)
             return [case_id], True
-        taken = []
-        for _ in range(LOOKAHEAD + 1):
+        taken: list[str] = []
+        held_work = 0.0
+        while len(taken) < LOOKAHEAD + 1 and self._fits(held_work, key):
             case_id, updates = self.book.take(key, self.serials, part, solo=False, now=now)
-            if case_id is None:
-                break
             self._write(updates)
             taken.append(case_id)
+            held_work += self.book.work[case_id]
         return taken, False
+
+    def _fits(self, held_work: float, key: int | None) -> bool:
+        """May a worker holding `held_work` take the next queued case? Always when it holds
+        nothing; else only within a fair share of the work left (dynamic schedule), so that near
+        the end no worker sits on cases another, idle one could run."""
+        next_case = self.book.peek(key, solo=False)
+        if next_case is None:
+            return False
+        if held_work == 0 or self.book.static_part is not None:
+            return True
+        workers = sum(1 for s in self.plan.slots if not self.parts[s.part_id].gave_up)
+        return held_work + self.book.work[next_case] <= self.book.remaining_work / max(1, workers)
 
     def _work_case(self, case_id: str) -> WorkCase:
         files = self.plan.cases[case_id].files
@@ -330,19 +340,37 @@ class Supervisor:
                     cases, handle.solo = [case_id], True
                     self.log(f"[part {handle.part}] retrying {case_id} alone")
             held = sum(1 for c in mine if self.book.flights[c].stage == HELD)
-            while not handle.solo and held + len(cases) < LOOKAHEAD:
+            held_work = self.book.held_work(handle.serial)
+            while not handle.solo and held + len(cases) < LOOKAHEAD and self._fits(held_work, handle.key):
                 case_id, updates = self.book.take(handle.key, handle.serial, handle.part, solo=False, now=now)
-                if case_id is None:
-                    break
                 self._write(updates)
                 cases.append(case_id)
+                held_work += self.book.work[case_id]
             try:
                 if cases:
                     handle.conn.send(("cases", [self._work_case(c) for c in cases]))
                 elif not mine and not self._could_come_back(handle):
                     handle.conn.send(("no_more",))
                     handle.no_more_sent = True
+                elif not mine and handle.ready:
+                    self._ask_for_cases_back(handle)
             except OSError:  # it just died; its exit gives the cases back
+                pass
+
+    def _ask_for_cases_back(self, idle: WorkerHandle) -> None:
+        """An idle worker while another holds cases it has not started: ask that one to return
+        them (it answers "given_back" with those it had not started yet)."""
+        held: dict[int, list[str]] = {}
+        for case_id, flight in self.book.flights.items():
+            if flight.stage == HELD and flight.worker != idle.serial and self.book.key(case_id) == idle.key:
+                held.setdefault(flight.worker, []).append(case_id)
+        donors = [w for w in self.workers.values() if held.get(w.serial) and not w.giving_back and w.conn_open]
+        if donors:
+            donor = max(donors, key=lambda w: len(held[w.serial]))
+            donor.giving_back = True
+            try:
+                donor.conn.send(("give_back", held[donor.serial]))
+            except OSError:
                 pass
 
     def _could_come_back(self, handle: WorkerHandle) -> bool:
@@ -374,6 +402,10 @@ class Supervisor:
             self.log(f"[part {handle.part}] {message[1]}: {message[2]}")
         elif kind == "ready":
             handle.ready = True
+        elif kind == "given_back":
+            handle.giving_back = False
+            mine = set(self.book.on_worker(handle.serial))
+            self._write(self.book.release([c for c in message[1] if c in mine]))
         elif kind == "finished":
             handle.finished = True
         elif kind == "fatal":
@@ -466,10 +498,12 @@ class Supervisor:
         state.not_before = now + restart_delay(state.deaths_since_finished)
         delay = state.not_before - now
         when = f" in {delay:.0f} s" if delay >= 1 else ""
-        self.log(
-            f"[part {handle.part}] worker died ({reason}){whose}; restart {restarts}{when} "
-            f"({state.deaths_since_finished}/{self.config.max_restarts} since the last finished case)"
+        counted = (
+            ""
+            if verdict.charged
+            else f" ({state.deaths_since_finished}/{self.config.max_restarts} since the last finished case)"
         )
+        self.log(f"[part {handle.part}] worker died ({reason}){whose}; restart {restarts}{when}{counted}")
 
     def _whose_fault(self, verdict) -> str:
         if verdict.charged:

@@ -36,6 +36,11 @@ class CaseFeed:
                 self.cases.extend(message[1])
             elif message[0] == "no_more":
                 self.closed = True
+            elif message[0] == "give_back":  # another worker is idle: return what is not started
+                wanted = set(message[1])
+                returned = [c.id for c in self.cases if c.id in wanted]
+                self.cases = deque(c for c in self.cases if c.id not in wanted)
+                self.conn.send(("given_back", returned))
 
     def take(self) -> WorkCase | None:
         self.poll()

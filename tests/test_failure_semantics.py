@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -72,7 +73,7 @@ def test_a_case_that_kills_its_worker_every_time_fails_alone_on_one_worker_and_t
 
 def test_a_burst_of_external_kills_delays_the_run_but_fails_nothing(cases, tmp_path, launch):
     out = tmp_path / "out"
-    run = launch(run_args(cases, out, "--workers", "2"), env=fake_env(tmp_path, case_seconds=0.4))
+    run = launch(run_args(cases, out, "--workers", "2"), env=fake_env(tmp_path, case_seconds=1.0))
     rng = random.Random(7)
     kills = 0
     run.wait_until(lambda: (status_json(out) or {}).get("done", 0) >= 1, 60, "a case done")
@@ -283,3 +284,53 @@ def test_fresh_is_refused_as_a_config_file_setting(cases, tmp_path):
     assert result.returncode == 2
     assert "'fresh' cannot be a setting" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_input_is_never_predicted_and_fails_naming_the_file(cases, tmp_path):
+    inputs = tmp_path / "cut"
+    shutil.copytree(cases["inputs"], inputs)
+    scan = inputs / "case_010_0000.nii.gz"
+    data = scan.read_bytes()
+    scan.unlink()  # a hard link: write a new file, not through to the shared one
+    scan.write_bytes(data[:20_000])  # what a failed copy leaves
+    out = tmp_path / "out"
+    result = _run({**cases, "inputs": inputs}, out, fake_env(tmp_path), "--workers", "2")
+    assert result.returncode == 1
+    assert "FAILED case_010: input case_010_0000.nii.gz is truncated or corrupt (gzip check:" in result.stderr
+    assert_fake_outputs(out, inputs, [c for c in cases["ids"] if c != "case_010"])
+    assert "spawn" not in [e[0] for e in _events(out) if e[2] == "case_010"]
+    assert case_rows(out)["case_010"]["attempts"] == "0", "never handed to a worker"
+
+
+def test_files_with_another_ending_are_named_in_a_warning(cases, tmp_path):
+    inputs = tmp_path / "mixed"
+    shutil.copytree(cases["inputs"], inputs)
+    (inputs / "case_100_0000.nii").write_bytes(b"x")
+    (inputs / "notes.txt").write_text("x")
+    result = _run({**cases, "inputs": inputs}, tmp_path / "out", fake_env(tmp_path), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    warning = "warning: 2 file(s) in the input folder do not end in '.nii.gz' and are skipped:"
+    assert f"{warning} 'case_100_0000.nii', 'notes.txt'" in result.stdout
+
+
+def test_a_small_set_keeps_every_worker_busy_while_cases_wait_unstarted(tiny, tmp_path):
+    """Equal cases, one slow: the other worker must not sit idle while the slow one holds cases it
+    has not started (they are handed out within a fair share, and given back on request)."""
+    inputs = tmp_path / "equal"
+    inputs.mkdir()
+    ids = [f"case_{i:03d}" for i in range(6)]
+    source = next(tiny["inputs"].glob("case_000_0000.nii.gz"))
+    for case_id in ids:
+        os.link(source, inputs / f"{case_id}_0000.nii.gz")
+    data = {"inputs": inputs, "model": tiny["model"]}
+    out = tmp_path / "out"
+    env = fake_env(tmp_path, {"case_000": "slow:8"}, case_seconds=0.3)
+    result = _run(data, out, env, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    by_part = {}
+    for line in result.stdout.splitlines():
+        if match := re.search(r"\[part (\d) cpu\] done (case_\d+)", line):
+            by_part.setdefault(int(match.group(1)), []).append(match.group(2))
+    slow_part = next(p for p, done in by_part.items() if "case_000" in done)
+    assert len(by_part[slow_part]) <= 2, f"the slow worker kept at most the case it had started: {by_part}"
+    assert len(by_part[1 - slow_part]) >= 4

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.cases import voxels
-from launcher.planning import Plan, largest_voxels, memory_warning
+from launcher.planning import Plan, memory_warning, survey
 from launcher.policy import (
     STALL_FLOOR_S,
     STARTUP_STALL_S,
@@ -58,17 +57,17 @@ def test_restarts_back_off_after_the_first_so_a_burst_of_kills_passes():
 def test_memory_warning_names_the_need_when_free_memory_is_short(tiny):
     from launcher.cases import discover
 
-    cases = {c.id: c for c in discover(str(tiny["inputs"]), ".nii.gz", 1)}
+    cases = discover(str(tiny["inputs"]), ".nii.gz", 1)
+    voxels = survey(cases)[1]
     plan = Plan(
-        cases=cases,
+        cases={c.id: c for c in cases},
         slots=make_slots([], 1, 4),
         parts={},
         threads=1,
         npp=1,
         nps=1,
-        largest_voxels=largest_voxels(list(cases.values())),
+        largest_voxels=max(voxels.values()),
     )
-    assert plan.largest_voxels == max(voxels(c) for c in cases.values()) > 0
     assert memory_warning(plan, 1, 3, available=64 << 30) is None
     warning = memory_warning(plan, 1, 3, available=1 << 20)
     assert warning.startswith("4 worker(s) may need about") and "consider fewer workers" in warning

@@ -1,0 +1,134 @@
+"""Image headers without reading (or decompressing) the image: the voxel count that sizes a
+case's work, and a cheap integrity check of gzip-compressed NIfTI inputs.
+
+SimpleITK's ReadImageInformation decompresses a whole .nii.gz to read its header (11 ms for a
+300 kB file; 35 minutes for 100,000 two-channel cases). A NIfTI header is the first 348 bytes
+(NIfTI-2: 540) of the stream, so inflating the first compressed kilobytes is enough. MetaImage
+(.mha/.mhd) and NRRD have text headers. Anything else: SimpleITK for uncompressed formats, else
+None (the caller falls back to the file size).
+
+The gzip trailer's last 4 bytes hold the uncompressed size mod 2^32 (ISIZE). A NIfTI file's
+uncompressed size is vox_offset + voxels x bytes per voxel, so a file cut short (a failed copy)
+almost surely disagrees; reading the tail costs one seek, no decompression.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+
+HEAD_BYTES = 4096  # compressed bytes read to inflate a NIfTI header (a few hundred suffice)
+TEXT_HEADER_BYTES = 8192
+_DIMS_MHA = re.compile(rb"^\s*DimSize\s*=\s*([\d\s]+)$", re.MULTILINE)
+_DIMS_NRRD = re.compile(rb"^sizes:\s*([\d\s]+)$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Header:
+    voxels: int
+    data_bytes: int | None = None  # the uncompressed file size the header implies (NIfTI only)
+
+
+def read_header(path: str) -> Header | None:
+    """The image's voxel count (and implied size) from its header, or None when it cannot be
+    read cheaply."""
+    name = path.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            with open(path, "rb") as f:
+                head = f.read(HEAD_BYTES)
+            if name.endswith(".gz"):
+                head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 540)
+            return _nifti(head)
+        if name.endswith((".mha", ".mhd")):
+            return _text_dims(path, _DIMS_MHA)
+        if name.endswith((".nrrd", ".nhdr")):
+            return _text_dims(path, _DIMS_NRRD)
+    except (OSError, zlib.error, struct.error, ValueError):
+        return None
+    return _simpleitk(path)
+
+
+def _nifti(head: bytes) -> Header | None:
+    for endian in ("<", ">"):
+        (size,) = struct.unpack_from(endian + "i", head, 0)
+        if size == 348:  # NIfTI-1: dim int16[8] at 40, bitpix int16 at 72, vox_offset float32 at 108
+            dims = struct.unpack_from(endian + "8h", head, 40)
+            (bitpix,) = struct.unpack_from(endian + "h", head, 72)
+            (offset,) = struct.unpack_from(endian + "f", head, 108)
+            return _from_dims(dims, bitpix, int(offset) if offset >= 352 else 352)
+        if size == 540:  # NIfTI-2: bitpix int16 at 14, dim int64[8] at 16, vox_offset int64 at 168
+            (bitpix,) = struct.unpack_from(endian + "h", head, 14)
+            dims = struct.unpack_from(endian + "8q", head, 16)
+            (offset,) = struct.unpack_from(endian + "q", head, 168)
+            return _from_dims(dims, bitpix, max(offset, 544))
+    return None
+
+
+def _from_dims(dims, bitpix: int, offset: int) -> Header | None:
+    rank = dims[0]
+    if not 1 <= rank <= 7 or any(d < 1 for d in dims[1 : rank + 1]):
+        return None
+    voxels = 1
+    for d in dims[1 : rank + 1]:
+        voxels *= d
+    return Header(voxels, offset + voxels * bitpix // 8 if bitpix > 0 else None)
+
+
+def _text_dims(path: str, pattern: re.Pattern) -> Header | None:
+    with open(path, "rb") as f:
+        match = pattern.search(f.read(TEXT_HEADER_BYTES))
+    if not match:
+        return None
+    voxels = 1
+    for d in match.group(1).split():
+        voxels *= int(d)
+    return Header(voxels)
+
+
+def _simpleitk(path: str) -> Header | None:
+    if path.lower().endswith(".gz"):
+        return None  # SimpleITK would decompress the whole file
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    voxels = 1
+    for size in reader.GetSize():
+        voxels *= size
+    return Header(voxels)
+
+
+def gzip_size_mismatch(path: str, header: Header | None) -> bool:
+    """True when a gzip-compressed NIfTI's trailer disagrees with the size its header implies:
+    the file is truncated or corrupt (no decompression: one seek to the last 4 bytes)."""
+    if header is None or header.data_bytes is None or not path.lower().endswith(".gz"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            (isize,) = struct.unpack("<I", f.read(4))
+    except (OSError, struct.error):
+        return True
+    return isize != header.data_bytes % 2**32
+
+
+def gzip_stream_intact(path: str) -> str | None:
+    """None when the whole gzip stream decodes with its CRC and length checks, else why not.
+    A second decompression: done in the preprocessing helper, which reads the file anyway."""
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
