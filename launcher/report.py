@@ -4,8 +4,10 @@ Reads the journal; changes no run state."""
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import os
+import resource
 import time
 
 from launcher.journal import Journal
@@ -14,31 +16,64 @@ from launcher.outputs import logs_dir, tmp_dir, write_json_atomically, write_tex
 EXIT_MEANING = {
     0: "every case predicted",
     1: "finished, but some cases failed",
+    70: "internal error (a bug); the traceback is in logs/supervisor.log",
+    75: "stopped: the disk is full or the journal cannot be written; rerun to resume",
     130: "interrupted; rerun the same command to resume",
 }
 
 
-def write_summary(state: str, journal: Journal, exit_code: int, started: float) -> dict:
+def write_summary(state: str, journal: Journal, exit_code: int, started: float, context: dict | None = None) -> dict:
     snapshot = journal.snapshot()
-    return write_report_files(state, snapshot, journal.case_rows(), exit_code, round(time.time() - started, 2))
+    ended = time.time()
+    facts = {
+        "started": iso_time(started),
+        "ended": iso_time(ended),
+        **(context or {}),
+        **supervisor_resources(),
+    }
+    return write_report_files(state, snapshot, journal.case_rows(), exit_code, round(ended - started, 2), facts)
+
+
+def iso_time(epoch: float | None) -> str | None:
+    """ISO 8601 with the local zone, to the millisecond."""
+    if epoch is None:
+        return None
+    return datetime.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="milliseconds")
+
+
+def supervisor_resources() -> dict:
+    """What the supervisor process itself cost (not its workers): CPU seconds and peak memory."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "supervisor_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+        "supervisor_peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
 
 
 def write_report_files(
-    state: str, snapshot: dict, case_rows: list[dict], exit_code: int, wall_seconds: float | None
+    state: str,
+    snapshot: dict,
+    case_rows: list[dict],
+    exit_code: int,
+    wall_seconds: float | None,
+    facts: dict | None = None,
 ) -> dict:
-    """summary.json (totals, parts, failures) and cases.csv (one line per case: part, GPU,
-    attempts, seconds, state, error) in a run's state folder."""
+    """summary.json (totals, parts, failures, the run's facts) and cases.csv (one line per case:
+    part, GPU, attempts, start and end as ISO 8601, seconds, state, error) in a run's state folder."""
     summary = {
         "exit_code": exit_code,
         "result": EXIT_MEANING.get(exit_code, "error"),
         "wall_seconds": wall_seconds,
+        **(facts or {}),
         **{k: snapshot[k] for k in ("total", "done", "failed", "pending", "parts", "failed_cases")},
     }
     write_json_atomically(os.path.join(state, "summary.json"), summary, tmp_dir(state))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(case_rows[0]) if case_rows else ["id"])
     writer.writeheader()
-    writer.writerows(case_rows)
+    writer.writerows(
+        {**row, "started": iso_time(row.get("started")), "ended": iso_time(row.get("ended"))} for row in case_rows
+    )
     write_text_atomically(os.path.join(state, "cases.csv"), text.getvalue(), tmp_dir(state))
     return summary
 

@@ -137,7 +137,7 @@ def _finish(config: RunConfig, journal: Journal, reporter, run_id: int, exit_cod
         reporter.log(f"nnunet-launch: {exc}")
     reporter.close()
     try:
-        summary = write_summary(state, journal, exit_code, started)
+        summary = write_summary(state, journal, exit_code, started, _run_facts(config, argv))
     except OSError as exc:
         print(f"nnunet-launch: could not write the run's summary: {exc}", file=sys.stderr)
         return
@@ -146,6 +146,26 @@ def _finish(config: RunConfig, journal: Journal, reporter, run_id: int, exit_cod
     for line in lines:
         print(line, file=sys.stderr if exit_code else sys.stdout, flush=True)
     reporter.append_to_file(lines)
+
+
+def _run_facts(config: RunConfig, argv: list[str]) -> dict:
+    """What summary.json records about the run, so that a result can be traced to its model."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("nnunet-launch", "nnunetv2", "torch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "command": ["nnunet-launch", *argv],
+        "model_folder": config.model.folder,
+        "configuration": config.model.configuration,
+        "folds": list(config.model.folds),
+        "checkpoint": config.checkpoint,
+        "versions": versions,
+    }
 
 
 def resume_argv(argv: list[str]) -> list[str]:
