@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 
 import psutil
 
@@ -39,39 +40,77 @@ def run(config: RunConfig, argv: list[str]) -> int:
     torch_import = threading.Thread(target=importlib.import_module, args=("torch.multiprocessing",), daemon=True)
     torch_import.start()
     plan = make_plan(config)
-    strays = _existing_outputs(config, plan)
+    view = inspect_out(config, plan)  # refusals first: exit 2 writes nothing into OUT
     state = run_state_dir(config)
-    had_state = os.path.isdir(state)
-    if strays and not had_state and not (config.continue_prediction or config.fresh):
-        raise LauncherError(
-            f"output folder already holds {len(strays)} prediction(s) not made by "
-            f"nnunet-launch (e.g. {strays[0]!r}); add --continue_prediction to keep the "
-            "ones that decode completely, or --fresh to predict everything again"
-        )
-    os.makedirs(state, exist_ok=True)
+    try:
+        os.makedirs(state, exist_ok=True)
+    except OSError as exc:
+        raise LauncherError(f"cannot create the output folder {config.output_folder!r}: {exc.strerror}") from None
     lock = OutLock(lock_path(state))
     lock.acquire()
     try:
         journal = Journal.open(journal_path(state))
         try:
-            return _supervise(config, plan, journal, strays, argv)
+            return _supervise(config, plan, journal, view.strays, argv)
         finally:
             journal.close()
     finally:
         lock.release()
 
 
+@dataclass(frozen=True)
+class OutView:
+    """What OUT holds for this run, read without writing anything (run and plan share it)."""
+
+    strays: list[str]  # planned cases whose segmentation is in OUT (journaled or not)
+    done: set[str]  # journaled done, with the output present
+    failed: set[str]  # failed in the last run: tried again
+    fresh_would_delete: list[str]  # the files --fresh would remove
+
+
+def inspect_out(config: RunConfig, plan: Plan) -> OutView:
+    """Refuse what `run` must refuse (exit 2, nothing written): predictions not made by the
+    launcher without --continue_prediction/--fresh, or a run with other output-changing settings
+    without --fresh. Reads the journal read-only."""
+    strays = _existing_outputs(config, plan)
+    path = journal_path(run_state_dir(config))
+    if not os.path.isfile(path):
+        if strays and not (config.continue_prediction or config.fresh):
+            raise LauncherError(
+                f"output folder already holds {len(strays)} prediction(s) not made by "
+                f"nnunet-launch (e.g. {strays[0]!r}); add --continue_prediction to keep the "
+                "ones that decode completely, or --fresh to predict everything again"
+            )
+        return OutView(strays, set(), set(), _fresh_targets(config, plan, set()) if config.fresh else [])
+    journal = Journal.open_readonly(path)
+    try:
+        previous, (states, _) = journal.identity(), journal.states()
+    finally:
+        journal.close()
+    _refuse_other_run(config, previous)
+    journaled_done = {c for c, s in states.items() if s == DONE}
+    fresh = _fresh_targets(config, plan, journaled_done) if config.fresh else []
+    present = set(strays)
+    done = {c for c in journaled_done if c in present and c in plan.cases}
+    failed = {c for c, s in states.items() if s == FAILED and c in plan.cases}
+    return OutView(strays, set() if config.fresh else done, set() if config.fresh else failed, fresh)
+
+
+def _refuse_other_run(config: RunConfig, previous: dict | None) -> None:
+    identity = output_identity(config)
+    if previous is not None and previous != identity and not config.fresh:
+        key = next(k for k in identity if previous.get(k) != identity.get(k))
+        raise LauncherError(
+            f"{config.output_folder!r} holds a run with a different {key} ({previous.get(key)!r}, now "
+            f"{identity[key]!r}); use another output folder, or --fresh to discard it"
+        )
+
+
 def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str], argv: list[str]) -> int:
     out = config.output_folder
     identity = output_identity(config)
     previous = journal.identity()
-    if previous is not None and previous != identity:
-        if not config.fresh:
-            key = next(k for k in identity if previous.get(k) != identity.get(k))
-            raise LauncherError(
-                f"{out!r} holds a run with a different {key} ({previous.get(key)!r}, now "
-                f"{identity[key]!r}); use another output folder, or --fresh to discard it"
-            )
+    _refuse_other_run(config, previous)  # again under the lock: another run may have changed OUT
     if config.fresh and (previous is not None or strays):
         _discard_previous(config, journal, plan)
         strays = []
@@ -184,12 +223,19 @@ def _existing_outputs(config: RunConfig, plan: Plan) -> list[str]:
     return sorted(c for c in plan.cases if c + ending in present)
 
 
+def _fresh_targets(config: RunConfig, plan: Plan, journaled_done: set[str]) -> list[str]:
+    """The output files --fresh removes: this plan's cases' outputs and those of every case the
+    previous run finished (with probabilities, whatever it was asked)."""
+    ending, out = config.model.file_ending, config.output_folder
+    names = {n for c in plan.cases for n in case_outputs(c, ending, config.save_probabilities)}
+    names |= {n for c in journaled_done for n in case_outputs(c, ending, True)}
+    return sorted(n for n in names if os.path.isfile(os.path.join(out, n)))
+
+
 def _discard_previous(config: RunConfig, journal: Journal, plan: Plan) -> None:
     out = config.output_folder
-    names = {n for c in plan.cases for n in case_outputs(c, config.model.file_ending, config.save_probabilities)}
-    names |= {n for c in journal.cases_in_state(DONE) for n in case_outputs(c, config.model.file_ending, True)}
     removed = 0
-    for name in sorted(names):
+    for name in _fresh_targets(config, plan, set(journal.cases_in_state(DONE))):
         try:
             os.remove(os.path.join(out, name))
             removed += 1
