@@ -42,6 +42,8 @@ class RunConfig:
     npp: int | None = None  # None: a share of the cores
     nps: int | None = None
     prev_stage_predictions: str | None = None
+    num_parts: int = 1  # nnU-Net's -num_parts / -part_id: predict only that part of its split
+    part_id: int = 0
     device: str = "cuda"
     gpus: str = "all"
     workers: int = 1
@@ -135,7 +137,10 @@ def build(cli_values: dict[str, Any], config_file: str | None) -> RunConfig:
 
 
 def run_state_dir(config: RunConfig) -> str:
-    return state_dir(config.output_folder, config.node)
+    """OUT/.nnunet-launch, or node-k for a SLURM array's node k or for -part_id k: each share has
+    its own journal and lock, so shares can run at once on several machines into one OUT."""
+    share = config.node if config.node is not None else (config.part_id if config.num_parts > 1 else None)
+    return state_dir(config.output_folder, share)
 
 
 def _check_range(config: RunConfig) -> None:
@@ -149,10 +154,17 @@ def _check_range(config: RunConfig) -> None:
         ("case_retries", 0),
         ("npp", 1),
         ("nps", 1),
+        ("num_parts", 1),
+        ("part_id", 0),
     ):
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int) or value < minimum):
-            raise LauncherError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+            flag = f"-{name}" if name in ("num_parts", "part_id", "npp", "nps") else f"--{name.replace('_', '-')}"
+            raise LauncherError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+    if not config.part_id < config.num_parts:
+        raise LauncherError(f"-part_id must be in 0..{config.num_parts - 1} for -num_parts {config.num_parts}")
+    if config.num_parts > 1 and config.node is not None:
+        raise LauncherError("-num_parts/-part_id cannot be combined with a SLURM array's node share")
     if config.node is not None and not 0 <= config.node < config.nodes:
         raise LauncherError(f"--node must be in 0..{config.nodes - 1}, got {config.node}")
     if config.hang_timeout is not None and config.hang_timeout <= 0:

@@ -66,13 +66,28 @@ class Plan:
 
 
 def available_cores() -> int:
-    return len(os.sched_getaffinity(0))
+    """The cores this process may use: its affinity (which reflects cgroup cpusets), bounded in a
+    SLURM job by the CPUs SLURM granted. Clusters without SLURM's affinity or cgroup task plugins
+    leave the affinity at the whole node, so the environment is the bound there: the task's
+    --cpus-per-task, else the CPUs allocated on this node."""
+    cores = len(os.sched_getaffinity(0))
+    if os.environ.get("SLURM_JOB_ID"):
+        for key in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+            granted = os.environ.get(key, "").strip()
+            if granted.isdigit() and int(granted) > 0:
+                return min(cores, int(granted))
+    return cores
 
 
 def make_plan(config: RunConfig) -> Plan:
     model = config.model
     cases, skipped = discover_with_skipped(config.input_folder, model.file_ending, model.num_channels)
     warnings = [_skipped_warning(skipped, model.file_ending)] if skipped else []
+    if config.num_parts > 1:  # nnU-Net's own split; this run predicts one part of it
+        mine = set(static_parts([c.id for c in cases], config.num_parts)[config.part_id])
+        cases = [c for c in cases if c.id in mine]
+    if config.device == "cpu" and config.gpus != "all":
+        warnings.append(f"--gpus {config.gpus} is ignored with -device cpu (use --workers N)")
     if model.previous_stage:
         _check_prev_stage_files(config, cases)
     work, voxels, broken = survey(cases)
@@ -87,6 +102,12 @@ def make_plan(config: RunConfig) -> Plan:
     else:
         slots = make_slots([], 1, config.workers)
     share = max(1, available_cores() // len(slots))
+    if config.device == "cpu" and len(slots) > available_cores():
+        warnings.append(f"--workers {len(slots)} on {available_cores()} core(s): workers will share cores")
+    if len(slots) > len(cases):
+        warnings.append(
+            f"{len(slots)} workers for {len(cases)} case(s): {len(slots) - len(cases)} will have nothing to do"
+        )
     if config.node is not None:
         cases, slots, static = _node_share(config, cases, slots)
         owned = {c.id for c in cases}

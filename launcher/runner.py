@@ -148,6 +148,11 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     )
     if config.device == "cpu":
         reporter.log("nnunet-launch: running on the CPU (-device cpu)")
+    if config.num_parts > 1:
+        reporter.log(
+            f"nnunet-launch: -num_parts {config.num_parts} -part_id {config.part_id}: only this part of nnU-Net's "
+            f"split ({len(plan.cases)} case(s)), on every local worker; state in {state}"
+        )
     host_memory = memory_warning(
         plan, config.model.num_channels, config.model.num_labels, psutil.virtual_memory().available
     )
@@ -157,7 +162,7 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
         reporter.log(f"nnunet-launch: case {case_id}: {why}; not predicted")
     exit_code = EXIT_INTERNAL_ERROR
     try:
-        exit_code = Supervisor(config, plan, journal, book, verify, reporter).run()
+        exit_code = Supervisor(config, plan, journal, book, verify, reporter, run_id).run()
     except BaseException:
         reporter.log("nnunet-launch: internal error:\n" + traceback.format_exc().rstrip())
         raise

@@ -98,8 +98,11 @@ def describe_exit(exitcode: int | None, oom_killed: bool = False) -> str:
 
 
 class Supervisor:
-    def __init__(self, config: RunConfig, plan: Plan, journal: Journal, book: CaseBook, verify: set[str], reporter):
+    def __init__(
+        self, config: RunConfig, plan: Plan, journal: Journal, book: CaseBook, verify: set[str], reporter, run_id: int
+    ):
         self.config, self.plan, self.journal, self.book, self.verify = config, plan, journal, book, verify
+        self.run_id = run_id
         self.reporter = reporter
         self.log = reporter.log
         self.workers: dict[int, WorkerHandle] = {}  # by slot (its part id)
@@ -287,7 +290,9 @@ class Supervisor:
         attempt = state.attempts
         tmp = os.path.join(tmp_dir(run_state_dir(self.config)), f"part-{part}-attempt-{attempt}")
         clear_tmp(tmp)
-        state.log_path = os.path.join(logs_dir(run_state_dir(self.config)), f"part-{part}.attempt-{attempt}.log")
+        # named with the run: a resumed run never appends to an earlier run's log
+        log_name = f"run-{self.run_id}.part-{part}.attempt-{attempt}.log"
+        state.log_path = os.path.join(logs_dir(run_state_dir(self.config)), log_name)
         spec = WorkerSpec(
             part_id=part,
             attempt=attempt,

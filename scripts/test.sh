@@ -5,8 +5,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
 # The SLURM tests start a real cluster (Debian's Slurm: munged, slurmctld, slurmd); install it
 # when missing and this is root on Debian. Without it those tests are skipped and say why.
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then
-  echo "installing SLURM for the SLURM tests (slurmctld slurmd slurm-client munge)..." >&2
+# NNUNET_LAUNCH_NO_APT=1 skips the installation.
+if [ "${NNUNET_LAUNCH_NO_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+    && ! command -v slurmctld >/dev/null; then
+  echo "test.sh: installing Debian's SLURM packages (slurmctld slurmd slurm-client munge) with apt-get," >&2
+  echo "  for the tests that run a real SLURM cluster on this machine; NNUNET_LAUNCH_NO_APT=1 skips this" >&2
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       slurmctld slurmd slurm-client munge; } >/dev/null 2>&1 \
     || echo "warning: could not install SLURM; its tests will be skipped" >&2

@@ -90,7 +90,22 @@ ROWS = [
     ("step size 1.5", lambda w: _base(w) + ["-step_size", "1.5"], {}, "-step_size must be in (0, 1]"),
     ("negative retries", lambda w: _base(w) + ["--case-retries", "-1"], {}, "--case-retries must be"),
     ("negative restarts", lambda w: _base(w) + ["--max-restarts", "-2"], {}, "--max-restarts must be"),
-    ("bad device", lambda w: _base(w, **{"-device": "tpu"}), {}, "-device must be cuda or cpu"),
+    ("bad device", lambda w: _base(w, **{"-device": "tpu"}), {}, "'tpu' is not one of 'cuda', 'cpu'"),
+    ("bad schedule", lambda w: _base(w) + ["--schedule", "fifo"], {}, "'fifo' is not one of 'dynamic', 'static'"),
+    (
+        "part id out of range",
+        lambda w: _base(w) + ["-num_parts", "2", "-part_id", "2"],
+        {},
+        "-part_id must be in 0..1 for -num_parts 2",
+    ),
+    (
+        "fresh in a config file",
+        lambda w: (
+            (w["tmp"] / "c.toml").write_text("fresh = true\n") and _base(w) + ["--config", str(w["tmp"] / "c.toml")]
+        ),
+        {},
+        "'fresh' cannot be a setting",
+    ),
     ("unknown flag", lambda w: _base(w) + ["--turbo"], {}, "No such option '--turbo'"),
     ("not a number", lambda w: _base(w) + ["--workers", "two"], {}, "'two' is not a valid integer"),
     ("cuda without nvml", lambda w: _base(w, **{"-device": "cuda"}), {}, "-device cpu --workers N"),
@@ -149,8 +164,6 @@ ROWS = [
 @pytest.mark.parametrize("command", ["run", "plan"])
 def test_bad_invocation_exits_2_with_one_line_and_leaves_out_untouched(world, row, command):
     _, make_args, env, words = row
-    if command == "plan" and row[0] == "predictions not made by the launcher":
-        pytest.skip("plan does not look at OUT")
     args = make_args(world)
     env = {k: str(world["tmp"]) if v == "TMP" else v for k, v in env.items()}
     if env.pop("fake", None):
@@ -173,3 +186,28 @@ def test_config_file_supplies_settings_and_flags_win(world):
     assert from_file["num_parts"] == 3
     overridden = json.loads(cli("plan", *args, "--config", str(config), "--workers", "2", "--json").stdout)
     assert overridden["num_parts"] == 2
+
+
+def test_a_refused_resume_writes_nothing_into_out_not_even_the_lock(world):
+    from conftest import fake_env
+
+    args = _base(world)
+    first = cli("run", *args, env=fake_env(world["tmp"]))
+    assert first.returncode == 0, first.stderr
+    state = world["out"] / ".nnunet-launch"
+    before = {p: p.stat().st_mtime_ns for p in state.rglob("*")} | {
+        p: p.stat().st_mtime_ns for p in world["out"].iterdir()
+    }
+    for command in ("run", "plan"):
+        refused = cli(command, *args, "-step_size", "0.7", env=fake_env(world["tmp"]))
+        assert refused.returncode == 2 and "different step_size (0.5, now 0.7)" in refused.stderr
+    after = {p: p.stat().st_mtime_ns for p in state.rglob("*")} | {
+        p: p.stat().st_mtime_ns for p in world["out"].iterdir()
+    }
+    assert after == before
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line_and_exit_2(world):
+    result = cli("run", *_base(world, **{"-o": "/proc/no such process/out"}))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "cannot create the output folder" in result.stderr

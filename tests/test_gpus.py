@@ -112,6 +112,8 @@ def test_without_nvml_cuda_runs_exit_2_with_a_hint_to_use_the_cpu(tiny, tmp_path
     assert not (tmp_path / "out").exists()
     listing = cli("gpus")
     assert listing.returncode == 2 and "NVML" in listing.stderr
+    as_json = cli("gpus", "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout) == [], "a script gets an empty list"
 
 
 class FakeNvmlError(Exception):

@@ -58,14 +58,18 @@ def test_plain_output_has_a_timestamped_line_per_case_and_reports_agree(small, t
     rows = list(csv.DictReader((state / "cases.csv").open()))
     assert summary["done"] == 6 and sorted(r["id"] for r in rows) == small["ids"]
     assert {r["state"] for r in rows} == {"done"} and all(float(r["seconds"]) > 0 for r in rows)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", r["started"]) for r in rows)
+    assert summary["command"][:2] == ["nnunet-launch", "run"] and summary["model_folder"] == str(small["model"])
+    assert summary["folds"] == ["0"] and set(summary["versions"]) == {"nnunet-launch", "nnunetv2", "torch"}
+    assert summary["started"] < summary["ended"] and summary["supervisor_cpu_seconds"] > 0
     assert sum(p["done"] for p in summary["parts"]) == 6
     assert (state / "logs" / "supervisor.log").read_text().count("] done case_") == 6
     assert sorted(p.name for p in (state / "logs").iterdir()) == [
-        "part-0.attempt-1.log",
-        "part-1.attempt-1.log",
+        "run-1.part-0.attempt-1.log",
+        "run-1.part-1.attempt-1.log",
         "supervisor.log",
     ]
-    assert "Predicting case_" in (state / "logs" / "part-0.attempt-1.log").read_text(), "nnU-Net's prints"
+    assert "Predicting case_" in (state / "logs" / "run-1.part-0.attempt-1.log").read_text(), "nnU-Net's prints"
     assert "Predicting" not in result.stdout
 
 
