@@ -73,13 +73,7 @@ class CasePipeline:
         self.emit, self.feed = emit, feed
         preparing: deque = deque()
         while True:
-            while len(preparing) < self.settings.npp + 1 and (case := feed.take()) is not None:
-                if case.verify_existing and self._existing_output_decodes(case.id):
-                    emit(("done", case.id, None, True))
-                    continue
-                emit(("stage", case.id, "preprocess"))
-                job = self.prep_pool.apply_async(_timed, (self.backend.preprocess, case.files, case.prev_stage_file))
-                preparing.append((case, job))
+            self._start_preprocessing(preparing)
             if not preparing:
                 if feed.exhausted():
                     break
@@ -87,6 +81,9 @@ class CasePipeline:
                 continue
             case, pending = preparing.popleft()
             self._wait(pending.ready)
+            # its helper is free: the next case is preprocessed while this one is predicted, and no
+            # more cases are started than there are helpers (a case "in preprocessing" is in one)
+            self._start_preprocessing(preparing)
             try:
                 started, (data, properties) = pending.get()
             except UnreadableInput as exc:
@@ -97,6 +94,15 @@ class CasePipeline:
                 continue
             self._predict_and_export(case, started, data, properties)
         self._wait(lambda: not self.exporting)
+
+    def _start_preprocessing(self, preparing: deque) -> None:
+        while len(preparing) < self.settings.npp and (case := self.feed.take()) is not None:
+            if case.verify_existing and self._existing_output_decodes(case.id):
+                self.emit(("done", case.id, None, True))
+                continue
+            self.emit(("stage", case.id, "preprocess"))
+            job = self.prep_pool.apply_async(_timed, (self.backend.preprocess, case.files, case.prev_stage_file))
+            preparing.append((case, job))
 
     def _case_error(self, case: WorkCase, error: str, kind: str, exc: BaseException) -> None:
         """Report one failed attempt; the case's traceback goes to this worker's log."""

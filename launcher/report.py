@@ -85,8 +85,9 @@ def summary_lines(summary: dict, out: str, state: str, command_hint: str | None)
         f"({summary['result']})"
     ]
     for part in summary["parts"]:
+        failed = f", {part['failed']} failed" if part.get("failed") else ""
         lines.append(
-            f"  part {part['part_id']} on {part['gpu']}: {part['done']}/{part['total']} done, "
+            f"  part {part['part_id']} on {part['gpu']}: {part['done']}/{part['total']} done{failed}, "
             f"{part['restarts']} restart(s)"
         )
     for failed in summary["failed_cases"]:

@@ -111,6 +111,7 @@ class Supervisor:
         self.serials = 0
         self.unwritten: list = []  # the book's updates not yet in the journal (see _write)
         self.last_watchdog = 0.0
+        self.announced_ready = False
         self.stop_signals = 0
         self.outcome = Outcome()
         self.seconds_per_work = _slowest_rate(journal.done_seconds(), plan.work)
@@ -159,7 +160,7 @@ class Supervisor:
                     self.last_watchdog = now
                     self._watchdog(now)
                 self._flush()
-                self.reporter.refresh()
+                self.reporter.refresh(len(self.book.done) + len(self.book.failed))
             self._fail_leftovers()
             self._flush()
             if self.outcome.stop_reason:
@@ -434,6 +435,10 @@ class Supervisor:
             self.log(f"[part {handle.part}] {message[1]}: {message[2]}")
         elif kind == "ready":
             handle.ready = True
+            if not self.announced_ready and all(w.ready for w in self.workers.values()):
+                self.announced_ready = True  # off a terminal, the first sign of life after start-up
+                took = time.monotonic() - min(w.started_at for w in self.workers.values())
+                self.log(f"nnunet-launch: {len(self.workers)} worker(s) ready (model loaded) after {took:.0f} s")
         elif kind == "given_back":
             handle.giving_back = False
             mine = set(self.book.on_worker(handle.serial))

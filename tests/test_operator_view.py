@@ -15,33 +15,48 @@ from launcher.journal import Journal
 from launcher.progress import render
 
 
-def test_live_view_renders_counts_of_a_run_in_progress(tmp_path):
+def _journal_in_progress(tmp_path, gpus: bool) -> Journal:
     journal = Journal.open(str(tmp_path / "journal.sqlite"))
-    journal.start_run(
-        {}, [(0, "gpu0", "GPU-aaaa"), (1, "gpu1", "GPU-bbbb")], {"a": 0, "b": 0, "c": 1, "d": 1, "e": None}
-    )
+    parts = [(0, "gpu0", "GPU-aaaa"), (1, "gpu1", "GPU-bbbb")] if gpus else [(0, "cpu", None), (1, "cpu", None)]
+    journal.start_run({}, parts, {"a": 0, "[b]": 0, "c": 1, "d": 1, "e": None})
     journal.part_worker(0, 111, "running")
     journal.part_worker(1, 222, "running")
-    for case in ("a", "c", "b"):
+    for case in ("a", "c", "[b]"):
         journal.apply([(case, {"state": "running", "stage": "preprocess", "gpu": "gpu", "started": 1.0})])
     journal.apply([("a", {"state": "done", "seconds": 2.0, "ended": 3.0}), ("c", {"state": "done", "seconds": 3.0})])
-    journal.apply([("b", {"stage": "predict"})])
-    console = Console(record=True, width=160)
-    console.print(
-        render(
-            journal.snapshot(),
-            {"GPU-aaaa": "H100 #0"},
-            {"GPU-aaaa": (87, 3 << 30, 80 << 30)},
-            elapsed_s=10,
-            done_at_start=0,
-        )
-    )
-    text = console.export_text()
-    assert re.search(r"0\s+│\s+H100 #0\s+│\s+running\s+│\s+1/2\s+│\s+b\s+│", text), text
+    journal.apply([("[b]", {"stage": "predict"}), ("d", {"state": "failed", "error": "x"})])
+    return journal
+
+
+def _shown(journal: Journal, width: int) -> str:
+    console = Console(record=True, width=width)
+    view = render(journal.snapshot(), {"GPU-aaaa": "H100 #0"}, {"GPU-aaaa": (87, 3 << 30, 80 << 30)}, 10, 0, width)
+    console.print(view)
+    return console.export_text()
+
+
+def test_live_view_renders_counts_of_a_run_in_progress(tmp_path):
+    journal = _journal_in_progress(tmp_path, gpus=True)
+    text = _shown(journal, 160)
+    assert re.search(r"0\s+│\s+running\s+│\s+1/2\s+│\s+\[b\]\s+│\s+H100 #0\s+│\s+0\s+│", text), text
     assert "87%" in text and "3.0/80 GiB" in text
-    assert re.search(r"1\s+│\s+gpu1\s+│\s+running\s+│\s+1/2\s+│\s+-\s+│", text), text
-    assert "2/5 done, 0 failed, 1 running" in text
+    assert re.search(r"1\s+│\s+running\s+│\s+1/2\s+│\s+-\s+│\s+gpu1\s+│\s+1\s+│", text), text
+    assert "2/5 done, 1 failed, 1 running" in text
     journal.close()
+
+
+def test_live_view_fits_80_columns_by_dropping_the_least_important_columns_and_cpu_runs_show_no_gpu(tmp_path):
+    journal = _journal_in_progress(tmp_path, gpus=True)
+    narrow = _shown(journal, 80)
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    assert "…" not in narrow and "current case" in narrow and "state" in narrow
+    assert "GPU mem" not in narrow, "the least important column went first"
+    assert "ETA" in narrow and "elapsed" in narrow
+    journal.close()
+    cpu = _journal_in_progress(tmp_path / "cpu", gpus=False) if (tmp_path / "cpu").mkdir() is None else None
+    wide = _shown(cpu, 160)
+    assert "GPU" not in wide and "[b]" in wide
+    cpu.close()
 
 
 def test_plain_output_has_a_timestamped_line_per_case_and_reports_agree(small, tmp_path):
@@ -132,3 +147,53 @@ def test_shipped_config_files_load(tiny, tmp_path, name):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["schedule"] == "dynamic"
+
+
+@pytest.mark.parametrize("columns", [80, 160])
+def test_on_a_terminal_the_live_view_fits_and_log_lines_keep_their_part_labels(tiny, tmp_path, columns):
+    """The real CLI under a pseudo-terminal of that width (the fast stand-in backend)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    from conftest import fake_env, launcher_cmd
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {**os.environ, **fake_env(tmp_path, case_seconds=0.2), "TERM": "xterm", "COLUMNS": str(columns)}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        launcher_cmd(*run_args(tiny, tmp_path / "out", "--workers", "2")),
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+        start_new_session=True,
+    )
+    os.close(follower)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the run ended
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        os.close(leader)
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert re.search(r"\[part \d cpu\] done case_\d{3}", screen), "labels are not eaten as markup"
+    assert "current case" in screen and "…" not in screen
+    assert "GPU util" not in screen, "no GPU columns on the CPU"
+    table = [line for line in screen.replace("\r", "\n").splitlines() if "│" in line or "┃" in line]
+    assert table and max(len(line) for line in table) <= columns, "the table fits the terminal"
+    assert "12/12 case(s) predicted, 0 failed" in screen
