@@ -28,7 +28,10 @@ PREDICT_OPTIONS = [
     (("-step_size", "step_size"), dict(type=float, help="sliding window step size")),
     (("--disable_tta", "disable_tta"), dict(is_flag=True, default=None, help="no mirroring")),
     (("--verbose", "verbose"), dict(is_flag=True, default=None, help="talk more; tracebacks on errors")),
-    (("--save_probabilities", "save_probabilities"), dict(is_flag=True, default=None)),
+    (
+        ("--save_probabilities", "save_probabilities"),
+        dict(is_flag=True, default=None, help="also write the softmax probabilities (.npz) and properties (.pkl)"),
+    ),
     (
         ("--continue_prediction", "--c", "continue_prediction"),
         dict(is_flag=True, default=None, help="keep outputs already in OUT that decode (resume is the default)"),
@@ -36,14 +39,22 @@ PREDICT_OPTIONS = [
     (("-chk", "checkpoint"), dict(type=str, help="checkpoint name")),
     (("-npp", "npp"), dict(type=int, help="preprocessing processes per worker [default: cores / workers, at most 3]")),
     (("-nps", "nps"), dict(type=int, help="export processes per worker [default: cores / workers, at most 3]")),
-    (("-prev_stage_predictions", "prev_stage_predictions"), dict(type=str)),
-    (("-device", "device"), dict(type=str, help="cuda or cpu")),
+    (
+        ("-prev_stage_predictions", "prev_stage_predictions"),
+        dict(type=str, help="folder with the previous stage's segmentations (cascade)"),
+    ),
+    (("-num_parts", "num_parts"), dict(type=int, help="split the input into N parts as nnU-Net does...")),
+    (("-part_id", "part_id"), dict(type=int, help="...and predict only part K (on every local GPU)")),
+    (("-device", "device"), dict(type=click.Choice(["cuda", "cpu"]), help="where to predict")),
     (("--gpus", "gpus"), dict(type=str, help="GPUs to use: all, or NVML indices/UUIDs like 0,2")),
     (("--workers", "workers"), dict(type=int, help="parallel workers with -device cpu")),
     (("--workers-per-gpu", "workers_per_gpu"), dict(type=int, help="workers per GPU")),
     (
         ("--schedule", "schedule"),
-        dict(type=str, help="dynamic: largest case first to idle workers; static: nnU-Net's exact split"),
+        dict(
+            type=click.Choice(["dynamic", "static"]),
+            help="dynamic: largest case first to idle workers; static: nnU-Net's exact split",
+        ),
     ),
     (
         ("--max-restarts", "max_restarts"),
@@ -64,7 +75,41 @@ PREDICT_OPTIONS = [
     ),
     (("--fresh", "fresh"), dict(is_flag=True, default=None, help="discard this OUT's previous run")),
     (("--skip-busy", "skip_busy"), dict(is_flag=True, default=None, help="leave out GPUs other programs use")),
+    (
+        ("--disable_progress_bar", "disable_progress_bar"),
+        dict(is_flag=True, default=None, help="accepted for nnUNetv2_predict's sake (no progress bar is shown)"),
+    ),
 ]
+# flags of nnUNetv2_predict the launcher accepts and ignores (a pasted command line just works)
+IGNORED_FIELDS = ("disable_progress_bar",)
+
+
+def normalize_args(args: list[str]) -> list[str]:
+    """A pasted nnUNetv2_predict line and habits from it: `-f 0 1 2` (argparse nargs='+'),
+    `--gpus 0 1` like `--gpus 0,1`, and the launcher's own long flags with underscores
+    (`--workers_per_gpu`, as nnU-Net spells its flags) as well as with dashes."""
+    args = [_dashed(a) for a in args]
+    return _join_gpu_list(expand_nargs_folds(args))
+
+
+def _dashed(arg: str) -> str:
+    flag, eq, value = arg.partition("=")
+    dashed = flag.replace("_", "-")
+    return dashed + eq + value if flag.startswith("--") and dashed in LAUNCHER_FLAGS else arg
+
+
+def _join_gpu_list(args: list[str]) -> list[str]:
+    result, i = [], 0
+    while i < len(args):
+        result.append(args[i])
+        i += 1
+        if result[-1] == "--gpus":
+            values = []
+            while i < len(args) and (not values or not args[i].startswith("-")):
+                values.append(args[i])
+                i += 1
+            result.append(",".join(v.strip(",") for v in values))
+    return result
 
 
 def expand_nargs_folds(args: list[str]) -> list[str]:
@@ -84,6 +129,16 @@ def expand_nargs_folds(args: list[str]) -> list[str]:
             continue
         i += 1
     return result
+
+
+LAUNCHER_FLAGS = {d for decls, _ in PREDICT_OPTIONS for d in decls[:-1] if d.startswith("--") and "-" in d[2:]} | {
+    "--cpus-per-gpu",
+    "--cpus-per-task",
+    "--gpus-per-node",
+    "--sbatch-arg",
+    "--verify-partition",
+    "--verify-time",
+}
 
 
 def _with_default(decls: tuple, kwargs: dict) -> dict:
@@ -106,12 +161,15 @@ def predict_options(command):
 
 
 def build_config(values: dict) -> run_config.RunConfig:
+    for field in IGNORED_FIELDS:
+        values.pop(field, None)
     config_file = values.pop("config_file")
     values["folds"] = values["folds"] or None
     return run_config.build(values, config_file)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nnunet-launch", prog_name="nnunet-launch")
 def cli():
     """Run nnU-Net v2 inference over every GPU of this machine, unattended."""
 
@@ -124,14 +182,18 @@ def node_options(command):
 
 
 PATH_FIELDS = ("input_folder", "output_folder", "model_folder", "prev_stage_predictions", "config_file")
+# flags that act once, when given (--fresh discards outputs): `slurm` applies them itself at submit
+# time and never writes them into a script that SLURM requeues and users resubmit
+ONE_TIME_FIELDS = ("fresh",)
 
 
 def run_argv(values: dict) -> list[str]:
-    """The `run` flags the user gave, rebuilt with absolute paths (for scripts run elsewhere)."""
+    """The `run` flags the user gave, rebuilt with absolute paths (for scripts run elsewhere),
+    less the one-time flags."""
     args = []
     for decls, kwargs in PREDICT_OPTIONS + [(("--config", "config_file"), {})]:
         value = values.get(decls[-1])
-        if value is None or value == () or value is False:
+        if value is None or value == () or value is False or decls[-1] in ONE_TIME_FIELDS:
             continue
         if kwargs.get("is_flag"):
             args.append(decls[0])
@@ -163,36 +225,94 @@ def run(**values):
     show_default=True,
     help="GPUs each task asks for (--gres=gpu:G); ignored with -device cpu",
 )
+@click.option("--cpus-per-gpu", type=click.IntRange(min=1), help="CPUs each task asks for per GPU [default: 8]")
+@click.option(
+    "--cpus-per-task",
+    type=click.IntRange(min=1),
+    help="CPUs each task asks for, in all [default: 8 per GPU; with -device cpu 4 per worker]",
+)
 @click.option("--partition", type=str, help="SLURM partition")
 @click.option("--time", "time_limit", type=str, help="SLURM time limit, e.g. 12:00:00")
 @click.option("--account", type=str, help="SLURM account")
-@click.option("--sbatch-arg", "sbatch_args", multiple=True, help="extra #SBATCH line, e.g. --mem=64G (repeatable)")
+@click.option("--verify-partition", type=str, help="partition of the verify job (1 CPU, no GPU) [default: --partition]")
+@click.option("--verify-time", type=str, default="1:00:00", show_default=True, help="time limit of the verify job")
+@click.option(
+    "--prelude", type=str, help="file of shell lines run before the launcher in each job (module load, venv activation)"
+)
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, help="extra #SBATCH option, one --key[=value] (repeatable)")
 @click.option("--submit", is_flag=True, help="submit with sbatch and print the job ids")
-def slurm(num_nodes, gpus_per_node, partition, time_limit, account, sbatch_args, submit, **values):
+def slurm(
+    num_nodes,
+    gpus_per_node,
+    cpus_per_gpu,
+    cpus_per_task,
+    partition,
+    time_limit,
+    account,
+    verify_partition,
+    verify_time,
+    prelude,
+    sbatch_args,
+    submit,
+    **values,
+):
     """Write (and with --submit, submit) a SLURM job array running `run` on K machines, plus a
-    verify job after it. Checks the input first, like `run`."""
-    from launcher import slurm as slurm_scripts
+    verify job after it. Checks the input first, like `run`; --fresh is applied here, once."""
+    import shlex
+
+    from launcher import slurm as jobs
     from launcher.cases import discover
 
+    fresh = bool(values.get("fresh"))
     forwarded = run_argv(values)
+    jobs.check_argv(forwarded)
     config = build_config(values)
-    discover(config.input_folder, config.model.file_ending, config.model.num_channels)
-    if submit:
-        slurm_scripts.require_sbatch()
-    if config.device == "cuda":
-        per_node, gres = gpus_per_node * config.workers_per_gpu, gpus_per_node
-    else:
-        per_node, gres = config.workers, None
-    options = {"partition": partition, "time": time_limit, "account": account, "sbatch_args": sbatch_args}
     out = os.path.abspath(config.output_folder)
-    array_text = slurm_scripts.array_script(forwarded, out, num_nodes, per_node, gres, options)
-    verify_text = slurm_scripts.verify_script(forwarded, out, num_nodes, per_node, options)
-    array_path, verify_path = slurm_scripts.write_scripts(out, array_text, verify_text)
+    jobs.refuse_line_breaks("output folder", out)
+    cases = discover(config.input_folder, config.model.file_ending, config.model.num_channels)
+    job = jobs.make_job(
+        device=config.device,
+        workers=config.workers,
+        workers_per_gpu=config.workers_per_gpu,
+        nodes=num_nodes,
+        gpus_per_node=gpus_per_node,
+        cpus_per_gpu=cpus_per_gpu,
+        cpus_per_task=cpus_per_task,
+        partition=partition,
+        time=time_limit,
+        account=account,
+        verify_partition=verify_partition,
+        verify_time=verify_time,
+        sbatch_args=sbatch_args,
+        prelude=prelude,
+        environ=dict(os.environ),
+        num_parts=config.num_parts,
+    )
+    ids = [c.id for c in cases]
+    if not fresh:
+        jobs.check_foreign_outputs(out, ids, config.model.file_ending, job, config.continue_prediction)
+    array_text, verify_text = jobs.array_script(forwarded, job), jobs.verify_script(forwarded, job)
+    if submit:
+        jobs.check_with_sbatch(array_text, verify_text)
+    for warning in jobs.warnings(len(ids), job):
+        click.echo(f"nnunet-launch: warning: {warning}", err=True)
+    if fresh:
+        removed = jobs.discard_previous(out, ids, config.model.file_ending, config.save_probabilities)
+        if removed is not None:
+            click.echo(
+                f"nnunet-launch: --fresh: discarded the previous run's state and {removed} output file(s) in {out}"
+            )
+    array_path, verify_path = jobs.write_scripts(out, array_text, verify_text)
     click.echo(array_text)
     click.echo(f"# written: {array_path}\n#          {verify_path}")
     if submit:
-        array_id, verify_id = slurm_scripts.submit(array_path, verify_path)
+        array_id, verify_id = jobs.submit(out, array_path, verify_path)
         click.echo(f"submitted: array job {array_id} ({num_nodes} task(s)), verify job {verify_id}")
+        click.echo(f"status (from any host): nnunet-launch status {shlex.quote(out)}")
+        click.echo(f"resume after a time limit or a cancel: {jobs.resubmit_command(out)}")
+    else:
+        click.echo(f"submit with: {jobs.resubmit_command(out)}")
+        click.echo(f"and then: {jobs.verify_command(out, after='<array job id>')}")
 
 
 @cli.command(hidden=True)
@@ -213,19 +333,41 @@ def verify(num_nodes, parts_per_node, **values):
 @predict_options
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def plan(as_json, **values):
-    """Dry run: show the parts, their GPUs and cases; start nothing, write nothing."""
+    """Dry run: what `run` would do with the same arguments (the parts, their GPUs and cases,
+    what OUT already holds); it refuses what `run` refuses; starts nothing, writes nothing."""
     from launcher.planning import make_plan
+    from launcher.runner import inspect_out
 
-    the_plan = make_plan(build_config(values))
+    config = build_config(values)
+    the_plan = make_plan(config)
+    view = inspect_out(config, the_plan)
+    to_do = len(the_plan.cases) - len(view.done)
+    facts = {
+        "model_folder": config.model.folder,
+        "done": len(view.done),
+        "to_do": to_do,
+        "failed_tried_again": len(view.failed),
+        "fresh_would_delete": len(view.fresh_would_delete),
+        "assignment": "estimate" if the_plan.schedule == "dynamic" else "exact",
+    }
     if as_json:
-        click.echo(json.dumps(the_plan.to_json(), indent=2))
+        click.echo(json.dumps({**the_plan.to_json(), **facts}, indent=2))
         return
     for warning in the_plan.warnings:
         click.echo(f"nnunet-launch: warning: {warning}", err=True)
+    click.echo(f"model folder: {config.model.folder}")
     click.echo(
-        f"{len(the_plan.cases)} case(s) in {the_plan.num_parts} part(s); per worker "
-        f"{the_plan.threads} torch thread(s), npp={the_plan.npp}, nps={the_plan.nps}"
+        f"{len(the_plan.cases)} case(s): {len(view.done)} already done in the output folder, {to_do} to predict"
+        + (f" ({len(view.failed)} that failed before are tried again)" if view.failed else "")
     )
+    if config.fresh:
+        click.echo(f"--fresh would delete {len(view.fresh_would_delete)} output file(s) and the launcher's state")
+    click.echo(
+        f"{the_plan.num_parts} part(s); per worker {the_plan.threads} torch thread(s), "
+        f"npp={the_plan.npp}, nps={the_plan.nps}"
+    )
+    if the_plan.schedule == "dynamic":
+        click.echo("dynamic schedule: the assignment below is an estimate; idle workers take the largest case left")
     for entry in the_plan.to_json()["parts"]:
         ids = entry["cases"]
         shown = ", ".join(ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
@@ -252,6 +394,10 @@ def gpus(as_json):
     try:
         found = inventory.inventory()
     except inventory.NvmlUnavailable as exc:
+        if as_json:  # a script asking for the GPUs of a machine without any gets an empty list
+            print(f"nnunet-launch: {exc}", file=sys.stderr)
+            click.echo("[]")
+            return
         raise LauncherError(f"{exc}; {inventory.CPU_HINT}") from None
     if as_json:
         click.echo(json.dumps([g.to_json() for g in found], indent=2))
@@ -262,17 +408,26 @@ def gpus(as_json):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("index", "UUID", "name", "memory used", "processes")
+    rows = []
     for g in found:
         procs = ", ".join(f"{p['pid']} ({p['used_memory'] / 2**30:.1f} GiB)" for p in g.processes) or "-"
-        table.add_row(
-            str(g.index), g.uuid, g.name, f"{g.memory_used / 2**30:.1f} / {g.memory_total / 2**30:.1f} GiB", procs
+        rows.append(
+            (str(g.index), g.uuid, g.name, f"{g.memory_used / 2**30:.1f} / {g.memory_total / 2**30:.1f} GiB", procs)
         )
+    if not sys.stdout.isatty():  # in a pipe: whole UUIDs (what reproduces a part by hand), tab-separated
+        click.echo("\t".join(("index", "UUID", "name", "memory used", "processes")))
+        for row in rows:
+            click.echo("\t".join(row))
+        return
+    table = Table("index", "UUID", "name", "memory used", "processes")
+    table.columns[1].no_wrap = True
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = expand_nargs_folds(list(sys.argv[1:] if argv is None else argv))
+    args = normalize_args(list(sys.argv[1:] if argv is None else argv))
     verbose = "--verbose" in args
     try:
         cli.main(args=args, prog_name="nnunet-launch", standalone_mode=False)

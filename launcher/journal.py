@@ -6,14 +6,20 @@ while the run writes). Each state change is committed at once: a crash loses not
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import socket
 import sqlite3
+import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import psutil
 
 from launcher.errors import LauncherError
 
@@ -66,7 +72,11 @@ class Journal:
             raise LauncherError(
                 f"no launcher journal at {path!r}: was `nnunet-launch run` started with this output folder?"
             )
-        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        # Without a -wal file no writer has the journal open (a clean close removes it): read the
+        # file as it is (immutable), which creates no -wal/-shm files beside it. With one, a run
+        # is writing (or was killed): read through the WAL, as SQLite must.
+        quiet = not os.path.exists(path + "-wal")
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro" + ("&immutable=1" if quiet else "")
         return cls(sqlite3.connect(uri, uri=True, timeout=30), path)
 
     def close(self) -> None:
@@ -205,8 +215,8 @@ class Journal:
             for part_id, gpu, uuid, restarts, pid, state in db.execute(
                 "SELECT part_id, gpu, gpu_uuid, restarts, worker_pid, state FROM parts ORDER BY part_id"
             ):
-                done, total, done_this_run, last_end = db.execute(
-                    "SELECT SUM(state='done'), COUNT(*), SUM(state='done' AND ended >= ?), "
+                done, failed, total, done_this_run, last_end = db.execute(
+                    "SELECT SUM(state='done'), SUM(state='failed'), COUNT(*), SUM(state='done' AND ended >= ?), "
                     "MAX(CASE WHEN state='done' THEN ended END) FROM cases WHERE part=?",
                     (run_started, part_id),
                 ).fetchone()
@@ -222,6 +232,7 @@ class Journal:
                         "gpu": gpu,
                         "gpu_uuid": uuid,
                         "done": done or 0,
+                        "failed": failed or 0,
                         "total": total,
                         "restarts": restarts,
                         "state": state,
@@ -268,36 +279,322 @@ def _rate_and_eta(done: int, total: int, done_this_run: int, run_started: float,
     return {"rate_per_min": round(rate * 60, 2), "eta_s": round((total - done) / rate, 1)}
 
 
+# --- one launcher per OUT --------------------------------------------------------------------
+# Two protocols, chosen by the filesystem that holds the state folder:
+#
+# - flock (the file `lock`), on a local filesystem: the kernel drops the lock when its holder
+#   dies, so a stale lock file never blocks.
+# - an exclusive lock file (`lock.excl`, created with O_CREAT|O_EXCL, which NFS v3+, Lustre,
+#   GPFS and the other cluster filesystems make atomic at the server) on a network filesystem,
+#   or where flock fails (ENOLCK, EOPNOTSUPP, ENOSYS: Lustre mounted without `-o flock`). flock
+#   cannot be trusted there: mounted with `local_lock`/`nolock` (or Lustre's `localflock`) it
+#   silently locks per host, and two array tasks on two hosts would both write one journal. The
+#   file holds {"pid", "host", "started", "heartbeat"}; a thread of the holder rewrites the
+#   heartbeat every LOCK_HEARTBEAT_S. It is removed on release. A holder that died without
+#   releasing it (SIGKILL, a lost node) leaves it behind: it is stale when its holder is on this
+#   host and gone, or on another host and silent for LOCK_STALE_S, and is then taken over (under
+#   a short-lived takeover file, so two contenders cannot both take it). A holder on this host
+#   is refused at once while its process exists; one on another host only once its heartbeat is
+#   seen to advance: until then it is waited for, so a task that SLURM requeues seconds after its
+#   node died takes over its dead predecessor's lock instead of failing.
+#
+# Both protocols record the holder's host and pid, which `status` uses to decide whether it
+# may open the journal (see status.py).
+
+LOCK_HEARTBEAT_S = 10.0
+LOCK_STALE_S = 120.0
+TAKEOVER_STALE_S = 30.0  # a takeover takes milliseconds; a takeover file this old was abandoned
+LOCK_RECORD_BYTES = 512  # rewritten in place at a fixed size: a reader never sees a short file
+FLOCK_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
+HOST_ENV = "NNUNET_LAUNCH_TEST_HOST"  # tests only: pretend to be another host
+FILESYSTEM_ENV = "NNUNET_LAUNCH_TEST_FS"  # tests only: "network" or "local" instead of statfs
+
+# statfs f_type of filesystems shared between hosts (linux/magic.h and the vendors' headers);
+# FUSE is counted in: sshfs, GlusterFS, JuiceFS, gcsfuse and most FUSE mounts on clusters are.
+NETWORK_FILESYSTEMS = {
+    0x6969: "nfs",
+    0x0BD00BD0: "lustre",
+    0x47504653: "gpfs",
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb2",
+    0x517B: "smb",
+    0x19830326: "beegfs",
+    0x00C36400: "ceph",
+    0x65735546: "fuse",
+    0x5346414F: "afs",
+    0x01021997: "9p",
+    0x7461636F: "ocfs2",
+    0x01161970: "gfs2",
+    0xAAD7AAEA: "panfs",
+    0x73757245: "coda",
+}
+
+
+def this_host() -> str:
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
+def filesystem_type(path: str) -> int | None:
+    """statfs(2)'s f_type for the nearest existing folder of `path`, or None where it cannot be
+    read. Python has no os.statfs; f_type is the first field of struct statfs on Linux."""
+    import ctypes
+
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buffer = ctypes.create_string_buffer(512)  # larger than struct statfs on every Linux
+        if libc.statfs(os.fsencode(path or "."), buffer) != 0:
+            return None
+        return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
+    except (OSError, AttributeError):
+        return None
+
+
+def on_network_filesystem(path: str) -> bool:
+    forced = os.environ.get(FILESYSTEM_ENV)
+    if forced in ("network", "local"):
+        return forced == "network"
+    return filesystem_type(path) in NETWORK_FILESYSTEMS
+
+
+def _exclusive_path(path: str) -> str:
+    return path + ".excl"
+
+
+def _process_started(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
+def _read_record(path: str) -> dict | None:
+    """The holder a lock file names: {"pid", "host", ...}; {} when unreadable (being written, or
+    an old launcher's bare pid); None when there is no file."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(LOCK_RECORD_BYTES * 2).decode(errors="replace").strip()
+            mtime = os.fstat(f.fileno()).st_mtime
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    if text.isdigit():
+        return {"pid": int(text), "mtime": mtime}
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {"mtime": mtime}
+    return {**record, "mtime": mtime} if isinstance(record, dict) else {"mtime": mtime}
+
+
+def _holder_state(record: dict, now: float) -> str:
+    """'alive', 'silent' (missed its beats, not stale yet) or 'stale'."""
+    if record.get("host") == this_host() and isinstance(record.get("pid"), int):
+        started, recorded = _process_started(record["pid"]), record.get("started")
+        # the same pid with another start time is a reused pid: the holder is gone
+        if started is None or (isinstance(recorded, (int, float)) and abs(started - recorded) > 0.5):
+            return "stale"
+        return "alive"
+    beat = record.get("heartbeat")
+    age = now - (beat if isinstance(beat, (int, float)) else record.get("mtime", now))
+    if age >= LOCK_STALE_S:
+        return "stale"
+    return "silent" if age > 2 * LOCK_HEARTBEAT_S else "alive"
+
+
+def _describe(record: dict) -> str:
+    pid, host = record.get("pid", "unknown"), record.get("host")
+    return f"pid {pid}" + (f" on host {host}" if host else "")
+
+
 class OutLock:
-    """One launcher per OUT: an flock held for the run's life. The kernel drops it when the
-    holder dies, so a stale lock file never blocks."""
+    """One launcher per OUT (see the protocols above). acquire() raises LauncherError naming the
+    holder when another launcher runs on this folder."""
 
     def __init__(self, path: str):
         self.path = path
         self.fd: int | None = None
+        self.mode: str | None = None  # "flock" or "exclusive" once held
+        self._stop: threading.Event | None = None
+        self._beat: threading.Thread | None = None
 
     def acquire(self) -> None:
+        if not on_network_filesystem(os.path.dirname(self.path)):
+            try:
+                self._acquire_flock()
+                return
+            except _FlockUnsupported:
+                pass
+        self._acquire_exclusive()
+
+    def _record(self) -> dict:
+        pid = os.getpid()
+        return {"pid": pid, "host": this_host(), "started": _process_started(pid), "heartbeat": time.time()}
+
+    def _write_record(self, fd: int) -> None:
+        os.pwrite(fd, json.dumps(self._record()).encode().ljust(LOCK_RECORD_BYTES), 0)
+
+    # --- flock -----------------------------------------------------------------------------
+    def _acquire_flock(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise LauncherError(
-                f"another nnunet-launch (pid {holder}) is running on this output folder; wait for it or stop it first"
-            ) from None
+            raise _held_error(_read_record(self.path) or {}) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in FLOCK_UNSUPPORTED:
+                raise _FlockUnsupported from exc
+            raise
+        # a launcher that had to use the other protocol on this folder (its flock failed)
+        other = _read_record(_exclusive_path(self.path))
+        if other is not None and _holder_state(other, time.time()) != "stale":
+            os.close(fd)
+            raise _held_error(other)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd = fd
+        self._write_record(fd)
+        self.fd, self.mode = fd, "flock"
+
+    # --- the exclusive lock file -----------------------------------------------------------
+    def _acquire_exclusive(self) -> None:
+        path = _exclusive_path(self.path)
+        first_seen = None
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                record = _read_record(path)
+                if record is None:
+                    continue  # released meanwhile
+                if _holder_state(record, time.time()) == "stale":
+                    self._take_over(path, record)
+                    continue
+                if record.get("host") == this_host():
+                    raise _held_error(record) from None  # its process exists
+                # Another host: alive only if its heartbeat is seen to advance. A fresh-looking
+                # lock may be a dead node's (SLURM requeues a task within seconds), so wait for
+                # a beat rather than refuse, and take it over once it is stale.
+                seen = tuple(record.get(k) for k in ("pid", "host", "started", "heartbeat"))
+                if first_seen is None:
+                    first_seen = seen
+                    print(
+                        f"nnunet-launch: {path} is held by {_describe(record)}; waiting to see whether it is "
+                        f"alive (a heartbeat every {LOCK_HEARTBEAT_S:.0f} s) or gone (taken over after "
+                        f"{LOCK_STALE_S:.0f} s without one)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                elif seen != first_seen:
+                    raise _held_error(record) from None
+                time.sleep(1.0)
+                continue
+            try:
+                self._write_record(fd)
+                self._check_no_flock_holder()
+            except BaseException:
+                os.close(fd)
+                _unlink(path)
+                raise
+            self.fd, self.mode = fd, "exclusive"
+            self._start_heartbeat(fd)
+            return
+
+    def _check_no_flock_holder(self) -> None:
+        """A launcher using flock on this folder (where flock works for it) holds it too."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise _held_error(_read_record(self.path) or {}) from None
+        except OSError:
+            pass  # no flock here: nobody can hold one
+        finally:
+            os.close(fd)
+
+    def _take_over(self, path: str, stale: dict) -> None:
+        takeover = path + ".takeover"
+        try:
+            fd = os.open(takeover, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(takeover).st_mtime > TAKEOVER_STALE_S:
+                    _unlink(takeover)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.2)  # another contender is taking it over: look again
+            return
+        try:
+            current = _read_record(path)
+            same = current is not None and all(current.get(k) == stale.get(k) for k in ("pid", "host", "started"))
+            if same and _holder_state(current, time.time()) == "stale":
+                print(f"nnunet-launch: taking over the stale lock of {_describe(stale)}", file=sys.stderr, flush=True)
+                _unlink(path)
+        finally:
+            os.close(fd)
+            _unlink(takeover)
+
+    def _start_heartbeat(self, fd: int) -> None:
+        self._stop = threading.Event()
+
+        def beat(stop: threading.Event = self._stop) -> None:
+            while not stop.wait(LOCK_HEARTBEAT_S):
+                try:
+                    self._write_record(fd)
+                except OSError:
+                    pass  # a network hiccup: the next beat tries again
+
+        self._beat = threading.Thread(target=beat, name="nnunet-launch-lock-heartbeat", daemon=True)
+        self._beat.start()
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self._stop is not None:
+            self._stop.set()
+            self._beat.join(timeout=5)
+            self._stop = self._beat = None
+        if self.fd is None:
+            return
+        if self.mode == "exclusive":
+            # remove the file only while it is still ours (not taken over after a long stall)
+            try:
+                mine = os.fstat(self.fd).st_ino == os.stat(_exclusive_path(self.path)).st_ino
+            except OSError:
+                mine = False
+            if mine:
+                _unlink(_exclusive_path(self.path))
+        os.close(self.fd)
+        self.fd = self.mode = None
 
 
-def lock_holder(path: str) -> int | None:
-    """The pid of the launcher running on this OUT now, or None (probes without blocking it)."""
+class _FlockUnsupported(Exception):
+    pass
+
+
+def _held_error(record: dict) -> LauncherError:
+    return LauncherError(
+        f"another nnunet-launch ({_describe(record)}) is running on this output folder; wait for it or stop it first"
+    )
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def lock_info(path: str) -> dict | None:
+    """The launcher running on this OUT now, {"pid", "host", "mode", ...}, or None. Probes
+    without blocking it."""
+    record = _read_record(_exclusive_path(path))
+    if record is not None and _holder_state(record, time.time()) != "stale":
+        return {**record, "mode": "exclusive"}
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -306,9 +603,19 @@ def lock_holder(path: str) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
+            return {**(_read_record(path) or {}), "mode": "flock"}
+        except OSError:
+            return None  # flock unsupported: only the exclusive file can be held here
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def lock_holder(path: str) -> int | None:
+    """The pid of the launcher running on this OUT now (-1 when it cannot be read), or None."""
+    info = lock_info(path)
+    if info is None:
+        return None
+    pid = info.get("pid")
+    return pid if isinstance(pid, int) else -1

@@ -7,6 +7,7 @@ timestamped lines, one per finished or failed case, and a summary line every min
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -17,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from launcher.journal import Journal
+from launcher.status import SnapshotPublisher
 
 PLAIN_SUMMARY_EVERY_S = 60.0
 LIVE_REFRESH_S = 0.5
@@ -43,50 +45,63 @@ def overall_eta(snapshot: dict, elapsed_s: float, done_at_start: int) -> float |
     return snapshot.get("work_left", 0.0) * elapsed_s / done_now
 
 
+# The live table's columns, most important first; on a narrow terminal the last ones go first.
+COLUMNS = ("part", "state", "done", "current case", "GPU", "failed", "restarts", "cases/min", "GPU util", "GPU mem")
+RIGHT_ALIGNED = ("done", "failed", "restarts", "cases/min")
+
+
 def render(
     snapshot: dict,
     gpu_names: dict[str, str],
     utilisation: dict[str, tuple[int, int, int]],
     elapsed_s: float,
     done_at_start: int,
+    width: int = 160,
 ) -> Group:
-    """The live view: a row per worker slot and an overall bar (pure: for tests too)."""
-    table = Table(expand=False, pad_edge=False)
-    for column in (
-        "part",
-        "GPU",
-        "state",
-        "done",
-        "current case",
-        "cases/min",
-        "ETA",
-        "restarts",
-        "GPU util",
-        "GPU mem",
-    ):
-        table.add_column(column, justify="right" if column in ("done", "cases/min", "restarts") else "left")
+    """The live view: a row per worker slot and an overall bar (pure: for tests too). Columns
+    that do not fit `width` are left out, least important first; CPU runs have no GPU columns.
+    Every cell is plain text (a case id like `[x]` is not rich markup)."""
+    on_gpus = any(part["gpu_uuid"] for part in snapshot["parts"])
+    rows = []
     for part in snapshot["parts"]:
         uuid = part["gpu_uuid"]
         util = utilisation.get(uuid) if uuid else None
-        table.add_row(
-            str(part["part_id"]),
-            gpu_names.get(uuid, part["gpu"]) if uuid else part["gpu"],
-            part["state"],
-            f"{part['done']}/{part['total']}",
-            part["current_case"] or "-",
-            f"{part['rate_per_min']:.1f}" if part["rate_per_min"] else "-",
-            _eta(part["eta_s"]) if part["state"] == "running" else "-",
-            str(part["restarts"]),
-            f"{util[0]}%" if util else "-",
-            f"{util[1] / 2**30:.1f}/{util[2] / 2**30:.0f} GiB" if util else "-",
+        rows.append(
+            {
+                "part": str(part["part_id"]),
+                "GPU": gpu_names.get(uuid, part["gpu"]) if uuid else part["gpu"],
+                "state": part["state"],
+                "done": f"{part['done']}/{part['total']}",
+                "failed": str(part.get("failed", 0)),
+                "current case": part["current_case"] or "-",
+                "cases/min": f"{part['rate_per_min']:.1f}" if part["rate_per_min"] else "-",
+                "restarts": str(part["restarts"]),
+                "GPU util": f"{util[0]}%" if util else "-",
+                "GPU mem": f"{util[1] / 2**30:.1f}/{util[2] / 2**30:.0f} GiB" if util else "-",
+            }
         )
+    columns = [c for c in COLUMNS if on_gpus or c not in ("GPU", "GPU util", "GPU mem")]
+    while len(columns) > 4 and _table_width(columns, rows) > width:
+        columns.pop()
+    table = Table(expand=False, pad_edge=False)
+    for column in columns:
+        table.add_column(column, justify="right" if column in RIGHT_ALIGNED else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*(Text(row[c]) for c in columns))
     total, done, failed = snapshot["total"], snapshot["done"], snapshot["failed"]
     eta = overall_eta(snapshot, elapsed_s, done_at_start)
     line = Text(
         f"{done}/{total} done, {failed} failed, {snapshot['running']} running, "
         f"ETA {_eta(eta)}, elapsed {_eta(elapsed_s)}"
     )
-    return Group(table, ProgressBar(total=max(total, 1), completed=done + failed, width=60), line)
+    bar = ProgressBar(total=max(total, 1), completed=done + failed, width=min(60, max(10, width - 2)))
+    return Group(table, line, bar)  # the bar last: it ends without a line break
+
+
+def _table_width(columns: list[str], rows: list[dict]) -> int:
+    """Characters a table with these columns needs: cells plus rich's borders and padding."""
+    widths = [max([len(c), *(len(r[c]) for r in rows)]) for c in columns]
+    return sum(widths) + 3 * len(columns) + 1
 
 
 class GpuMonitor:
@@ -119,7 +134,14 @@ class Reporter:
         self.file = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
         self.journal, self.gpu_names = journal, gpu_names
         self.started = time.monotonic()
-        self.done_at_start = journal.snapshot()["done"]
+        first = journal.snapshot()
+        self.done_at_start = first["done"]
+        self.total = first["total"]
+        self.tenth = (first["done"] + first["failed"]) * 10 // max(1, self.total)  # last tenth reported
+        # status.json beside the journal, for `status` on hosts that must not open the journal
+        self.publisher = SnapshotPublisher(os.path.dirname(journal.path)) if journal.path else None
+        if self.publisher is not None:
+            self.publisher.publish(journal, first)
         self.last_summary = self.last_refresh = time.monotonic()
         self.live = None
         if live:
@@ -149,13 +171,18 @@ class Reporter:
         except OSError:
             pass
 
-    def refresh(self) -> None:
+    def refresh(self, finished: int | None = None) -> None:
+        """`finished`: cases done or failed so far (the supervisor's count); off a terminal a
+        progress line comes every minute and at each tenth of the cases."""
         now = time.monotonic()
+        if self.publisher is not None:
+            self.publisher.maybe_publish(self.journal)
+        tenth = None if finished is None or not self.total else finished * 10 // self.total
         if self.live is not None and now - self.last_refresh >= LIVE_REFRESH_S:
             self.last_refresh = now
             self.live.update(self._render())
-        elif self.live is None and now - self.last_summary >= PLAIN_SUMMARY_EVERY_S:
-            self.last_summary = now
+        elif self.live is None and (now - self.last_summary >= PLAIN_SUMMARY_EVERY_S or (tenth or 0) > self.tenth):
+            self.last_summary, self.tenth = now, max(self.tenth, tenth or 0)
             s = self.journal.snapshot()
             eta = overall_eta(s, now - self.started, self.done_at_start)
             self.log(
@@ -170,12 +197,15 @@ class Reporter:
             self.monitor.sample(),
             time.monotonic() - self.started,
             self.done_at_start,
+            (self.live.console if self.live is not None else Console()).width,
         )
 
     def close(self) -> None:
         if self.live is not None:
             self.live.update(self._render())
             self.live.stop()
+        if self.publisher is not None:
+            self.publisher.publish(self.journal, final=True)
         try:
             self.file.close()
         except OSError:

@@ -1,27 +1,124 @@
-"""`nnunet-launch status OUT`: what the journal says, read-only, never blocking the run."""
+"""`nnunet-launch status OUT`: what the run says, read-only, never blocking the run; and the
+status snapshot a running launcher publishes for readers that must not open its journal.
+
+Why a snapshot. The journal is SQLite in WAL mode: readers and the writer share an index in
+`journal.sqlite-shm`, which only works between processes of one host (shared memory), and SQLite's
+locks rely on POSIX locks that network filesystems implement partly or not at all (NFS mounted
+with `nolock`, Lustre without `-o flock`). On a cluster OUT is on NFS, Lustre or GPFS, the
+launcher runs on a compute node and `status` runs on the login node: opening the journal there
+can read a stale or torn view, fail with "disk I/O error", or (WAL recovery) even write to it.
+
+So the running launcher publishes OUT/.nnunet-launch[/node-k]/status.json every few seconds and
+when it ends: the same dictionary `status --json` shows, from one read transaction of its own
+journal connection (journal.snapshot()), written to a temp file in the state folder and renamed
+over the previous one. A rename is atomic on every POSIX and cluster filesystem (and NFS's
+close-to-open consistency gives a reader that opens the file after the rename the whole new
+file), so a reader sees one complete snapshot, at most a few seconds (plus the client's attribute
+cache) old. Publishing is best-effort: an error writing it never touches the run.
+
+Which one `status` reads, per state folder:
+- a launcher holds the lock (journal.lock_info: host and pid; flock, or a heartbeat file on
+  network filesystems) on another host, or on a network filesystem: the snapshot, with its age;
+- otherwise (no launcher running, or one on this host on a local disk): the journal itself,
+  which is exact; after a run no writer exists, so reading the journal is safe anywhere. Where
+  it cannot be opened at all (no locks on that filesystem), the snapshot is the fallback.
+The JSON says which: "source" is "journal" or "snapshot" ("snapshot_age_s" with it).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import time
 
-from launcher.journal import Journal, lock_holder
-from launcher.outputs import journal_path, lock_path, node_state_dirs, state_dir
+from launcher.errors import LauncherError
+from launcher.journal import Journal, lock_info, on_network_filesystem, this_host
+from launcher.outputs import journal_path, lock_path, node_state_dirs, state_dir, tmp_dir, write_text_atomically
 from launcher.report import EXIT_MEANING
 
 COUNTS = ("total", "done", "failed", "running", "pending")
+SNAPSHOT_FILE = "status.json"
+SNAPSHOT_EVERY_S = 5.0
+SNAPSHOT_FORMAT = 1
+
+
+def snapshot_path(state: str) -> str:
+    return os.path.join(state, SNAPSHOT_FILE)
+
+
+class SnapshotPublisher:
+    """Publishes a run's status snapshot (the writer's side; see the module docstring)."""
+
+    def __init__(self, state: str, every_s: float = SNAPSHOT_EVERY_S):
+        self.state, self.every_s = state, every_s
+        self.last = float("-inf")
+
+    def maybe_publish(self, journal: Journal, info: dict | None = None) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self.publish(journal, info)
+
+    def publish(self, journal: Journal, info: dict | None = None, final: bool = False) -> None:
+        """Best-effort: a full disk or a network hiccup skips this snapshot, never the run."""
+        self.last = time.monotonic()
+        try:
+            record = {
+                "format": SNAPSHOT_FORMAT,
+                "host": this_host(),
+                "pid": os.getpid(),
+                "updated": time.time(),
+                "final": final,  # written after the run's end was journaled: the launcher is done
+                "status": info if info is not None else journal.snapshot(),
+            }
+            write_text_atomically(snapshot_path(self.state), json.dumps(record), tmp_dir(self.state))
+        except (OSError, sqlite3.Error, TypeError, ValueError):
+            pass
+
+
+def read_snapshot(state: str) -> dict | None:
+    try:
+        with open(snapshot_path(state)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != SNAPSHOT_FORMAT:
+        return None
+    return record
+
+
+def _journal_status(state: str) -> tuple[dict, list[dict]]:
+    journal = Journal.open_readonly(journal_path(state))
+    try:
+        return journal.snapshot(), journal.case_rows()
+    finally:
+        journal.close()
 
 
 def _state_status(state: str) -> tuple[dict, list[dict]]:
-    """One run's (snapshot with launcher liveness, case rows), read-only."""
-    journal = Journal.open_readonly(journal_path(state))
-    try:
-        info, rows = journal.snapshot(), journal.case_rows()
-    finally:
-        journal.close()
-    holder = lock_holder(lock_path(state))
-    info["launcher_running"] = holder is not None
-    info["launcher_pid"] = holder
+    """One run's (status with launcher liveness and where it came from, case rows)."""
+    holder = lock_info(lock_path(state))
+    snapshot = read_snapshot(state)
+    elsewhere = holder is not None and holder.get("host") not in (None, this_host())
+    use_snapshot = snapshot is not None and holder is not None and (elsewhere or on_network_filesystem(state))
+    rows: list[dict] = []
+    if not use_snapshot:
+        try:
+            info, rows = _journal_status(state)
+        except sqlite3.Error as exc:  # e.g. a filesystem without the locks SQLite needs
+            if snapshot is None:
+                raise LauncherError(f"cannot read the journal in {state!r}: {exc}") from None
+            use_snapshot = True
+    if use_snapshot:
+        info = dict(snapshot["status"])
+        info["source"] = "snapshot"
+        info["snapshot_age_s"] = round(max(0.0, time.time() - snapshot["updated"]), 1)
+        running = holder is not None and not snapshot.get("final")
+    else:
+        info["source"] = "journal"
+        running = holder is not None
+    info["launcher_running"] = running
+    info["launcher_pid"] = holder.get("pid") if running else None
+    info["launcher_host"] = holder.get("host") if running else None
     return info, rows
 
 
@@ -44,13 +141,16 @@ def status_and_cases(out: str) -> tuple[dict, list[dict]]:
             {
                 "node": node,
                 **{k: info[k] for k in COUNTS},
-                "launcher_running": info["launcher_running"],
-                "launcher_pid": info["launcher_pid"],
+                **{k: info.get(k) for k in ("launcher_running", "launcher_pid", "launcher_host", "source")},
+                **({"snapshot_age_s": info["snapshot_age_s"]} if "snapshot_age_s" in info else {}),
             }
         )
         all_rows += [{**r, "node": node} for r in rows]
-    merged["launcher_running"] = any(n["launcher_running"] for n in merged["nodes"])
-    merged["launcher_pid"] = next((n["launcher_pid"] for n in merged["nodes"] if n["launcher_pid"]), None)
+    running = [n for n in merged["nodes"] if n["launcher_running"]]
+    merged["launcher_running"] = bool(running)
+    merged["launcher_pid"] = running[0]["launcher_pid"] if running else None
+    merged["launcher_host"] = running[0]["launcher_host"] if running else None
+    merged["source"] = "snapshot" if any(n["source"] == "snapshot" for n in merged["nodes"]) else "journal"
     return merged, sorted(all_rows, key=lambda r: r["id"])
 
 
@@ -58,8 +158,18 @@ def status_dict(out: str) -> dict:
     return status_and_cases(out)[0]
 
 
+def _launcher_state(info: dict) -> str:
+    if not info["launcher_running"]:
+        return "not running"
+    host = f" on {info['launcher_host']}" if info.get("launcher_host") else ""
+    text = f"running (pid {info['launcher_pid']}{host})"
+    if info.get("source") == "snapshot" and "snapshot_age_s" in info:
+        text += f"; from its status snapshot, {info['snapshot_age_s']:.0f} s old"
+    return text
+
+
 def render_status(info: dict) -> str:
-    state = f"running (pid {info['launcher_pid']})" if info["launcher_running"] else "not running"
+    state = _launcher_state(info)
     last = info.get("last_run") or {}
     if not info["launcher_running"] and last.get("ended"):
         wall = last["ended"] - last["started"]
@@ -74,8 +184,8 @@ def render_status(info: dict) -> str:
         f"{info['pending']} pending, {info['failed']} failed",
     ]
     for n in info.get("nodes", []):
-        running = f"running (pid {n['launcher_pid']})" if n["launcher_running"] else "not running"
-        lines.append(f"  node {n['node']}: {n['done']}/{n['total']} done, {n['failed']} failed, launcher {running}")
+        counts = f"{n['done']}/{n['total']} done, {n['failed']} failed"
+        lines.append(f"  node {n['node']}: {counts}, launcher {_launcher_state(n)}")
     for p in info["parts"]:
         eta = f", ETA {p['eta_s']:.0f} s" if p["eta_s"] is not None and info["launcher_running"] else ""
         rate = f", {p['rate_per_min']}/min" if p["rate_per_min"] else ""

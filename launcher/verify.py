@@ -1,6 +1,9 @@
 """After a SLURM array: does every case of the input have a complete output? Merges the nodes'
 journals into OUT/.nnunet-launch/summary.json and cases.csv and names what is missing with the
-one command that finishes it."""
+one command that finishes it (shell-quoted: OUT may hold any character but a line break).
+
+It runs after every array task ended (afterany), so no launcher writes a journal any more and
+reading the journals directly is safe on any filesystem (see status.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +12,10 @@ import os
 
 from launcher.cases import discover
 from launcher.config import RunConfig
-from launcher.outputs import case_outputs, node_state_dirs, slurm_dir, state_dir
+from launcher.outputs import case_outputs, node_state_dirs, state_dir
 from launcher.report import write_report_files
 from launcher.scheduler import static_parts
-from launcher.slurm import ARRAY_SCRIPT
+from launcher.slurm import resubmit_command, verify_command
 from launcher.status import status_and_cases
 
 
@@ -53,8 +56,6 @@ def verify(config: RunConfig, nodes: int, parts_per_node: int) -> tuple[int, lis
     shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
     return 1, [
         f"nnunet-launch verify: {len(missing)} of {len(ids)} case(s) have no complete output: {shown}",
-        "finish them with: sbatch --array="
-        + ",".join(map(str, to_rerun))
-        + " "
-        + os.path.join(slurm_dir(out), ARRAY_SCRIPT),
+        f"finish them with: {resubmit_command(out, to_rerun)}",
+        f"once they ended, check again with: {verify_command(out)}",
     ]

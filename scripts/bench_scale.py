@@ -142,7 +142,8 @@ def main() -> None:
         f"# {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
     )
     print(
-        "| cases | plan --json s | start → first case s | run wall s | supervisor CPU ms/case | peak RSS MB | status --json s | summary+csv s |"
+        "| cases | plan --json s | start → first case s | run wall s | supervisor CPU ms/case | peak RSS MB "
+        "| status --json s | summary+csv s |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:

@@ -124,18 +124,22 @@ class SlurmCluster:
             os.kill(pid, signal.SIGTERM)
 
     # --- jobs --------------------------------------------------------------------------------
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(list(args), capture_output=True, text=True, env=self.env, check=check)
+    def run(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), capture_output=True, text=True, env={**self.env, **(env or {})}, check=check)
 
-    def job_states(self, job_id: str) -> dict[str, tuple[str, str]]:
-        """{"<id>_<k>" or "<id>": (JobState, ExitCode)} from scontrol."""
+    def jobs(self, job_id: str) -> dict[str, dict[str, str]]:
+        """{"<id>_<k>" or "<id>": every field `scontrol -o show job` prints for it}."""
         out = self.run("scontrol", "-o", "show", "job", job_id, check=False).stdout
-        states = {}
+        found = {}
         for line in out.splitlines():
             fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
             name = fields["JobId"] if "ArrayTaskId" not in fields else f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"
-            states[name] = (fields.get("JobState", "?"), fields.get("ExitCode", "?"))
-        return states
+            found[name] = fields
+        return found
+
+    def job_states(self, job_id: str) -> dict[str, tuple[str, str]]:
+        """{"<id>_<k>" or "<id>": (JobState, ExitCode)} from scontrol."""
+        return {name: (f.get("JobState", "?"), f.get("ExitCode", "?")) for name, f in self.jobs(job_id).items()}
 
     def wait_done(self, job_id: str, timeout: float) -> dict[str, tuple[str, str]]:
         deadline = time.monotonic() + timeout
@@ -147,6 +151,25 @@ class SlurmCluster:
                 return states
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} not done in {timeout} s: {self.job_states(job_id)}")
+
+    def wait_state(self, task: str, states: tuple[str, ...], timeout: float) -> str:
+        """Wait until one task (e.g. "12_0") is in one of these states; returns it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.job_states(task).get(task, ("?", "?"))[0]
+            if state in states:
+                return state
+            time.sleep(0.2)
+        raise AssertionError(f"{task} not in {states} within {timeout} s: {self.job_states(task)}")
+
+    def requeue(self, task: str, timeout: float = 60) -> None:
+        """`scontrol requeue` for real, then start the task at once: SLURM holds a requeued task
+        about 120 s in PD (BeginTime), and only a PENDING task's start time can be moved."""
+        self.run("scontrol", "requeue", task)
+        self.wait_state(task, ("PENDING",), timeout)
+
+    def release(self, task: str) -> None:
+        self.run("scontrol", "update", f"JobId={task}", "StartTime=now")
 
 
 def _free_port() -> int:

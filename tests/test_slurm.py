@@ -1,5 +1,7 @@
 """SLURM: the job array and verify job, on a real SLURM cluster (Debian's Slurm 22.05 started by
-the tests under a temporary folder), not a mock."""
+the tests under a temporary folder), not a mock. The tests about preemption, requeue and
+resubmission run the launcher with the fast stand-in for nnU-Net (launcher/fake_backend.py,
+chosen by the environment sbatch passes on to the job); one array runs real nnU-Net end to end."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import re
 import shlex
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -17,71 +20,167 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, available
 
-from conftest import ROOT, assert_same_predictions, cli, copy_outputs_mtimes
+from conftest import ROOT, assert_fake_outputs, assert_same_predictions, cli, copy_outputs_mtimes, fake_env, run_args
+from launcher.journal import lock_holder
 
 GOLDEN = ROOT / "tests" / "golden"
+# every character a shell or an #SBATCH line could trip on, but a line break
+WEIRD_NAME = "-out \"dq\" 'sq' $HOME `id` ü 50%"
 
 
-def slurm_args(small: dict, out: Path, *extra: str) -> list[str]:
+def slurm_args(data: dict, out: Path, *extra: str) -> list[str]:
     return [
         "slurm",
         "-i",
-        str(small["inputs"]),
+        str(data["inputs"]),
         "-o",
         str(out),
         "-m",
-        str(small["model"]),
+        str(data["model"]),
         "-f",
         "0",
-        "-device",
-        "cpu",
         "--disable_tta",
-        "--workers",
-        "1",
-        "--nodes",
-        "2",
         *extra,
     ]
 
 
-def test_generated_scripts_match_the_golden_files(small, tmp_path):
+def cpu_array(data: dict, out: Path, *extra: str) -> list[str]:
+    """Two nodes, one CPU worker each, one CPU each (the test cluster has 2 CPUs per node)."""
+    return slurm_args(data, out, "-device", "cpu", "--workers", "1", "--nodes", "2", "--cpus-per-task", "1", *extra)
+
+
+def env_without_nnunet(**extra: str) -> dict:
+    """This process's environment less any nnUNet_* variable (the scripts copy those)."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}, **extra}
+
+
+def launcher(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def normalised_script(path: Path, small: dict, tmp_path: Path) -> str:
+    text = path.read_text().replace(sys.executable, "PYTHON").replace(str(tmp_path), "TMP")
+    return text.replace(shlex.quote(str(small["inputs"])), "INPUTS").replace(shlex.quote(str(small["model"])), "MODEL")
+
+
+@pytest.mark.parametrize("kind", ["gpu", "cpu"])
+def test_generated_scripts_match_the_golden_files(small, tmp_path, kind):
     out = tmp_path / "out 'q' 50%"
-    result = cli(
-        *slurm_args(
-            small,
-            out,
+    if kind == "gpu":
+        prelude = tmp_path / "prelude.sh"
+        prelude.write_text("module load cuda/12.1\nsource /opt/venvs/nnunet/bin/activate\n")
+        extra = [
+            "-device",
+            "cuda",
+            "--nodes",
+            "3",
+            "--gpus-per-node",
+            "4",
+            "--cpus-per-gpu",
+            "6",
             "--partition",
             "gpu-long",
             "--time",
             "12:00:00",
             "--account",
             "lab",
+            "--verify-partition",
+            "cpu",
             "--sbatch-arg=--mem=64G",
             "--sbatch-arg=--qos=high",
-        )
-    )
+            "--prelude",
+            str(prelude),
+            "--fresh",  # applied now, never written into a script
+        ]
+        env = env_without_nnunet(nnUNet_results=str(tmp_path / "nnUNet results"), nnUNet_compile="f")
+    else:
+        extra = ["-device", "cpu", "--workers", "4", "--nodes", "2", "--time", "2-00:00:00"]
+        env = env_without_nnunet()
+    result = launcher(*slurm_args(small, out, *extra), env=env)
     assert result.returncode == 0, result.stderr
     folder = out / ".nnunet-launch" / "slurm"
     for name in ("array.sbatch", "verify.sbatch"):
-        text = (folder / name).read_text()
-        text = text.replace(sys.executable, "PYTHON").replace(str(tmp_path), "TMP")
-        text = text.replace(shlex.quote(str(small["inputs"])), "INPUTS").replace(
-            shlex.quote(str(small["model"])), "MODEL"
-        )
-        assert text == (GOLDEN / name).read_text(), f"{name} differs from tests/golden/{name}:\n{text}"
+        text = normalised_script(folder / name, small, tmp_path)
+        golden = GOLDEN / f"{kind}-{name}"
+        if os.environ.get("UPDATE_GOLDEN") == "1":  # after an intended change: review the diff
+            golden.write_text(text)
+        assert text == golden.read_text(), f"{name} differs from tests/golden/{golden.name}:\n{text}"
 
 
 def test_slurm_checks_input_before_writing_or_submitting(small, tmp_path):
     out = tmp_path / "out"
-    bad = cli(*slurm_args({**small, "inputs": tmp_path / "missing"}, out, "--submit"))
+    bad = cli(*cpu_array({**small, "inputs": tmp_path / "missing"}, out, "--submit"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
     assert not out.exists()
-    no_sbatch = cli(*slurm_args(small, out, "--submit"), env={"PATH": "/nonexistent"})
+    no_sbatch = cli(*cpu_array(small, out, "--submit"), env={"PATH": "/nonexistent"})
     assert no_sbatch.returncode == 2 and "sbatch not found" in no_sbatch.stderr
     assert no_sbatch.stderr.count("\n") == 1
     assert not out.exists()
 
 
+def _prelude(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "prelude.sh"
+    path.write_text(text)
+    return str(path)
+
+
+REFUSED = [
+    ("newline in OUT", lambda t: ["-o", str(t / "out\ntouch injected")], "contains a line break"),
+    ("carriage return in OUT", lambda t: ["-o", str(t / "out\rx")], "contains a line break"),
+    ("newline in a partition", lambda t: ["--partition", "gpu\n#SBATCH --array=0-99"], "contains a line break"),
+    ("partition with a space", lambda t: ["--partition", "gpu long"], "is not a valid SLURM value"),
+    ("time in hours", lambda t: ["--time", "12h"], "--time '12h' is not a valid SLURM value"),
+    ("account with a semicolon", lambda t: ["--account", "lab;id"], "is not a valid SLURM value"),
+    ("two sbatch options in one", lambda t: ["--sbatch-arg=--mem=64G --qos=high"], "one --key[=value] token"),
+    ("sbatch argument with quotes", lambda t: ['--sbatch-arg=--comment="x"'], "one --key[=value] token"),
+    ("short sbatch option", lambda t: ["--sbatch-arg=-p"], "one --key[=value] token"),
+    ("sbatch output set by the launcher", lambda t: ["--sbatch-arg=--output=/tmp/x"], "sets --output itself"),
+    ("sbatch time with its own option", lambda t: ["--sbatch-arg=--time=1:00"], "use nnunet-launch's --time"),
+    ("missing prelude", lambda t: ["--prelude", str(t / "none.sh")], "No such file or directory"),
+    ("prelude with SBATCH", lambda t: ["--prelude", _prelude(t, "#SBATCH --mem=1G\n")], "holds an #SBATCH line"),
+    ("prelude with CRLF", lambda t: ["--prelude", _prelude(t, "module load x\r\n")], "carriage returns"),
+    ("cpus per GPU on the CPU", lambda t: ["--cpus-per-gpu", "4"], "--cpus-per-gpu needs GPUs"),
+    ("nnU-Net's own split", lambda t: ["-num_parts", "2", "-part_id", "0"], "leave out -num_parts/-part_id"),
+]
+
+
+@pytest.mark.parametrize("extra, message", [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_unsafe_or_malformed_values_are_refused_before_anything_is_written(small, tmp_path, extra, message):
+    out = tmp_path / "out"
+    args = cpu_array(small, out, *extra(tmp_path))
+    result = cli(*args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not list(tmp_path.rglob("*.sbatch")) and not list(tmp_path.rglob(".nnunet-launch"))
+    assert not (tmp_path / "injected").exists()
+
+
+def test_a_line_break_in_an_nnunet_variable_is_refused(small, tmp_path):
+    result = cli(*cpu_array(small, tmp_path / "out"), env={"nnUNet_raw": "/data\nid"})
+    assert result.returncode == 2 and "environment variable nnUNet_raw" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_parts_than_cases_warns_and_a_node_without_cases_exits_0_at_once(small, tmp_path):
+    out = tmp_path / "out"
+    result = cli(*slurm_args(small, out, "-device", "cpu", "--workers", "2", "--nodes", "5", "--cpus-per-task", "2"))
+    assert result.returncode == 0, result.stderr
+    assert "10 part(s) (5 node(s) x 2 worker slot(s)) for 6 case(s)" in result.stderr
+    assert "node(s) 3..4 get no case and exit 0 at once; --nodes 3 is enough" in result.stderr
+    # what array task 4 runs: nothing to predict, no worker started
+    node = cli(
+        *run_args(small, out, "--workers", "2", "--nodes", "5", "--parts-per-node", "2", "--node", "4"),
+        env=fake_env(tmp_path),
+    )
+    assert node.returncode == 0, node.stderr
+    assert "0 case(s), 0 already done" in node.stdout
+    logs = out / ".nnunet-launch" / "node-4" / "logs"
+    assert not list(logs.glob("*attempt*.log")), "no worker was started"
+
+
+# --- on the test cluster ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster():
     reason = available()
@@ -98,76 +197,191 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _submit(cluster: SlurmCluster, small: dict, out: Path) -> tuple[str, str]:
-    result = cluster.run(sys.executable, "-m", "launcher", *slurm_args(small, out, "--submit"))
-    match = re.search(r"submitted: array job (\d+) \(2 task\(s\)\), verify job (\d+)", result.stdout)
+@pytest.fixture
+def cases(tiny, tmp_path) -> dict:
+    """8 cases (copies of the tiny ones under new names): 4 per node of a 2-node array."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    sources = sorted(tiny["inputs"].glob("*_0000.nii.gz"))
+    ids = [f"case_{i:03d}" for i in range(8)]
+    for source, case_id in zip(sources, ids, strict=False):
+        os.link(source, inputs / f"{case_id}_0000.nii.gz")
+    return {"inputs": inputs, "model": tiny["model"], "ids": ids}
+
+
+def _submit(cluster: SlurmCluster, args: list[str], env: dict | None = None) -> tuple[str, str, str]:
+    """(array job id, verify job id, what `slurm --submit` printed)."""
+    result = cluster.run(sys.executable, "-m", "launcher", *args, "--submit", env=env, check=False)
+    match = re.search(r"submitted: array job (\d+) \(\d+ task\(s\)\), verify job (\d+)", result.stdout)
     assert match, result.stdout + result.stderr
-    return match.group(1), match.group(2)
+    return match.group(1), match.group(2), result.stdout
 
 
-def _node_done(out: Path, node: int) -> int:
+def _hint(text: str, prefix: str) -> list[str]:
+    """The shell command printed after `prefix`, as argv."""
+    line = next(line for line in text.splitlines() if prefix in line)
+    return shlex.split(line.split(prefix, 1)[1])
+
+
+def _sbatch(cluster: SlurmCluster, command: list[str], env: dict | None = None) -> str:
+    assert command[0] == "sbatch", command
+    return cluster.run("sbatch", "--parsable", *command[1:], env=env).stdout.strip().split(";")[0]
+
+
+def _node_cases(out: Path, node: int) -> dict[str, tuple[str, int]]:
+    """{case: (state, attempts)} from node k's journal; {} while it does not exist yet."""
     path = out / ".nnunet-launch" / f"node-{node}" / "journal.sqlite"
     if not path.exists():
-        return 0
+        return {}
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return db.execute("SELECT COUNT(*) FROM cases WHERE state='done'").fetchone()[0]
+        return {c: (s, a) for c, s, a in db.execute("SELECT id, state, attempts FROM cases")}
     except sqlite3.OperationalError:  # the task is still creating its journal
-        return 0
+        return {}
     finally:
         db.close()
 
 
-def test_array_of_two_nodes_and_the_verify_job_succeed_with_identical_outputs(cluster, small, tmp_path):
-    out = tmp_path / "out dir"
-    array_id, verify_id = _submit(cluster, small, out)
+def _wait_done_cases(out: Path, node: int, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(s == "done" for s, _ in _node_cases(out, node).values()) < count:
+        assert time.monotonic() < deadline, f"node {node} did not finish {count} case(s) in {timeout} s"
+        time.sleep(0.2)
+
+
+def _wait_launcher_gone(out: Path, node: int, timeout: float) -> None:
+    lock = out / ".nnunet-launch" / f"node-{node}" / "lock"
+    deadline = time.monotonic() + timeout
+    while lock_holder(str(lock)) is not None:
+        assert time.monotonic() < deadline, f"node {node}'s launcher still holds its lock"
+        time.sleep(0.2)
+
+
+def _predictions(out: Path) -> dict[str, int]:
+    return {n: m for n, m in copy_outputs_mtimes(out).items() if n.endswith(".nii.gz")}
+
+
+def _assert_every_case_done_once_uncharged(out: Path, ids: list[str]) -> None:
+    status = json.loads(cli("status", str(out), "--json").stdout)
+    assert status["total"] == status["done"] == len(ids) and status["failed"] == 0, status
+    assert all(p["restarts"] == 0 for p in status["parts"]), "no restart was counted"
+    for node in (0, 1):
+        rows = _node_cases(out, node)
+        assert all(rows[c] == ("done", 1) for c in rows), f"an interrupted attempt was counted: {rows}"
+        log = (out / ".nnunet-launch" / "slurm" / f"task-{node}.log").read_text()
+        done = re.findall(r"\] done (case_\d+) ", log)
+        assert sorted(done) == sorted(rows), f"node {node}: each case done exactly once: {done}"
+        assert "worker died" not in log
+
+
+def test_array_with_quotes_dollar_backtick_and_unicode_in_out_runs_end_to_end_on_the_cpus_granted(
+    cluster, small, tmp_path
+):
+    out = tmp_path / WEIRD_NAME
+    array_id, verify_id, printed = _submit(cluster, cpu_array(small, out))
     states = cluster.wait_done(array_id, 300)
     assert states == {f"{array_id}_0": ("COMPLETED", "0:0"), f"{array_id}_1": ("COMPLETED", "0:0")}, states
     assert cluster.wait_done(verify_id, 120)[verify_id] == ("COMPLETED", "0:0")
     assert_same_predictions(out, small["reference"])
-    verify_log = (out / ".nnunet-launch" / "slurm" / "verify.log").read_text()
-    assert "all 6 case(s) have complete outputs" in verify_log
+    folder = out / ".nnunet-launch" / "slurm"
+    assert "all 6 case(s) have complete outputs" in (folder / "verify.log").read_text()
+    task = cluster.jobs(array_id)[f"{array_id}_0"]
+    assert task["NumCPUs"] == "1" and task["Requeue"] == "1", "the #SBATCH lines after the comments were read"
+    log = (folder / "task-0.log").read_text()  # there: sbatch's --chdir, and the relative log name
+    assert "per worker: 1 torch thread(s), npp=1, nps=1" in log, "sized from the 1 CPU SLURM granted"
     status = json.loads(cli("status", str(out), "--json").stdout)
-    assert status["total"] == status["done"] == 6
+    assert status["total"] == status["done"] == 6 and status["source"] == "journal"
     assert [(n["node"], n["done"]) for n in status["nodes"]] == [(0, 3), (1, 3)]
     assert sorted(p["part_id"] for p in status["parts"]) == [0, 1]
     summary = json.loads((out / ".nnunet-launch" / "summary.json").read_text())
     assert summary["done"] == 6 and summary["exit_code"] == 0
+    assert f"nnunet-launch status {shlex.quote(str(out))}" in printed
 
 
-def test_cancelled_task_resumes_when_resubmitted_and_nothing_is_predicted_twice(cluster, small, tmp_path):
+def test_fresh_array_discards_once_at_submit_and_its_resubmission_keeps_every_finished_output(cluster, cases, tmp_path):
     out = tmp_path / "out"
-    array_id, verify_id = _submit(cluster, small, out)
-    deadline = time.monotonic() + 240
-    while _node_done(out, 0) < 1:
-        assert time.monotonic() < deadline, "node 0 finished no case"
-        time.sleep(0.2)
-    cluster.run("scancel", f"{array_id}_0")
+    env = fake_env(tmp_path)
+    first = cli(*run_args(cases, out, "--workers", "2"), env=env)
+    assert first.returncode == 0, first.stderr
+    before = _predictions(out)
+    assert len(before) == 8
+
+    array_id, verify_id, printed = _submit(cluster, cpu_array(cases, out, "--fresh"), env=env)
+    assert "--fresh: discarded the previous run's state and 8 output file(s)" in printed
+    for name in ("array.sbatch", "verify.sbatch"):
+        assert "--fresh" not in (out / ".nnunet-launch" / "slurm" / name).read_text()
     states = cluster.wait_done(array_id, 120)
-    assert states[f"{array_id}_0"][0] == "CANCELLED" and states[f"{array_id}_1"] == ("COMPLETED", "0:0"), states
-    done_before = {n: m for n, m in copy_outputs_mtimes(out).items() if n.endswith(".nii.gz")}
-    assert 1 <= _node_done(out, 0) < 3 or len(done_before) == 6
+    assert set(states.values()) == {("COMPLETED", "0:0")}, states
+    assert cluster.wait_done(verify_id, 60)[verify_id] == ("COMPLETED", "0:0")
+    fresh = _predictions(out)
+    assert fresh.keys() == before.keys() and all(fresh[n] != before[n] for n in before), "predicted again"
 
-    # the verify job ran after the array, names what is missing and the command that finishes it
-    assert cluster.wait_done(verify_id, 120)[verify_id][0] == "FAILED"
-    verify_log = (out / ".nnunet-launch" / "slurm" / "verify.log").read_text()
-    array_script = out / ".nnunet-launch" / "slurm" / "array.sbatch"
-    assert f"finish them with: sbatch --array=0 {array_script}" in verify_log
+    # a resubmission of the whole array (as after a preemption) discards nothing
+    again = _sbatch(cluster, _hint(printed, "resume after a time limit or a cancel: "), env=env)
+    states = cluster.wait_done(again, 120)
+    assert set(states.values()) == {("COMPLETED", "0:0")}, states
+    assert _predictions(out) == fresh, "finished outputs were kept"
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+    for node in (0, 1):
+        assert "4 case(s), 4 already done" in (out / ".nnunet-launch" / "slurm" / f"task-{node}.log").read_text()
+    _assert_every_case_done_once_uncharged(out, cases["ids"])
 
-    again = cluster.run("sbatch", "--parsable", "--array=0", str(array_script)).stdout.strip()
-    check = cluster.run(
-        "sbatch",
-        "--parsable",
-        f"--dependency=afterany:{again}",
-        str(out / ".nnunet-launch" / "slurm" / "verify.sbatch"),
-    ).stdout.strip()
-    assert cluster.wait_done(again, 300)[f"{again}_0"] == ("COMPLETED", "0:0")
-    assert cluster.wait_done(check, 120)[check] == ("COMPLETED", "0:0")
-    assert_same_predictions(out, small["reference"])
-    after = copy_outputs_mtimes(out)
-    assert {n: after[n] for n in done_before} == done_before, "finished cases were not predicted again"
+
+def test_requeued_task_resumes_with_no_case_failed_and_no_output_rewritten(cluster, cases, tmp_path):
+    out = tmp_path / "out"
+    env = fake_env(tmp_path, case_seconds=1.5)
+    array_id, verify_id, _ = _submit(cluster, cpu_array(cases, out), env=env)
+    task = f"{array_id}_0"
+    _wait_done_cases(out, 0, 1, 120)
+    cluster.requeue(task)  # SIGTERM to every process of the task, as a preemption with requeue
+    _wait_launcher_gone(out, 0, 60)
+    kept = _predictions(out)
+    assert 1 <= len([n for n in kept if n[:-7] in _node_cases(out, 0)]) < 4, "interrupted mid-share"
+    cluster.release(task)
+    states = cluster.wait_done(array_id, 120)
+    assert set(states.values()) == {("COMPLETED", "0:0")}, states
+    assert cluster.jobs(task)[task]["Restarts"] == "1"
+    assert cluster.wait_done(verify_id, 60)[verify_id] == ("COMPLETED", "0:0")
+    after = _predictions(out)
+    assert {n: after[n] for n in kept} == kept, "no output was written again"
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
     log = (out / ".nnunet-launch" / "slurm" / "task-0.log").read_text()
     assert "interrupted" in log and log.count("resume with:") == 1, "both attempts are in the log"
-    done_lines = re.findall(r"\] done (case_\d+) ", log)
-    assert len(done_lines) == len(set(done_lines)) == 3, "each of node 0's cases done exactly once"
-    os.sync()
+    _assert_every_case_done_once_uncharged(out, cases["ids"])
+
+
+def test_sigterm_to_tasks_then_resubmission_completes_with_no_case_failed_and_no_output_rewritten(
+    cluster, cases, tmp_path
+):
+    out = tmp_path / "out"
+    env = fake_env(tmp_path, case_seconds=1.5)
+    array_id, verify_id, _ = _submit(cluster, cpu_array(cases, out), env=env)
+    _wait_done_cases(out, 0, 1, 120)
+    _wait_done_cases(out, 1, 1, 120)
+    # node 0: every process of the task (preemption, scancel, the time limit's own SIGTERM);
+    # node 1: the launcher alone, as `#SBATCH --signal=B:TERM@120` does before the time limit
+    cluster.run("scancel", "--signal=TERM", "--full", f"{array_id}_0")
+    cluster.run("scancel", "--signal=TERM", "--batch", f"{array_id}_1")
+    states = cluster.wait_done(array_id, 120)
+    assert states == {f"{array_id}_0": ("FAILED", "130:0"), f"{array_id}_1": ("FAILED", "130:0")}, states
+    kept = _predictions(out)
+    assert len(kept) < 8
+
+    # the verify job names what is missing and the command that finishes it
+    assert cluster.wait_done(verify_id, 60)[verify_id][0] == "FAILED"
+    verify_log = (out / ".nnunet-launch" / "slurm" / "verify.log").read_text()
+    finish = _hint(verify_log, "finish them with: ")
+    assert "--array=0,1" in finish
+    again = _sbatch(cluster, finish, env=env)
+    check_again = _hint(verify_log, "check again with: ")
+    check = _sbatch(cluster, [*check_again[:-1], f"--dependency=afterany:{again}", check_again[-1]], env=env)
+    states = cluster.wait_done(again, 120)
+    assert set(states.values()) == {("COMPLETED", "0:0")}, states
+    assert cluster.wait_done(check, 60)[check] == ("COMPLETED", "0:0")
+    after = _predictions(out)
+    assert {n: after[n] for n in kept} == kept, "no output was written again"
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+    for node in (0, 1):
+        log = (out / ".nnunet-launch" / "slurm" / f"task-{node}.log").read_text()
+        assert "interrupted" in log and log.count("resume with:") == 1
+    _assert_every_case_done_once_uncharged(out, cases["ids"])
