@@ -378,11 +378,13 @@ def plan(as_json, **values):
 @click.argument("output_folder")
 @click.option("--json", "as_json", is_flag=True)
 def status(output_folder, as_json):
-    """Progress of the run on OUTPUT_FOLDER (read-only; safe during a run)."""
-    from launcher.status import render_status, status_dict
+    """Progress of the run on OUTPUT_FOLDER (read-only; safe during a run). Exit 0 while it runs or
+    when every case is predicted, 1 when cases failed or the last run stopped before the end."""
+    from launcher.status import exit_code, render_status, status_dict
 
     info = status_dict(output_folder)
     click.echo(json.dumps(info, indent=2) if as_json else render_status(info))
+    sys.exit(exit_code(info))
 
 
 @cli.command()

@@ -158,6 +158,14 @@ def status_dict(out: str) -> dict:
     return status_and_cases(out)[0]
 
 
+def exit_code(info: dict) -> int:
+    """`status`'s own exit code, for scripts: 0 while a run goes on or when every case is
+    predicted; 1 when cases failed or the last run ended before finishing them."""
+    if info["launcher_running"]:
+        return 0
+    return 1 if info["failed"] or info["pending"] or info["running"] else 0
+
+
 def _launcher_state(info: dict) -> str:
     if not info["launcher_running"]:
         return "not running"
@@ -190,8 +198,9 @@ def render_status(info: dict) -> str:
         eta = f", ETA {p['eta_s']:.0f} s" if p["eta_s"] is not None and info["launcher_running"] else ""
         rate = f", {p['rate_per_min']}/min" if p["rate_per_min"] else ""
         current = f", on {p['current_case']}" if p["current_case"] else ""
+        failed = f", {p['failed']} failed" if p.get("failed") else ""
         lines.append(
-            f"  part {p['part_id']} ({p['gpu']}): {p['done']}/{p['total']} done, "
+            f"  part {p['part_id']} ({p['gpu']}): {p['done']}/{p['total']} done{failed}, "
             f"{p['restarts']} restart(s){current}{rate}{eta}"
         )
     for f in info["failed_cases"]:

@@ -220,7 +220,7 @@ def status_json(out: Path) -> dict | None:
     if not (out / ".nnunet-launch" / "journal.sqlite").exists():
         return None
     result = cli("status", str(out), "--json")
-    return json.loads(result.stdout) if result.returncode == 0 else None
+    return json.loads(result.stdout) if result.returncode in (0, 1) else None  # 1: cases failed
 
 
 def copy_outputs_mtimes(out: Path) -> dict[str, int]:

@@ -244,6 +244,16 @@ def test_the_run_ends_unfinished_only_when_the_last_part_exceeds_max_restarts(ca
     assert not [p for p in out.iterdir() if p.name.startswith("case_")]
 
 
+def test_status_exit_code_says_whether_the_run_finished_every_case(cases, tmp_path):
+    out = tmp_path / "out"
+    assert _run(cases, out, fake_env(tmp_path, {"case_001": "unreadable"}), "--workers", "2").returncode == 1
+    failed = cli("status", str(out))
+    assert failed.returncode == 1 and "FAILED case_001" in failed.stdout
+    assert re.search(r"part \d \(cpu\): \d+/\d+ done, 1 failed", failed.stdout), "part lines count failed cases"
+    assert _run(cases, out, fake_env(tmp_path), "--workers", "2").returncode == 0
+    assert cli("status", str(out)).returncode == 0
+
+
 def test_status_reads_an_output_folder_whose_path_needs_percent_encoding(cases, tmp_path):
     out = tmp_path / "a%20b #c?d"
     result = _run(cases, out, fake_env(tmp_path), "--workers", "1")
