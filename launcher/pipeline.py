@@ -11,7 +11,6 @@ fault-injecting stand-in (launcher.fake_backend) with NNUNET_LAUNCH_TEST_BACKEND
 from __future__ import annotations
 
 import errno
-import gzip
 import multiprocessing
 import os
 import signal
@@ -20,6 +19,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 
+from launcher.headers import gzip_stream_intact
 from launcher.outputs import case_outputs, move_into_place
 from launcher.spec import PredictSettings, UnreadableInput, WorkCase
 
@@ -184,12 +184,10 @@ class CasePipeline:
         try:
             for name in names:
                 path = os.path.join(self.out_dir, name)
-                if path.endswith(".gz"):
-                    # SimpleITK returns wrong voxels from a truncated .gz without an error;
-                    # the gzip stream's length and CRC check catch it.
-                    with gzip.open(path, "rb") as f:
-                        while f.read(1 << 20):
-                            pass
+                # SimpleITK returns wrong voxels from a truncated .gz without an error; the gzip
+                # stream's length and CRC check catch it
+                if path.endswith(".gz") and gzip_stream_intact(path) is not None:
+                    return False
                 self.backend.read_output(path)
             return True
         except Exception:
