@@ -262,3 +262,20 @@ def case_rows(out: Path) -> dict[str, dict]:
 
     with (out / ".nnunet-launch" / "cases.csv").open() as f:
         return {row["id"]: row for row in csv.DictReader(f)}
+
+
+def linked_cases(tiny: dict, folder: Path, count: int) -> dict:
+    """`count` cases under new names, hard links of the tiny ones (the fake backend does not look
+    inside them), with the tiny model: for runs with many cases."""
+    folder.mkdir()
+    sources = sorted(tiny["inputs"].glob("*_0000.nii.gz"))
+    ids = [f"case_{i:03d}" for i in range(count)]
+    for i, case_id in enumerate(ids):
+        os.link(sources[i % len(sources)], folder / f"{case_id}_0000.nii.gz")
+    return {"inputs": folder, "model": tiny["model"], "ids": ids}
+
+
+@pytest.fixture
+def cases(tiny, tmp_path) -> dict:
+    """24 cases for the fast stand-in backend (see linked_cases)."""
+    return linked_cases(tiny, tmp_path / "inputs", 24)

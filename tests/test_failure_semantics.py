@@ -32,18 +32,6 @@ from conftest import (
 from launcher.worker import FAULTY_DEVICES_ENV
 
 
-@pytest.fixture
-def cases(tiny, tmp_path) -> dict:
-    """24 cases (copies of the tiny ones under new names) and the tiny model."""
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    sources = sorted(tiny["inputs"].glob("*_0000.nii.gz"))
-    ids = [f"case_{i:03d}" for i in range(24)]
-    for i, case_id in enumerate(ids):
-        os.link(sources[i % len(sources)], inputs / f"{case_id}_0000.nii.gz")
-    return {"inputs": inputs, "model": tiny["model"], "ids": ids}
-
-
 def _run(cases, out, env, *extra, timeout=120):
     return cli(*run_args(cases, out, *extra), env=env, timeout=timeout)
 

@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, available
 
-from conftest import ROOT, assert_fake_outputs, assert_same_predictions, cli, copy_outputs_mtimes, fake_env, run_args
+from conftest import (
+    ROOT,
+    assert_fake_outputs,
+    assert_same_predictions,
+    cli,
+    copy_outputs_mtimes,
+    fake_env,
+    linked_cases,
+    run_args,
+)
 from launcher.journal import lock_holder
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -199,14 +208,8 @@ def cluster():
 
 @pytest.fixture
 def cases(tiny, tmp_path) -> dict:
-    """8 cases (copies of the tiny ones under new names): 4 per node of a 2-node array."""
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    sources = sorted(tiny["inputs"].glob("*_0000.nii.gz"))
-    ids = [f"case_{i:03d}" for i in range(8)]
-    for source, case_id in zip(sources, ids, strict=False):
-        os.link(source, inputs / f"{case_id}_0000.nii.gz")
-    return {"inputs": inputs, "model": tiny["model"], "ids": ids}
+    """8 cases: 4 per node of a 2-node array."""
+    return linked_cases(tiny, tmp_path / "inputs", 8)
 
 
 def _submit(cluster: SlurmCluster, args: list[str], env: dict | None = None) -> tuple[str, str, str]:

@@ -22,18 +22,6 @@ from launcher.errors import LauncherError
 from launcher.journal import FILESYSTEM_ENV, HOST_ENV, LOCK_STALE_S, OutLock, filesystem_type, lock_holder
 
 
-@pytest.fixture
-def cases(tiny, tmp_path) -> dict:
-    """24 cases (copies of the tiny ones under new names) and the tiny model."""
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    sources = sorted(tiny["inputs"].glob("*_0000.nii.gz"))
-    ids = [f"case_{i:03d}" for i in range(24)]
-    for i, case_id in enumerate(ids):
-        os.link(sources[i % len(sources)], inputs / f"{case_id}_0000.nii.gz")
-    return {"inputs": inputs, "model": tiny["model"], "ids": ids}
-
-
 def _status(out, env: dict | None = None, *extra: str) -> subprocess.CompletedProcess:
     return cli("status", str(out), *extra, env=env)
 
