@@ -37,8 +37,13 @@ CREATE TABLE IF NOT EXISTS events (
     case_id TEXT, message TEXT);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, started REAL, ended REAL, exit_code INTEGER);
-CREATE INDEX IF NOT EXISTS cases_by_state ON cases(state);
 CREATE INDEX IF NOT EXISTS cases_by_part_state ON cases(part, state);
+"""
+# Created after the `work` column exists (a journal from 0.1 gains it in Journal.open): covers the
+# snapshot's work and this-run queries, and prefixes every query by state.
+INDEXES = """
+DROP INDEX IF EXISTS cases_by_state;
+CREATE INDEX IF NOT EXISTS cases_by_state_ended ON cases(state, ended, part, work);
 """
 # columns the case book may set (scheduler.CaseBook's updates)
 CASE_COLUMNS = {"state", "part", "stage", "attempts", "gpu", "started", "ended", "seconds", "error"}
@@ -64,6 +69,7 @@ class Journal:
         db.executescript(SCHEMA)
         if "work" not in {row[1] for row in db.execute("PRAGMA table_info(cases)")}:  # a journal from 0.1
             db.execute("ALTER TABLE cases ADD COLUMN work REAL")
+        db.executescript(INDEXES)
         return cls(db, path)
 
     @classmethod
@@ -198,47 +204,59 @@ class Journal:
 
     # --- reading ---------------------------------------------------------------------------
     def snapshot(self) -> dict:
-        """Everything `status` shows, from one read transaction."""
+        """Everything `status` shows, from one read transaction. Each query is answered from an
+        index alone (counts per part and state; work per state and end time) or touches only the
+        cases in flight, so a 100,000-case journal takes tens of milliseconds, not seconds."""
         db = self.db
         db.execute("BEGIN")
         try:
             run_started = db.execute("SELECT MAX(started) FROM runs").fetchone()[0] or 0.0
-            counts, work = {}, {}
-            # one grouped pass; cases waiting in a worker's local queue have not started: pending
-            for state, count, total_work, work_this_run in db.execute(
-                "SELECT CASE WHEN state=? AND stage=? THEN ? ELSE state END AS shown, COUNT(*), "
-                "TOTAL(work), TOTAL(CASE WHEN ended >= ? THEN work END) FROM cases GROUP BY shown",
-                (RUNNING, HELD, PENDING, run_started),
-            ):
-                counts[state], work[state] = count, (total_work, work_this_run)
+            per_part: dict = {}
+            for part, state, count in db.execute("SELECT part, state, COUNT(*) FROM cases GROUP BY part, state"):
+                per_part.setdefault(part, {})[state] = count
+            counts = {
+                state: sum(p.get(state, 0) for p in per_part.values()) for state in (PENDING, RUNNING, DONE, FAILED)
+            }
+            # cases waiting in a worker's local queue have not started: pending to the user
+            held = db.execute("SELECT COUNT(*) FROM cases WHERE state=? AND stage=?", (RUNNING, HELD)).fetchone()[0]
+            counts[RUNNING] -= held
+            counts[PENDING] += held
+            work_left = db.execute(
+                "SELECT TOTAL(work) FROM cases WHERE state IN (?, ?)", (PENDING, RUNNING)
+            ).fetchone()[0]
+            this_run = {
+                part: (count, last_end, work)
+                for part, count, last_end, work in db.execute(
+                    "SELECT part, COUNT(*), MAX(ended), TOTAL(work) FROM cases "
+                    "WHERE state=? AND ended >= ? GROUP BY part",
+                    (DONE, run_started),
+                )
+            }
+            predicting = dict(
+                db.execute(
+                    "SELECT part, MIN(id) FROM cases WHERE state=? AND stage='predict' GROUP BY part", (RUNNING,)
+                )
+            )
             parts = []
             for part_id, gpu, uuid, restarts, pid, state in db.execute(
                 "SELECT part_id, gpu, gpu_uuid, restarts, worker_pid, state FROM parts ORDER BY part_id"
             ):
-                done, failed, total, done_this_run, last_end = db.execute(
-                    "SELECT SUM(state='done'), SUM(state='failed'), COUNT(*), SUM(state='done' AND ended >= ?), "
-                    "MAX(CASE WHEN state='done' THEN ended END) FROM cases WHERE part=?",
-                    (run_started, part_id),
-                ).fetchone()
-                current = [
-                    r[0]
-                    for r in db.execute(
-                        "SELECT id FROM cases WHERE part=? AND state='running' AND stage='predict'", (part_id,)
-                    )
-                ]
+                mine = per_part.get(part_id, {})
+                done, total = mine.get(DONE, 0), sum(mine.values())
+                done_this_run, last_end, _ = this_run.get(part_id, (0, None, 0.0))
                 parts.append(
                     {
                         "part_id": part_id,
                         "gpu": gpu,
                         "gpu_uuid": uuid,
-                        "done": done or 0,
-                        "failed": failed or 0,
+                        "done": done,
+                        "failed": mine.get(FAILED, 0),
                         "total": total,
                         "restarts": restarts,
                         "state": state,
                         "worker_pid": pid,
-                        "current_case": current[0] if current else None,
-                        **_rate_and_eta(done or 0, total, done_this_run or 0, run_started, last_end),
+                        "current_case": predicting.get(part_id),
+                        **_rate_and_eta(done, total, done_this_run, run_started, last_end),
                     }
                 )
             failed = [
@@ -250,13 +268,13 @@ class Journal:
             db.execute("COMMIT")
         return {
             "total": sum(counts.values()),
-            "done": counts.get(DONE, 0),
-            "failed": counts.get(FAILED, 0),
-            "running": counts.get(RUNNING, 0),
-            "pending": counts.get(PENDING, 0),
+            "done": counts[DONE],
+            "failed": counts[FAILED],
+            "running": counts[RUNNING],
+            "pending": counts[PENDING],
             # estimated work (voxels x channels): the ETA comes from work left and work done per second
-            "work_left": work.get(PENDING, (0.0, 0.0))[0] + work.get(RUNNING, (0.0, 0.0))[0],
-            "work_done_this_run": work.get(DONE, (0.0, 0.0))[1],
+            "work_left": work_left,
+            "work_done_this_run": sum(work for _, _, work in this_run.values()),
             "run_started": run_started,
             "parts": parts,
             "failed_cases": failed,

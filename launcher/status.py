@@ -53,9 +53,11 @@ class SnapshotPublisher:
     def __init__(self, state: str, every_s: float = SNAPSHOT_EVERY_S):
         self.state, self.every_s = state, every_s
         self.last = float("-inf")
+        self.cost_s = 0.0  # what the last publication took
 
     def maybe_publish(self, journal: Journal, info: dict | None = None) -> None:
-        if time.monotonic() - self.last >= self.every_s:
+        # at most ~2% of the supervisor's time, however large the journal (or slow the filesystem)
+        if time.monotonic() - self.last >= max(self.every_s, 50 * self.cost_s):
             self.publish(journal, info)
 
     def publish(self, journal: Journal, info: dict | None = None, final: bool = False) -> None:
@@ -73,6 +75,7 @@ class SnapshotPublisher:
             write_text_atomically(snapshot_path(self.state), json.dumps(record), tmp_dir(self.state))
         except (OSError, sqlite3.Error, TypeError, ValueError):
             pass
+        self.cost_s = time.monotonic() - self.last
 
 
 def read_snapshot(state: str) -> dict | None:
@@ -86,15 +89,15 @@ def read_snapshot(state: str) -> dict | None:
     return record
 
 
-def _journal_status(state: str) -> tuple[dict, list[dict]]:
+def _journal_status(state: str, with_rows: bool) -> tuple[dict, list[dict]]:
     journal = Journal.open_readonly(journal_path(state))
     try:
-        return journal.snapshot(), journal.case_rows()
+        return journal.snapshot(), journal.case_rows() if with_rows else []
     finally:
         journal.close()
 
 
-def _state_status(state: str) -> tuple[dict, list[dict]]:
+def _state_status(state: str, with_rows: bool = True) -> tuple[dict, list[dict]]:
     """One run's (status with launcher liveness and where it came from, case rows)."""
     holder = lock_info(lock_path(state))
     snapshot = read_snapshot(state)
@@ -103,7 +106,7 @@ def _state_status(state: str) -> tuple[dict, list[dict]]:
     rows: list[dict] = []
     if not use_snapshot:
         try:
-            info, rows = _journal_status(state)
+            info, rows = _journal_status(state, with_rows)
         except sqlite3.Error as exc:  # e.g. a filesystem without the locks SQLite needs
             if snapshot is None:
                 raise LauncherError(f"cannot read the journal in {state!r}: {exc}") from None
@@ -122,17 +125,18 @@ def _state_status(state: str) -> tuple[dict, list[dict]]:
     return info, rows
 
 
-def status_and_cases(out: str) -> tuple[dict, list[dict]]:
-    """The run on OUT, or every node's run of a SLURM array merged (per node, per part, totals)."""
+def status_and_cases(out: str, with_rows: bool = True) -> tuple[dict, list[dict]]:
+    """The run on OUT, or every node's run of a SLURM array merged (per node, per part, totals);
+    with each case's row when `with_rows` (the report needs them, `status` does not)."""
     nodes = node_state_dirs(out)
     if not nodes:
-        return _state_status(state_dir(out))
+        return _state_status(state_dir(out), with_rows)
     merged: dict = dict.fromkeys(COUNTS, 0)
     merged.update(parts=[], failed_cases=[], nodes=[], last_run=None)
     all_rows = []
     for path in nodes:
         node = int(os.path.basename(path)[len("node-") :])
-        info, rows = _state_status(path)
+        info, rows = _state_status(path, with_rows)
         for key in COUNTS:
             merged[key] += info[key]
         merged["parts"] += [{**p, "node": node} for p in info["parts"]]
@@ -155,7 +159,7 @@ def status_and_cases(out: str) -> tuple[dict, list[dict]]:
 
 
 def status_dict(out: str) -> dict:
-    return status_and_cases(out)[0]
+    return status_and_cases(out, with_rows=False)[0]
 
 
 def exit_code(info: dict) -> int:
