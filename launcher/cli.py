@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -11,9 +12,12 @@ import click
 
 from launcher import config as run_config
 from launcher.errors import LauncherError
+from launcher.journal import JournalWriteError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: never 1, which means "some cases failed"
+EXIT_NO_SPACE = 75  # EX_TEMPFAIL: the disk is full; rerun once there is space
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 # nnUNetv2_predict's flags, same spelling; (decls, click kwargs, RunConfig field)
 PREDICT_OPTIONS = [
@@ -441,16 +445,26 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message(), verbose)
     except KeyboardInterrupt:
         sys.exit(130)
+    except (JournalWriteError, OSError) as exc:
+        if not isinstance(exc, JournalWriteError) and exc.errno not in DISK_FULL_ERRNOS:
+            _internal_error(exc, verbose)
+        # a full disk before the supervisor took over (journal, metadata): rerun once there is space
+        print(f"nnunet-launch: stopped: {exc}", file=sys.stderr)
+        sys.exit(EXIT_NO_SPACE)
     except Exception as exc:  # a bug of ours: one line, exit 70; the traceback with --verbose
-        if verbose:
-            traceback.print_exc()
-        print(
-            f"nnunet-launch: internal error: {type(exc).__name__}: {exc} (a bug: the traceback is in "
-            "OUT/.nnunet-launch/logs/supervisor.log when a run had started; --verbose prints it)",
-            file=sys.stderr,
-        )
-        sys.exit(EXIT_INTERNAL_ERROR)
+        _internal_error(exc, verbose)
     sys.exit(0)
+
+
+def _internal_error(exc: BaseException, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exc()
+    print(
+        f"nnunet-launch: internal error: {type(exc).__name__}: {exc} (a bug: the traceback is in "
+        "OUT/.nnunet-launch/logs/supervisor.log when a run had started; --verbose prints it)",
+        file=sys.stderr,
+    )
+    sys.exit(EXIT_INTERNAL_ERROR)
 
 
 def _fail(message: str, verbose: bool) -> None:

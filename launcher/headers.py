@@ -47,7 +47,7 @@ def read_header(path: str) -> Header | None:
             return _text_dims(path, _DIMS_MHA)
         if name.endswith((".nrrd", ".nhdr")):
             return _text_dims(path, _DIMS_NRRD)
-    except (OSError, zlib.error, struct.error, ValueError):
+    except (OSError, zlib.error, struct.error, ValueError, OverflowError):
         return None
     return _simpleitk(path)
 

@@ -32,9 +32,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class WorkerEnds(Exception):
     """The worker must end now; `kind` is a spec.FATAL_KINDS entry."""
 
-    def __init__(self, message: str, kind: str):
+    def __init__(self, message: str, kind: str, stage: str | None = None):
         super().__init__(message)
-        self.kind = kind
+        self.kind, self.stage = kind, stage  # stage: the one the dead helper served
 
 
 def describe(exc: BaseException) -> str:
@@ -60,7 +60,8 @@ class CasePipeline:
         self.prep_pool = context.Pool(settings.npp, *backend.preprocess_initializer())
         self.export_pool = context.Pool(settings.nps)
         # Pool silently replaces a dead process and the task it held never returns: watch the originals.
-        self.pool_processes = list(self.prep_pool._pool) + list(self.export_pool._pool)
+        self.pool_processes = {p: "preprocess" for p in self.prep_pool._pool}
+        self.pool_processes.update({p: "export" for p in self.export_pool._pool})
         self.exporting: list[tuple[WorkCase, object, float]] = []
 
     def close(self) -> None:
@@ -156,7 +157,11 @@ class CasePipeline:
                 if code is not None and -code in STOP_SIGNALS:  # SLURM/systemd signal every process
                     raise WorkerEnds(f"a helper process was stopped ({signal.Signals(-code).name})", "interrupted")
                 oom = "; killed, likely by the OOM killer" if code == -signal.SIGKILL else ""
-                raise WorkerEnds(f"an nnU-Net helper process died (exit code {code}{oom})", "helper")
+                raise WorkerEnds(
+                    f"an nnU-Net {self.pool_processes[dead[0]]} helper died (exit code {code}{oom})",
+                    "helper",
+                    self.pool_processes[dead[0]],
+                )
             time.sleep(POLL_S)
 
     def _collect_exports(self) -> None:

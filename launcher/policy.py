@@ -56,20 +56,23 @@ class Blame:
     released: tuple[str, ...]  # innocent: back to the queue
 
 
-def blame(in_flight: list[InFlight], solo: bool, helper_died: bool = False) -> Blame:
+def blame(in_flight: list[InFlight], solo: bool, helper_stage: str | None = None) -> Blame:
     """Whom a worker's death is charged to.
 
     The case being predicted is the suspect (the main process runs it); when a helper process
-    died, or nothing was predicting, the oldest case in a helper stage (preprocessing and exports
-    finish in order). A suspect is certain only on a worker that held nothing else (`solo`).
-    Cases not started yet are never blamed; with no started case the death is the device's or the
-    start-up's, not a case's."""
+    died (`helper_stage`: the stage its pool serves), the oldest case in that stage; when nothing
+    was predicting, the oldest case in a helper stage (preprocessing and exports finish in order).
+    A suspect is certain only on a worker that held nothing else (`solo`). Cases not started yet
+    are never blamed; with no started case the death is the device's or the start-up's."""
     started = [c for c in in_flight if c.stage != "held"]
     if not started:
         return Blame(None, None, tuple(c.case_id for c in in_flight))
     predicting = [c for c in started if c.stage == "predict"]
     in_helpers = [c for c in started if c.stage != "predict"]
-    if predicting and not (helper_died and in_helpers):
+    in_dead_helper = [c for c in started if c.stage == helper_stage]
+    if in_dead_helper:
+        suspect = min(in_dead_helper, key=lambda c: c.since)
+    elif predicting:
         suspect = predicting[0]
     else:
         suspect = min(in_helpers or started, key=lambda c: c.since)
@@ -105,6 +108,3 @@ class DeviceHealth:
         rest = backoff(self.faults[device], DEVICE_REST_BASE_S, DEVICE_REST_MAX_S)
         self.rest_until[device] = now + rest
         return rest
-
-    def resting(self, device: str, now: float) -> bool:
-        return self.rest_until.get(device, 0.0) > now

@@ -81,9 +81,6 @@ class LargestFirstQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def __contains__(self, case_id: str) -> bool:
-        return case_id in self._queued
-
 
 def simulate_static(work: dict[str, float], num_slots: int) -> float:
     """Makespan of nnU-Net's split: each part runs its strided share of the sorted ids."""
@@ -132,7 +129,6 @@ Update = tuple[str, dict]  # (case id, journal columns to set)
 @dataclass
 class Flight:
     worker: int  # the serial number of the worker that holds it
-    part: int
     stage: str  # HELD, then one of STAGES
     since: float  # when it entered that stage
     progress_at: float  # its last sign of progress (stage entry, sliding-window step)
@@ -217,7 +213,7 @@ class CaseBook:
         case_id = queue.take() if queue else None
         if case_id is None:
             return None, []
-        self.flights[case_id] = Flight(worker, part, HELD, now, now)
+        self.flights[case_id] = Flight(worker, HELD, now, now)
         return case_id, [(case_id, {"state": RUNNING, "part": part, "stage": HELD})]
 
     def enter_stage(self, case_id: str, stage: str, now: float, gpu: str, wall: float) -> list[Update]:

@@ -10,7 +10,8 @@ Worker -> supervisor messages (tuples, first item the kind):
                                         seconds from the start of its preprocessing
   ("case_error", case, error, kind)     one attempt failed; kind is one of ERROR_KINDS
   ("note", case, text)                  something worth a log line
-  ("fatal", error, kind)                the worker ends itself; kind is one of FATAL_KINDS
+  ("fatal", error, kind, stage)         the worker ends itself; kind is one of FATAL_KINDS; stage:
+                                        the one a dead helper served ("helper"), else None
   ("given_back", [case...])             cases it had not started, returned on request
   ("finished",)                         the feed is exhausted, every case handed back
 Supervisor -> worker: ("cases", [WorkCase...]), ("give_back", [case...]) and ("no_more",).

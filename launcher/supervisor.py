@@ -17,7 +17,15 @@ from launcher.config import RunConfig, run_state_dir
 from launcher.journal import Journal, JournalWriteError
 from launcher.outputs import clear_tmp, logs_dir, tmp_dir
 from launcher.planning import Plan, prev_stage_file
-from launcher.policy import WORKER_STARTUP_GRACE_S, DeviceHealth, InFlight, blame, restart_delay, stall_timeout
+from launcher.policy import (
+    WORKER_STARTUP_GRACE_S,
+    Blame,
+    DeviceHealth,
+    InFlight,
+    blame,
+    restart_delay,
+    stall_timeout,
+)
 from launcher.scheduler import FAILED, HELD, CaseBook, Slot
 from launcher.spec import WORKER_EXIT_INTERRUPTED, PredictSettings, WorkCase, WorkerSpec
 from launcher.worker import worker_main
@@ -31,8 +39,9 @@ INTERRUPTED_RESPAWN_DELAY_S = 2.0
 # to learn its next case
 LOOKAHEAD = 2
 MAX_WAIT_S = 0.5
-COALESCE_S = 0.002
+COALESCE_S = 0.002  # a case's messages come in a burst: take them in one turn of the loop
 WATCHDOG_EVERY_S = 0.25  # hangs are measured in seconds; no need to look at every message
+FLUSH_EVERY_S = 0.05  # journal writes: one transaction per 50 ms of updates at most
 EXIT_OK, EXIT_FAILED, EXIT_NO_SPACE, EXIT_INTERRUPTED = 0, 1, 75, 130
 CGROUP_MEMORY_EVENTS = "/sys/fs/cgroup/memory.events"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -56,8 +65,9 @@ class WorkerHandle:
     no_more_sent: bool = False
     ready: bool = False
     finished: bool = False
-    fatal: tuple[str, str] | None = None  # (message, kind)
+    fatal: tuple[str, str, str | None] | None = None  # (message, kind, the dead helper's stage)
     hung: str | None = None
+    hung_at: float = 0.0
 
 
 @dataclass
@@ -90,7 +100,10 @@ def oom_kill_count() -> int | None:
 
 def describe_exit(exitcode: int | None, oom_killed: bool = False) -> str:
     if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-exitcode}"
         if oom_killed:
             return f"killed by the kernel's OOM killer ({name})"
         return f"killed by {name}"
@@ -110,7 +123,7 @@ class Supervisor:
         self.health = DeviceHealth()
         self.serials = 0
         self.unwritten: list = []  # the book's updates not yet in the journal (see _write)
-        self.last_watchdog = 0.0
+        self.last_watchdog = self.last_flush = 0.0
         self.announced_ready = False
         self.stop_signals = 0
         self.outcome = Outcome()
@@ -159,7 +172,9 @@ class Supervisor:
                 if now - self.last_watchdog >= WATCHDOG_EVERY_S:
                     self.last_watchdog = now
                     self._watchdog(now)
-                self._flush()
+                if now - self.last_flush >= FLUSH_EVERY_S:
+                    self.last_flush = now
+                    self._flush()
                 self.reporter.refresh(len(self.book.done) + len(self.book.failed))
             self._fail_leftovers()
             self._flush()
@@ -213,10 +228,10 @@ class Supervisor:
         return bool(ready)
 
     def _write(self, updates: list) -> None:
-        """Queue the book's updates for the journal; _flush() writes them in one transaction per
-        turn of the event loop (a few ms of updates), which keeps the supervisor's cost per case
-        low at 100,000 cases. A supervisor killed between the two loses at most that turn: a
-        case done then has its output in OUT and is verified and kept by the next run."""
+        """Queue the book's updates for the journal; _flush() writes them in one transaction at
+        most every FLUSH_EVERY_S, which keeps the supervisor's cost per case low at 100,000 cases.
+        A supervisor killed in between loses at most those updates: a case done then has its
+        output in OUT and is verified and kept by the next run."""
         self.unwritten.extend(updates)
 
     def _flush(self) -> None:
@@ -283,13 +298,13 @@ class Supervisor:
     def _spawn(self, slot: Slot, key: int | None, now: float) -> None:
         self.serials += 1
         part = slot.part_id if key is None else key
-        handle_cases, solo = self._cases_for_new_worker(key, slot.part_id, now)
+        handle_cases, solo = self._cases_for_new_worker(key, part, now)
         if not handle_cases:
             return
         state = self.parts[slot.part_id]
-        state.attempts += 1
-        attempt = state.attempts
-        tmp = os.path.join(tmp_dir(run_state_dir(self.config)), f"part-{part}-attempt-{attempt}")
+        self.parts[part].attempts += 1  # per part: a slot that took over another part counts there
+        attempt = self.parts[part].attempts
+        tmp = os.path.join(tmp_dir(run_state_dir(self.config)), f"worker-{self.serials}")
         clear_tmp(tmp)
         # named with the run: a resumed run never appends to an earlier run's log
         log_name = f"run-{self.run_id}.part-{part}.attempt-{attempt}.log"
@@ -397,7 +412,9 @@ class Supervisor:
         for case_id, flight in self.book.flights.items():
             if flight.stage == HELD and flight.worker != idle.serial and self.book.key(case_id) == idle.key:
                 held.setdefault(flight.worker, []).append(case_id)
-        donors = [w for w in self.workers.values() if held.get(w.serial) and not w.giving_back and w.conn_open]
+        donors = [
+            w for w in self.workers.values() if held.get(w.serial) and not w.giving_back and w.conn_open and not w.solo
+        ]
         if donors:
             donor = max(donors, key=lambda w: len(held[w.serial]))
             donor.giving_back = True
@@ -446,14 +463,15 @@ class Supervisor:
         elif kind == "finished":
             handle.finished = True
         elif kind == "fatal":
-            handle.fatal = (message[1], message[2])
+            handle.fatal = (message[1], message[2], message[3])
 
     def _on_case_done(self, handle: WorkerHandle, case_id: str, seconds: float | None, verified: bool) -> None:
         flight = self.book.flights.get(case_id)
         self._write(self.book.finish(case_id, seconds, time.time()))
         self.verify.discard(case_id)
-        self.health.case_finished(handle.slot.device_key)
-        self.parts[handle.slot.part_id].deaths_since_finished = 0
+        if not verified:  # a kept output took no work: it says nothing about the device or the part
+            self.health.case_finished(handle.slot.device_key)
+            self.parts[handle.slot.part_id].deaths_since_finished = 0
         if seconds and flight is not None and flight.stage != HELD:
             rate = seconds / max(self.plan.work.get(case_id, 1.0), 1.0)
             self.seconds_per_work = max(self.seconds_per_work or 0.0, rate)
@@ -481,7 +499,7 @@ class Supervisor:
     def _on_worker_exit(self, handle: WorkerHandle) -> None:
         self._drain(handle)
         handle.process.join(REAP_TIMEOUT_S)
-        _kill_group(handle.process.pid, signal.SIGKILL)  # nnU-Net's helpers of a dead worker die with it
+        _kill_group(handle.process.pid, signal.SIGKILL, reaped=True)  # nnU-Net's helpers die with it
         clear_tmp(handle.tmp)
         del self.workers[handle.slot.part_id]
         in_flight = self.book.on_worker(handle.serial)
@@ -503,13 +521,15 @@ class Supervisor:
     def _interrupted(self, handle: WorkerHandle) -> bool:
         code = handle.process.exitcode
         signalled = code is not None and (code == WORKER_EXIT_INTERRUPTED or -code in STOP_SIGNALS)
-        return bool(self.stop_signals) or signalled or (handle.fatal or ("", ""))[1] == "interrupted"
+        return bool(self.stop_signals) or signalled or (handle.fatal or ("", "", None))[1] == "interrupted"
 
     def _on_worker_died(self, handle: WorkerHandle, in_flight: list[str], kind: str) -> None:
         now, slot, state = time.monotonic(), handle.slot, self.parts[handle.slot.part_id]
         reason = handle.hung or _death_reason(handle)
         flights = [InFlight(c, self.book.flights[c].stage, self.book.flights[c].since) for c in in_flight]
-        verdict = blame(flights, handle.solo, helper_died=kind == "helper")
+        verdict = blame(flights, handle.solo, helper_stage=handle.fatal[2] if kind == "helper" else None)
+        if kind == "device" and verdict.charged:  # the GPU's fault, not the case's: suspect it only
+            verdict = Blame(None, verdict.charged, verdict.released)
         if verdict.charged:
             error = f"worker died while on it, alone: {reason}"
             self._write(self.book.charge(verdict.charged, error, False, self.config.case_retries, True, time.time()))
@@ -570,8 +590,13 @@ class Supervisor:
         """A worker is hung when its cases in flight show no progress for their stall timeout
         (scaled by each case's work); before it is ready, when start-up takes too long."""
         explicit = self.config.hang_timeout
-        for handle in self.workers.values():
+        for handle in list(self.workers.values()):
             if handle.hung is not None:
+                if now - handle.hung_at > REAP_TIMEOUT_S:  # SIGKILL did not end it: stuck in the kernel
+                    self.log(
+                        f"[part {handle.part}] pid {handle.process.pid} did not exit after SIGKILL; going on without it"
+                    )
+                    self._on_worker_exit(handle)
                 continue
             if not handle.ready:
                 limit = max(explicit or 0.0, WORKER_STARTUP_GRACE_S)
@@ -588,7 +613,7 @@ class Supervisor:
                 self._kill_hung(handle, f"hung: no progress for {now - last:.0f} s ({stages}; limit {limit:.0f} s)")
 
     def _kill_hung(self, handle: WorkerHandle, why: str) -> None:
-        handle.hung = why
+        handle.hung, handle.hung_at = why, time.monotonic()
         self.log(f"[part {handle.part}] {why}; killing its process group")
         _kill_group(handle.process.pid, signal.SIGKILL)
 
@@ -624,7 +649,7 @@ class Supervisor:
         if handle.process.exitcode is None:
             self.outcome.unreaped.append(handle.process.pid)
         self._drain(handle)
-        _kill_group(handle.process.pid, signal.SIGKILL)
+        _kill_group(handle.process.pid, signal.SIGKILL, reaped=handle.process.exitcode is not None)
         clear_tmp(handle.tmp)
         self._write(self.book.release(self.book.on_worker(handle.serial), solo=handle.solo))
         self.workers.pop(handle.slot.part_id, None)
@@ -654,14 +679,16 @@ def _death_reason(handle: WorkerHandle) -> str:
     return describe_exit(handle.process.exitcode, oom)
 
 
-def _kill_group(pgid: int | None, signum: int) -> None:
+def _kill_group(pgid: int | None, signum: int, reaped: bool = False) -> None:
     """Kill a worker's process group; before its setsid() the group is not there yet, so the
-    worker itself is killed."""
+    worker itself is killed (never once it was reaped: its pid may belong to another process)."""
     if pgid is None:
         return
     try:
         os.killpg(pgid, signum)
     except ProcessLookupError:
+        if reaped:
+            return
         try:
             os.kill(pgid, signum)
         except ProcessLookupError:

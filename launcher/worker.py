@@ -75,12 +75,13 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         conn.send(("finished",))
     except BaseException as exc:
         kind = exc.kind if isinstance(exc, WorkerEnds) else "crash"
+        stage = exc.stage if isinstance(exc, WorkerEnds) else None
         if kind == "interrupted":
             os._exit(WORKER_EXIT_INTERRUPTED)
         traceback.print_exc()
         sys.stdout.flush()
         try:
-            conn.send(("fatal", f"{type(exc).__name__}: {exc}" if kind == "crash" else str(exc), kind))
+            conn.send(("fatal", f"{type(exc).__name__}: {exc}" if kind == "crash" else str(exc), kind, stage))
         finally:
             os._exit(1)
 

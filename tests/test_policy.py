@@ -27,7 +27,9 @@ def test_stall_timeout_is_explicit_or_scaled_by_the_case_work_with_a_floor_and_a
 def test_a_death_blames_the_predicting_case_a_helper_death_the_oldest_in_a_helper_and_never_queued_ones():
     flight = [InFlight("a", "export", 1.0), InFlight("b", "predict", 2.0), InFlight("c", "held", 0.5)]
     assert blame(flight, solo=False) == Blame(None, "b", ("a", "c"))
-    assert blame(flight, solo=False, helper_died=True) == Blame(None, "a", ("b", "c"))
+    assert blame(flight, solo=False, helper_stage="export") == Blame(None, "a", ("b", "c"))
+    older_preprocess = [InFlight("p", "preprocess", 0.5), InFlight("e", "export", 1.0)]
+    assert blame(older_preprocess, solo=False, helper_stage="export").suspect == "e", "the dead helper's stage"
     assert blame([InFlight("c", "preprocess", 3.0), InFlight("a", "export", 1.0)], solo=False).suspect == "a"
     assert blame([InFlight("c", "held", 3.0)], solo=False) == Blame(None, None, ("c",)), "start-up: no case"
     assert blame([], solo=True) == Blame(None, None, ())
@@ -44,7 +46,7 @@ def test_device_is_suspected_for_unexplained_deaths_or_different_isolated_cases_
     assert health.death("gpu-a", "x", False, now=0.0) == 0.0, "the same case again: still its own"
     assert health.death("gpu-a", "y", False, now=0.0) == 5.0, "a second, different case: the device"
     assert health.death("gpu-a", None, True, now=10.0) == 10.0
-    assert health.resting("gpu-a", 19.0) and not health.resting("gpu-a", 20.5)
+    assert health.rest_until["gpu-a"] == 20.0
     health.case_finished("gpu-a")
     assert health.death("gpu-a", None, True, now=30.0) == 5.0, "a finished case forgives"
     assert [backoff(n, 5.0, 300.0) for n in (1, 2, 3, 10)] == [5.0, 10.0, 20.0, 300.0]
