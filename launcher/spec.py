@@ -70,8 +70,7 @@ class WorkerSpec:
     tmp_dir: str
     log_path: str
     settings: PredictSettings
-    cases: tuple[WorkCase, ...]
-    more_to_come: bool  # the supervisor keeps sending cases until "no_more"
+    cases: tuple[WorkCase, ...]  # the first ones; the supervisor sends more until "no_more"
 
 
 class UnreadableInput(Exception):

@@ -320,7 +320,6 @@ class Supervisor:
             log_path=state.log_path,
             settings=self.settings,
             cases=tuple(self._work_case(c) for c in handle_cases),
-            more_to_come=True,
         )
         parent_conn, child_conn = self.context.Pipe(duplex=True)
         process = self.context.Process(

@@ -26,8 +26,8 @@ class CaseFeed:
     """The worker's local queue of cases. The supervisor tops it up ahead of need, so the
     worker never waits on it to learn its next case."""
 
-    def __init__(self, conn, cases: tuple[WorkCase, ...], more_to_come: bool):
-        self.conn, self.cases, self.closed = conn, deque(cases), not more_to_come
+    def __init__(self, conn, cases: tuple[WorkCase, ...]):
+        self.conn, self.cases, self.closed = conn, deque(cases), False
 
     def poll(self) -> None:
         while not self.closed and self.conn.poll():
@@ -70,7 +70,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         os.makedirs(spec.tmp_dir, exist_ok=True)
         pipeline = CasePipeline(_backend(spec), spec.settings, spec.out_dir, spec.tmp_dir)
         conn.send(("ready",))
-        pipeline.run(CaseFeed(conn, spec.cases, spec.more_to_come), conn.send)
+        pipeline.run(CaseFeed(conn, spec.cases), conn.send)
         pipeline.close()
         conn.send(("finished",))
     except BaseException as exc:

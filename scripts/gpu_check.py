@@ -568,25 +568,21 @@ class Check:
             time.sleep(1)
 
     @staticmethod
-    def _query_apps() -> list[str]:
-        r = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
+    def _nvidia_smi(query: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30
         )
+
+    @classmethod
+    def _query_apps(cls) -> list[str]:
+        r = cls._nvidia_smi("--query-compute-apps=pid,process_name,used_memory")
         if r.returncode != 0:
             return [f"nvidia-smi exit {r.returncode}: {r.stderr.strip()[:200]}"]
         return [line.strip() for line in r.stdout.splitlines() if line.strip()]
 
-    @staticmethod
-    def _memory_used() -> list[int]:
-        r = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+    @classmethod
+    def _memory_used(cls) -> list[int]:
+        r = cls._nvidia_smi("--query-gpu=memory.used")
         return [int(x) for x in r.stdout.split() if x.isdigit()] if r.returncode == 0 else []
 
     def save(self) -> None:
