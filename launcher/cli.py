@@ -25,9 +25,12 @@ PREDICT_OPTIONS = [
     (("-o", "output_folder"), dict(type=str, help="output folder")),
     (("-m", "model_folder"), dict(type=str, help="trained model folder (as nnUNetv2_predict_from_modelfolder)")),
     (("-d", "dataset"), dict(type=str, help="dataset name or id (needs nnUNet_results)")),
-    (("-p", "plans"), dict(type=str, help="plans identifier")),
-    (("-tr", "trainer"), dict(type=str, help="trainer class")),
-    (("-c", "configuration"), dict(type=str, help="configuration, e.g. 3d_fullres")),
+    (("-p", "plans"), dict(type=str, multiple=True, help="plans identifier (one, or one per configuration)")),
+    (("-tr", "trainer"), dict(type=str, multiple=True, help="trainer class (one, or one per configuration)")),
+    (
+        ("-c", "configuration"),
+        dict(type=str, multiple=True, help="configuration, e.g. 3d_fullres; several: their ensemble"),
+    ),
     (("-f", "folds"), dict(type=str, multiple=True, help="folds, e.g. -f 0 1 2")),
     (("-step_size", "step_size"), dict(type=float, help="sliding window step size")),
     (("--disable_tta", "disable_tta"), dict(is_flag=True, default=None, help="no mirroring")),
@@ -46,6 +49,31 @@ PREDICT_OPTIONS = [
     (
         ("-prev_stage_predictions", "prev_stage_predictions"),
         dict(type=str, help="folder with the previous stage's segmentations (cascade)"),
+    ),
+    (
+        ("-pp_pkl_file", "pp_pkl_file"),
+        dict(type=str, help="apply this postprocessing.pkl to the final segmentations"),
+    ),
+    (
+        ("-plans_json", "plans_json"),
+        dict(type=str, help="plans.json for the postprocessing [default: the first model's]"),
+    ),
+    (
+        ("-dataset_json", "dataset_json"),
+        dict(type=str, help="dataset.json for the postprocessing [default: the first model's]"),
+    ),
+    (
+        ("--best", "best"),
+        dict(
+            is_flag=True,
+            default=None,
+            help="predict what nnUNetv2_find_best_configuration chose for -d (its inference_information.json)",
+        ),
+    ),
+    (("--inference-info", "inference_info"), dict(type=str, help="like --best, from this inference_information.json")),
+    (
+        ("--keep-stages", "keep_stages"),
+        dict(is_flag=True, default=None, help="keep each member's predictions (in OUT/.nnunet-launch/stages)"),
     ),
     (("-num_parts", "num_parts"), dict(type=int, help="split the input into N parts as nnU-Net does...")),
     (("-part_id", "part_id"), dict(type=int, help="...and predict only part K (on every local GPU)")),
@@ -93,7 +121,7 @@ def normalize_args(args: list[str]) -> list[str]:
     `--gpus 0 1` like `--gpus 0,1`, and the launcher's own long flags with underscores
     (`--workers_per_gpu`, as nnU-Net spells its flags) as well as with dashes."""
     args = [_dashed(a) for a in args]
-    return _join_gpu_list(expand_nargs_folds(args))
+    return _join_gpu_list(expand_nargs(args))
 
 
 def _dashed(arg: str) -> str:
@@ -116,17 +144,22 @@ def _join_gpu_list(args: list[str]) -> list[str]:
     return result
 
 
-def expand_nargs_folds(args: list[str]) -> list[str]:
-    """nnU-Net takes `-f 0 1 2` (argparse nargs='+'); click takes one value per flag."""
+NARGS_FLAGS = ("-f", "-c", "-tr", "-p")
+
+
+def expand_nargs(args: list[str]) -> list[str]:
+    """nnU-Net takes `-f 0 1 2` and `-c 2d 3d_fullres` (argparse nargs='+'); click takes one
+    value per flag."""
     result, i = [], 0
     while i < len(args):
         result.append(args[i])
-        if args[i] == "-f":
+        if args[i] in NARGS_FLAGS:
+            flag = args[i]
             i += 1
             first = True
             while i < len(args) and (first or not args[i].startswith("-")):
                 if not first:
-                    result.append("-f")
+                    result.append(flag)
                 result.append(args[i])
                 first = False
                 i += 1
@@ -168,7 +201,8 @@ def build_config(values: dict) -> run_config.RunConfig:
     for field in IGNORED_FIELDS:
         values.pop(field, None)
     config_file = values.pop("config_file")
-    values["folds"] = values["folds"] or None
+    for field in ("folds", *run_config.MEMBER_KEYS):
+        values[field] = values[field] or None
     return run_config.build(values, config_file)
 
 
@@ -185,7 +219,17 @@ def node_options(command):
     return click.option("--parts-per-node", "parts_per_node", type=int, hidden=True)(command)
 
 
-PATH_FIELDS = ("input_folder", "output_folder", "model_folder", "prev_stage_predictions", "config_file")
+PATH_FIELDS = (
+    "input_folder",
+    "output_folder",
+    "model_folder",
+    "prev_stage_predictions",
+    "config_file",
+    "pp_pkl_file",
+    "plans_json",
+    "dataset_json",
+    "inference_info",
+)
 # flags that act once, when given (--fresh discards outputs): `slurm` applies them itself at submit
 # time and never writes them into a script that SLURM requeues and users resubmit
 ONE_TIME_FIELDS = ("fresh",)
@@ -201,8 +245,8 @@ def run_argv(values: dict) -> list[str]:
             continue
         if kwargs.get("is_flag"):
             args.append(decls[0])
-        elif decls[-1] == "folds":
-            args += ["-f", *value]
+        elif kwargs.get("multiple"):
+            args += [decls[0], *value]
         else:
             args += [decls[0], os.path.abspath(value) if decls[-1] in PATH_FIELDS else str(value)]
     return args
@@ -340,7 +384,8 @@ def plan(as_json, **values):
     """Dry run: what `run` would do with the same arguments (the parts, their GPUs and cases,
     what OUT already holds); it refuses what `run` refuses; starts nothing, writes nothing."""
     from launcher.planning import make_plan
-    from launcher.runner import inspect_out
+    from launcher.runner import inspect_out, stage_facts
+    from launcher.stages import describe_stages
 
     config = build_config(values)
     the_plan = make_plan(config)
@@ -353,6 +398,7 @@ def plan(as_json, **values):
         "failed_tried_again": len(view.failed),
         "fresh_would_delete": len(view.fresh_would_delete),
         "assignment": "estimate" if the_plan.schedule == "dynamic" else "exact",
+        **({"stages": stage_facts(the_plan, view)} if the_plan.stages else {}),
     }
     if as_json:
         click.echo(json.dumps({**the_plan.to_json(), **facts}, indent=2))
@@ -360,6 +406,10 @@ def plan(as_json, **values):
     for warning in the_plan.warnings:
         click.echo(f"nnunet-launch: warning: {warning}", err=True)
     click.echo(f"model folder: {config.model.folder}")
+    if the_plan.stages:
+        click.echo(f"stages per case: {describe_stages(the_plan.stages)}")
+        for stage, counts in facts["stages"]["per_stage"].items():
+            click.echo(f"  stage {stage}: {counts['done']}/{counts['total']} case(s) done")
     click.echo(
         f"{len(the_plan.cases)} case(s): {len(view.done)} already done in the output folder, {to_do} to predict"
         + (f" ({len(view.failed)} that failed before are tried again)" if view.failed else "")

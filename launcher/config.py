@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.errors import LauncherError
-from launcher.outputs import state_dir
+from launcher.outputs import stages_dir, state_dir
+from launcher.stages import Member, StagePlan, member_names, read_postprocessing
 
 try:
     import tomllib
@@ -58,8 +59,16 @@ class RunConfig:
     node: int | None = None
     nodes: int = 1
     parts_per_node: int | None = None
-    # filled by resolve(), not by the user
+    # multi-stage inference (see stages.py): several -c/-tr/-p values make an ensemble
+    pp_pkl_file: str | None = None
+    plans_json: str | None = None  # for the postprocessing (nnUNetv2_apply_postprocessing's -plans_json)
+    dataset_json: str | None = None
+    best: bool = False  # read $nnUNet_results/<dataset>/inference_information.json
+    inference_info: str | None = None  # ... or this file
+    keep_stages: bool = False
+    # filled by validate(), not by the user
     model: ModelInfo | None = field(default=None, compare=False)
+    stages: StagePlan | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -72,10 +81,20 @@ class ModelInfo:
     previous_stage: str | None
     folds: tuple[str, ...]
     patch_size: tuple[int, ...] | None = None
+    labels: str = ""  # dataset.json's labels, as JSON (members of an ensemble must agree)
 
 
 # `fresh` discards outputs: a flag for one command line, never a setting a file applies every time
-USER_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "node", "nodes", "parts_per_node", "fresh"}
+USER_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {
+    "model",
+    "stages",
+    "node",
+    "nodes",
+    "parts_per_node",
+    "fresh",
+}
+# one value, or one per ensemble member (nnU-Net's own spellings take several values)
+MEMBER_KEYS = ("configuration", "trainer", "plans")
 # TOML value types accepted per annotation (without "| None")
 _TOML_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "tuple[str, ...]": (list,)}
 _TYPE_WORDS = {
@@ -88,6 +107,8 @@ _TYPE_WORDS = {
 
 
 def _check_toml_type(path: str, key: str, value: Any) -> None:
+    if key in MEMBER_KEYS and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return
     base = RunConfig.__annotations__[key].replace(" | None", "")
     allowed = _TOML_TYPES[base]
     ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
@@ -128,11 +149,15 @@ def build(cli_values: dict[str, Any], config_file: str | None) -> RunConfig:
     merged.update({k: v for k, v in cli_values.items() if v is not None})
     if "folds" in merged:
         merged["folds"] = tuple(str(f) for f in merged["folds"])
+    for key in MEMBER_KEYS:
+        if isinstance(merged.get(key), (list, tuple)):
+            values = tuple(str(v) for v in merged[key])
+            merged[key] = values[0] if len(values) == 1 else values
     try:
         config = RunConfig(**merged)
     except TypeError as exc:
         raise LauncherError(f"bad configuration: {exc}") from None
-    validate(config)
+    validate(config, folds_given="folds" in merged)
     return config
 
 
@@ -175,7 +200,7 @@ def _check_range(config: RunConfig) -> None:
         raise LauncherError(f"--schedule must be static or dynamic, got {config.schedule!r}")
 
 
-def validate(config: RunConfig) -> None:
+def validate(config: RunConfig, folds_given: bool = True) -> None:
     _check_range(config)
     if not config.input_folder:
         raise LauncherError("-i INPUT_FOLDER is required")
@@ -190,9 +215,167 @@ def validate(config: RunConfig) -> None:
             f"output folder {config.output_folder!r} is inside the input folder; choose a folder outside it"
         )
     _check_writable(out)
-    config.model = read_model(config)
-    if config.model.previous_stage:
-        _check_prev_stage(config)
+    if config.best or config.inference_info:
+        _apply_inference_information(config, folds_given)
+    specs = _member_specs(config)
+    single = _single(config, specs[0]) if len(specs) == 1 else None
+    if (
+        single is not None
+        and not config.pp_pkl_file
+        and not (single.previous_stage and not config.prev_stage_predictions)
+    ):
+        config.model = single
+        if config.model.previous_stage:
+            _check_prev_stage(config)
+        return
+    config.model, config.stages = _stage_plan(config, specs)
+
+
+def _member_specs(config: RunConfig) -> list[tuple[str, str, str]]:
+    """(trainer, plans, configuration) of each member the user named: -c may take several
+    values; -tr/-p one for all or one per configuration."""
+    configurations = _values(config.configuration)
+    if len(configurations) <= 1:
+        return [(str(config.trainer), str(config.plans), config.configuration)]  # type: ignore[list-item]
+    specs = []
+    for flag, key in (("-tr", "trainer"), ("-p", "plans")):
+        given = _values(getattr(config, key))
+        if len(given) not in (1, len(configurations)):
+            raise LauncherError(
+                f"{flag} takes one value or one per configuration ({len(configurations)}), got {len(given)}"
+            )
+        specs.append(given * len(configurations) if len(given) == 1 else given)
+    models = list(zip(specs[0], specs[1], configurations, strict=True))
+    if len(set(models)) != len(models):
+        raise LauncherError(f"-c names the same model twice: {' '.join(configurations)}")
+    return models
+
+
+def _values(value) -> tuple[str, ...]:
+    return tuple(value) if isinstance(value, tuple) else (() if value is None else (value,))
+
+
+def _single(config: RunConfig, spec: tuple[str, str, str | None]) -> ModelInfo:
+    trainer, plans, configuration = spec
+    return read_model(dataclasses.replace(config, trainer=trainer, plans=plans, configuration=configuration))
+
+
+def _stage_plan(config: RunConfig, specs: list[tuple[str, str, str]]) -> tuple[ModelInfo, StagePlan]:
+    """The members (a cascade's previous stage added where its predictions are not given), checked
+    to agree with each other, and the postprocessing."""
+    if config.model_folder:
+        raise LauncherError("several configurations or a postprocessing file need -d DATASET, not -m")
+    if len(specs) > 1 and config.prev_stage_predictions:
+        raise LauncherError(
+            "-prev_stage_predictions works with one configuration; leave it out and the launcher predicts the "
+            "previous stage of a cascade itself"
+        )
+    if config.schedule == "static":
+        raise LauncherError("a multi-stage run (ensemble, postprocessing, cascade) uses --schedule dynamic")
+    names = member_names(specs)
+    models: dict[str, ModelInfo] = {}
+    members: list[Member] = []
+    for (trainer, plans, configuration), name in zip(specs, names, strict=True):
+        model = _single(config, (trainer, plans, configuration))
+        previous = None
+        if model.previous_stage and not config.prev_stage_predictions:
+            previous = name.replace(configuration, model.previous_stage) if "__" in name else model.previous_stage
+            try:
+                lower = _single(config, (trainer, plans, model.previous_stage))
+            except LauncherError as exc:
+                raise LauncherError(
+                    f"-c {configuration} is a cascade stage and needs its previous stage {model.previous_stage!r} "
+                    f"(or -prev_stage_predictions): {exc}"
+                ) from None
+            if previous not in models:
+                models[previous] = lower
+                members.append(Member(previous, lower.folder, model.previous_stage))
+        elif model.previous_stage:
+            _check_prev_stage(dataclasses.replace(config, model=model))
+        models[name] = model
+        members.append(Member(name, model.folder, configuration, previous))
+    _check_members_agree(models)
+    first = models[names[0]]
+    postprocessing = None
+    if config.pp_pkl_file:
+        postprocessing = read_postprocessing(
+            config.pp_pkl_file,
+            config.plans_json or os.path.join(first.folder, "plans.json"),
+            config.dataset_json or os.path.join(first.folder, "dataset.json"),
+        )
+    elif config.plans_json or config.dataset_json:
+        raise LauncherError("-plans_json and -dataset_json belong to -pp_pkl_file (the postprocessing)")
+    plan = StagePlan(
+        members=tuple(members),
+        ensemble=tuple(names),
+        postprocessing=postprocessing,
+        stages_dir=stages_dir(run_state_dir(config)),
+        file_ending=first.file_ending,
+        save_probabilities=config.save_probabilities,
+        keep=config.keep_stages,
+    )
+    return models[plan.final_member() or names[0]], plan
+
+
+def _check_members_agree(models: dict[str, ModelInfo]) -> None:
+    """nnUNetv2_ensemble averages probabilities label by label: the members must predict the same
+    labels from the same inputs."""
+    names = list(models)
+    first = models[names[0]]
+    for name in names[1:]:
+        model = models[name]
+        for what, a, b in (
+            ("labels", first.labels, model.labels),
+            ("input channels", first.num_channels, model.num_channels),
+            ("file ending", first.file_ending, model.file_ending),
+        ):
+            if a != b:
+                raise LauncherError(f"members {names[0]!r} and {name!r} differ in their {what}: {a} vs {b}")
+
+
+def _apply_inference_information(config: RunConfig, folds_given: bool) -> None:
+    """--best / --inference-info: the members, folds and postprocessing that
+    nnUNetv2_find_best_configuration chose (its inference_information.json)."""
+    flag = "--inference-info" if config.inference_info else "--best"
+    if isinstance(config.configuration, tuple) or config.configuration or config.pp_pkl_file or folds_given:
+        raise LauncherError(
+            f"{flag} chooses the configurations, folds and postprocessing; leave out -c, -f, -pp_pkl_file"
+        )
+    path = config.inference_info
+    if path is None:
+        if not config.dataset:
+            raise LauncherError("--best needs -d DATASET (its nnUNet_results folder holds inference_information.json)")
+        path = os.path.join(resolve_dataset_folder(config.dataset), "inference_information.json")
+        if not os.path.isfile(path):
+            raise LauncherError(
+                f"--best: {path!r} does not exist; run nnUNetv2_find_best_configuration first "
+                "(or give --inference-info FILE)"
+            )
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        best = info["best_model_or_ensemble"]
+        selected = best["selected_model_or_models"]
+        specs = [(m["trainer"], m["plans_identifier"], m["configuration"]) for m in selected]
+        folds = tuple(str(f) for f in info["folds"])
+    except OSError as exc:
+        raise LauncherError(f"{flag} {path!r}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LauncherError(
+            f"{flag} {path!r} is not an inference_information.json of nnUNetv2_find_best_configuration ({exc!r})"
+        ) from None
+    if not specs:
+        raise LauncherError(f"{flag} {path!r} selects no model")
+    if config.dataset is None:
+        config.dataset = str(info.get("dataset_name_or_id"))
+    config.trainer, config.plans, config.configuration = (
+        tuple(s[i] for s in specs) if len(specs) > 1 else specs[0][i] for i in range(3)
+    )
+    config.folds = folds
+    config.pp_pkl_file = best.get("postprocessing_file")
+    config.plans_json = config.plans_json or best.get("some_plans_file")
+    if config.pp_pkl_file and not os.path.isfile(config.pp_pkl_file):
+        raise LauncherError(f"{flag}: its postprocessing file {config.pp_pkl_file!r} does not exist")
 
 
 def _check_writable(out: str) -> None:
@@ -222,22 +405,7 @@ def resolve_model_folder(config: RunConfig) -> str:
         return config.model_folder
     if not config.dataset or not config.configuration:
         raise LauncherError("give -m MODEL_FOLDER, or -d DATASET and -c CONFIGURATION")
-    results = os.environ.get("nnUNet_results")
-    if not results or not os.path.isdir(results):
-        raise LauncherError(
-            "-d needs the nnUNet_results environment variable to name an existing folder (or give -m MODEL_FOLDER)"
-        )
-    datasets = sorted(d for d in os.listdir(results) if os.path.isdir(os.path.join(results, d)))
-    if config.dataset.isdigit():
-        wanted = [d for d in datasets if re.fullmatch(rf"Dataset{int(config.dataset):03d}_.+", d)]
-    else:
-        wanted = [d for d in datasets if d == config.dataset]
-    if len(wanted) != 1:
-        raise LauncherError(
-            f"dataset {config.dataset!r} not found in nnUNet_results={results!r} "
-            f"(found: {', '.join(datasets) or 'none'})"
-        )
-    dataset_folder = os.path.join(results, wanted[0])
+    dataset_folder = resolve_dataset_folder(config.dataset)
     name = f"{config.trainer}__{config.plans}__{config.configuration}"
     folder = os.path.join(dataset_folder, name)
     if not os.path.isdir(folder):
@@ -247,6 +415,25 @@ def resolve_model_folder(config: RunConfig) -> str:
             f"found: {', '.join(found) or 'none'})"
         )
     return folder
+
+
+def resolve_dataset_folder(dataset: str) -> str:
+    """$nnUNet_results/DatasetXXX_Name for -d XXX or -d DatasetXXX_Name."""
+    results = os.environ.get("nnUNet_results")
+    if not results or not os.path.isdir(results):
+        raise LauncherError(
+            "-d needs the nnUNet_results environment variable to name an existing folder (or give -m MODEL_FOLDER)"
+        )
+    datasets = sorted(d for d in os.listdir(results) if os.path.isdir(os.path.join(results, d)))
+    if dataset.isdigit():
+        wanted = [d for d in datasets if re.fullmatch(rf"Dataset{int(dataset):03d}_.+", d)]
+    else:
+        wanted = [d for d in datasets if d == dataset]
+    if len(wanted) != 1:
+        raise LauncherError(
+            f"dataset {dataset!r} not found in nnUNet_results={results!r} (found: {', '.join(datasets) or 'none'})"
+        )
+    return os.path.join(results, wanted[0])
 
 
 def _load_json(path: str, what: str) -> dict:
@@ -289,6 +476,7 @@ def read_model(config: RunConfig) -> ModelInfo:
         previous_stage=previous,
         folds=tuple(config.folds),
         patch_size=tuple(patch) if patch else None,
+        labels=json.dumps(dataset.get("labels", {}), sort_keys=True),
     )
 
 
@@ -331,7 +519,9 @@ def _available(folder: str, checkpoint: str) -> str:
 
 def output_identity(config: RunConfig) -> dict[str, Any]:
     """What decides the outputs' content: a resumed run must match it exactly."""
+    stages = config.stages.identity() if config.stages else {}
     return {
+        **stages,
         "model_folder": config.model.folder,
         "configuration": config.model.configuration,
         "folds": list(config.model.folds),

@@ -31,7 +31,7 @@ import os
 import signal
 import time
 
-from launcher.spec import PredictSettings, UnreadableInput
+from launcher.spec import Combine, PredictSettings, UnreadableInput
 
 BACKEND_ENV = "NNUNET_LAUNCH_TEST_BACKEND"
 FAULTS_ENV = "NNUNET_LAUNCH_TEST_FAULTS"
@@ -73,7 +73,7 @@ def expected_output(files: tuple[str, ...] | list[str]) -> bytes:
     return digest.hexdigest().encode()
 
 
-def _preprocess(files: tuple[str, ...], prev_stage_file: str | None):
+def _preprocess(model: str | None, files: tuple[str, ...], prev_stage_file: str | None):
     case_id = os.path.basename(files[0]).split("_0000")[0]
     fault, _ = _fault(case_id, ("helper_hang", "helper_crash", "unreadable"))
     if fault == "helper_hang":
@@ -82,30 +82,61 @@ def _preprocess(files: tuple[str, ...], prev_stage_file: str | None):
         os.kill(os.getpid(), signal.SIGKILL)
     if fault == "unreadable":
         raise UnreadableInput("cannot read the scan: RuntimeError: Exception thrown in SimpleITK ReadImage (fake)")
-    return expected_output(files), {"case_id": case_id}
+    prediction = expected_output(files)
+    if prev_stage_file is not None:  # a cascade stage sees its previous stage's prediction
+        with gzip.open(prev_stage_file, "rb") as f:
+            prediction += b"<" + f.read()
+    return prediction + (f"@{model}".encode() if model else b""), {"case_id": case_id}
 
 
-def _export(content: bytes, properties: dict, output_base: str, file_ending: str) -> None:
+def _export(content: bytes, properties: dict, output_base: str, file_ending: str, save_probabilities: bool) -> None:
     if _fault(properties["case_id"], ("disk_full",))[0]:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), output_base + file_ending)
+    if save_probabilities:
+        with open(output_base + ".npz", "wb") as f:
+            f.write(content)
+        with open(output_base + ".pkl", "wb") as f:
+            f.write(b"properties")
     with gzip.open(output_base + file_ending, "wb") as f:
         f.write(content)
+
+
+def combined_output(member_outputs: list[bytes], postprocessed: bool) -> bytes:
+    """What the fake combination of a case's member predictions holds."""
+    return b"combined[" + b"|".join(member_outputs) + b"]" + (b"+pp" if postprocessed else b"")
+
+
+def _combine(combine: Combine, output_base: str, file_ending: str, save_probabilities: bool) -> None:
+    contents = []
+    for path in combine.inputs:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+            contents.append(f.read())
+    content = combined_output(contents, combine.pp_pkl is not None)
+    _export(content, {"case_id": os.path.basename(output_base)}, output_base, file_ending, save_probabilities)
 
 
 def _no_init() -> None:
     pass
 
 
+def load_backends(settings: PredictSettings) -> dict:
+    if not settings.members:
+        return {None: FakeBackend(settings, settings.model_folder)}
+    return {name: FakeBackend(settings, folder) for name, folder in settings.members}
+
+
 class FakeBackend:
     preprocess = staticmethod(_preprocess)
     export = staticmethod(_export)
+    combine = staticmethod(_combine)
 
-    def __init__(self, settings: PredictSettings):
-        with open(os.path.join(settings.model_folder, "dataset.json")) as f:
+    def __init__(self, settings: PredictSettings, model_folder: str):
+        with open(os.path.join(model_folder, "dataset.json")) as f:
             self.file_ending = json.load(f)["file_ending"]
         self.case_seconds = float(os.environ.get(CASE_SECONDS_ENV, "0.05"))
 
-    def preprocess_initializer(self) -> tuple:
+    @staticmethod
+    def preprocess_initializer(backends: dict) -> tuple:
         return _no_init, ()
 
     def predict(self, case_id: str, data: bytes, on_step) -> bytes:
@@ -132,8 +163,8 @@ class FakeBackend:
             return "oom"
         return "device" if "CUDA error" in str(exc) else "retry"
 
-    def export_args(self, content: bytes, properties: dict, output_base: str) -> tuple:
-        return (content, properties, output_base, self.file_ending)
+    def export_args(self, content: bytes, properties: dict, output_base: str, save_probabilities: bool) -> tuple:
+        return (content, properties, output_base, self.file_ending, save_probabilities)
 
     def read_output(self, path: str) -> None:
         with gzip.open(path, "rb") as f:

@@ -264,6 +264,7 @@ class Journal:
                 for c, e in db.execute("SELECT id, error FROM cases WHERE state='failed' ORDER BY id")
             ]
             last_run = db.execute("SELECT pid, started, ended, exit_code FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+            stages = self._stage_counts()
         finally:
             db.execute("COMMIT")
         return {
@@ -279,7 +280,25 @@ class Journal:
             "parts": parts,
             "failed_cases": failed,
             "last_run": dict(zip(RUN_FIELDS, last_run, strict=True)) if last_run else None,
+            **stages,
         }
+
+    def _stage_counts(self) -> dict:
+        """A multi-stage run's units per stage and state (see stages.py: a member's unit id is
+        "<member>/<case>", the final unit's the case id), and which stage is the cases' final one."""
+        identity = self.identity() or {}
+        if "members" not in identity:
+            return {}
+        combines = len(identity["ensemble"]) > 1 or identity.get("postprocessing") is not None
+        final = "final" if combines else identity["ensemble"][0]
+        counts: dict[str, dict[str, int]] = {}
+        for stage, state, count in self.db.execute(
+            "SELECT CASE WHEN instr(id, '/') > 0 THEN substr(id, 1, instr(id, '/') - 1) ELSE '' END AS member, "
+            "state, COUNT(*) FROM cases GROUP BY member, state"
+        ):
+            counts.setdefault(stage or final, {})[state] = count
+        ordered = {stage: counts[stage] for stage in sorted(counts, key=lambda s: s == final)}  # final last
+        return {"stages": ordered, "final_stage": final}
 
     def case_rows(self) -> list[dict]:
         cursor = self.db.execute(

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pickle
+import shutil
 
 import numpy as np
 import torch
+from nnunetv2.ensembling.ensemble import merge_files
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from launcher.headers import gzip_stream_intact
-from launcher.spec import PredictSettings, UnreadableInput
+from launcher.spec import Combine, PredictSettings, UnreadableInput
 
 # CUDA errors after which the process's CUDA context is unusable (anything but out of memory).
 CUDA_CONTEXT_ERRORS = (
@@ -32,29 +36,30 @@ CUDA_CONTEXT_ERRORS = (
 )
 
 # --- preprocessing, in the pool's processes -------------------------------------------------
-_PREP: dict = {}
+_PREP: dict = {}  # per model (None in a single-stage run, else the member's name)
 
 
-def _init_preprocessing(plans: dict, configuration_manager, dataset_json: dict, verbose: bool, threads: int) -> None:
+def _init_preprocessing(models: dict, verbose: bool, threads: int) -> None:
     torch.set_num_threads(threads)
-    plans_manager = PlansManager(plans)
-    _PREP.update(
-        plans_manager=plans_manager,
-        configuration_manager=configuration_manager,
-        dataset_json=dataset_json,
-        preprocessor=configuration_manager.preprocessor_class(verbose=verbose),
-        label_manager=plans_manager.get_label_manager(dataset_json),
-    )
+    for key, (plans, configuration_manager, dataset_json) in models.items():
+        plans_manager = PlansManager(plans)
+        _PREP[key] = dict(
+            plans_manager=plans_manager,
+            configuration_manager=configuration_manager,
+            dataset_json=dataset_json,
+            preprocessor=configuration_manager.preprocessor_class(verbose=verbose),
+            label_manager=plans_manager.get_label_manager(dataset_json),
+        )
 
 
-def _read(files: tuple[str, ...], prev_stage_file: str | None):
+def _read(prep: dict, files: tuple[str, ...], prev_stage_file: str | None):
     """Read the scan (and previous stage) as nnU-Net's preprocessor does; a failure to read
     cannot change on a retry. The reader's own words make the message (nnU-Net prints some of
     them, e.g. channels that differ in shape, then raises an empty RuntimeError)."""
     for path in files:  # SimpleITK reads a cut .nii.gz without an error, and returns wrong voxels
         if path.endswith(".gz") and (why := gzip_stream_intact(path)):
             raise UnreadableInput(f"input {os.path.basename(path)} is truncated or corrupt (gzip check: {why})")
-    reader = _PREP["plans_manager"].image_reader_writer_class()
+    reader = prep["plans_manager"].image_reader_writer_class()
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
@@ -71,24 +76,59 @@ def _read(files: tuple[str, ...], prev_stage_file: str | None):
     return data, seg, properties
 
 
-def _preprocess(files: tuple[str, ...], prev_stage_file: str | None):
+def _preprocess(model: str | None, files: tuple[str, ...], prev_stage_file: str | None):
     """What nnU-Net's preprocess_fromfiles_save_to_queue does for one case (run_case, split so
     that reading is told apart from preprocessing)."""
-    data, seg, properties = _read(files, prev_stage_file)
-    data, seg, properties = _PREP["preprocessor"].run_case_npy(
-        data, seg, properties, _PREP["plans_manager"], _PREP["configuration_manager"], _PREP["dataset_json"]
+    prep = _PREP[model]
+    data, seg, properties = _read(prep, files, prev_stage_file)
+    data, seg, properties = prep["preprocessor"].run_case_npy(
+        data, seg, properties, prep["plans_manager"], prep["configuration_manager"], prep["dataset_json"]
     )
     if prev_stage_file is not None:
-        seg_onehot = convert_labelmap_to_one_hot(seg[0], _PREP["label_manager"].foreground_labels, data.dtype)
+        seg_onehot = convert_labelmap_to_one_hot(seg[0], prep["label_manager"].foreground_labels, data.dtype)
         data = np.vstack((data, seg_onehot))
     return data, properties
+
+
+def _combine(combine: Combine, output_base: str, file_ending: str, save_probabilities: bool) -> None:
+    """A case's nnUNetv2_ensemble (merge_files) and nnUNetv2_apply_postprocessing
+    (load_postprocess_save), nnU-Net's own functions with the arguments its commands give them,
+    so the result is the manual chain's, voxel for voxel. Runs in an export helper."""
+    with open(combine.plans_json) as f:
+        plans_manager = PlansManager(json.load(f))
+    segmentation = output_base + file_ending
+    if combine.ensemble:
+        with open(combine.dataset_json) as f:
+            label_manager = plans_manager.get_label_manager(json.load(f))
+        rw = plans_manager.image_reader_writer_class()
+        merge_files(list(combine.inputs), output_base, file_ending, rw, label_manager, save_probabilities)
+    else:  # one member, postprocessed: its probabilities (if asked for) are the final ones
+        segmentation = combine.inputs[0]
+        if save_probabilities:
+            member_base = segmentation[: -len(file_ending)]
+            for suffix in (".npz", ".pkl"):
+                shutil.copyfile(member_base + suffix, output_base + suffix)
+    if combine.pp_pkl is not None:
+        with open(combine.pp_plans_json) as f:
+            rw = PlansManager(json.load(f)).image_reader_writer_class()
+        with open(combine.pp_pkl, "rb") as f:
+            pp_fns, pp_fn_kwargs = pickle.load(f)
+        load_postprocess_save(segmentation, output_base + file_ending, rw, pp_fns, pp_fn_kwargs)
+
+
+def load_backends(settings: PredictSettings) -> dict:
+    """One backend per model the worker serves, each loaded once for the worker's life."""
+    if not settings.members:
+        return {None: NnunetBackend(settings, settings.model_folder)}
+    return {name: NnunetBackend(settings, folder) for name, folder in settings.members}
 
 
 class NnunetBackend:
     preprocess = staticmethod(_preprocess)
     export = staticmethod(export_prediction_from_logits)
+    combine = staticmethod(_combine)
 
-    def __init__(self, settings: PredictSettings):
+    def __init__(self, settings: PredictSettings, model_folder: str):
         self.settings = settings
         torch.set_num_threads(settings.threads)
         if settings.device == "cuda":
@@ -104,20 +144,19 @@ class NnunetBackend:
             allow_tqdm=False,
         )
         self.predictor.initialize_from_trained_model_folder(
-            settings.model_folder, [f if f == "all" else int(f) for f in settings.folds], settings.checkpoint
+            model_folder, [f if f == "all" else int(f) for f in settings.folds], settings.checkpoint
         )
         self.file_ending = self.predictor.dataset_json["file_ending"]
         self._count_sliding_window_steps()
 
-    def preprocess_initializer(self) -> tuple:
-        p = self.predictor
-        return _init_preprocessing, (
-            p.plans_manager.plans,
-            p.configuration_manager,
-            p.dataset_json,
-            self.settings.verbose,
-            1,
-        )
+    @staticmethod
+    def preprocess_initializer(backends: dict) -> tuple:
+        """The preprocessing helpers' set-up, for every model the worker serves."""
+        models = {
+            key: (b.predictor.plans_manager.plans, b.predictor.configuration_manager, b.predictor.dataset_json)
+            for key, b in backends.items()
+        }
+        return _init_preprocessing, (models, next(iter(backends.values())).settings.verbose, 1)
 
     def _count_sliding_window_steps(self) -> None:
         """Progress during a prediction: nnU-Net calls _internal_maybe_mirror_and_predict once per
@@ -165,7 +204,7 @@ class NnunetBackend:
             return "device"
         return "retry"
 
-    def export_args(self, logits, properties, output_base: str) -> tuple:
+    def export_args(self, logits, properties, output_base: str, save_probabilities: bool) -> tuple:
         p = self.predictor
         return (
             logits,
@@ -174,7 +213,7 @@ class NnunetBackend:
             p.plans_manager,
             p.dataset_json,
             output_base,
-            self.settings.save_probabilities,
+            save_probabilities,
             self.settings.threads,
         )
 

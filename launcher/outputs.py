@@ -34,6 +34,11 @@ def slurm_dir(out: str) -> str:
     return os.path.join(out, STATE_DIR, "slurm")
 
 
+def stages_dir(state: str) -> str:
+    """Intermediate outputs of a multi-stage run, one folder per member (see stages.py)."""
+    return os.path.join(state, "stages")
+
+
 def tmp_dir(state: str) -> str:
     return os.path.join(state, "tmp")
 
@@ -83,12 +88,15 @@ def write_text_atomically(path: str, text: str, scratch_dir: str) -> None:
     os.replace(scratch, path)
 
 
-def write_run_metadata(out: str, scratch: str, model_folder: str, predict_args: dict) -> None:
+def write_run_metadata(out: str, scratch: str, model_folder: str, predict_args: dict | None) -> None:
     """The three files every nnUNetv2_predict run leaves in OUT, written atomically (N manual
-    parts race on them; SLURM nodes write identical content)."""
+    parts race on them; SLURM nodes write identical content). A run that ends in an ensemble or
+    postprocessing gets no predict_from_raw_data_args.json (`predict_args` None)."""
     for name in ("dataset.json", "plans.json"):
         with open(os.path.join(model_folder, name)) as f:
             write_json_atomically(os.path.join(out, name), json.load(f), scratch)
+    if predict_args is None:
+        return
     write_json_atomically(
         os.path.join(out, "predict_from_raw_data_args.json"), dict(sorted(predict_args.items())), scratch
     )

@@ -46,18 +46,20 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
-def _timed(preprocess, files: tuple[str, ...], prev_stage_file: str | None):
+def _timed(preprocess, model: str | None, files: tuple[str, ...], prev_stage_file: str | None):
     """Run in a preprocessing helper: when its work on the case really began (a case may wait
     in the pool's queue first), and the result. A case's seconds count from there."""
     started = time.time()
-    return started, preprocess(files, prev_stage_file)
+    return started, preprocess(model, files, prev_stage_file)
 
 
 class CasePipeline:
-    def __init__(self, backend, settings: PredictSettings, out_dir: str, tmp_dir: str):
-        self.backend, self.settings, self.out_dir, self.tmp_dir = backend, settings, out_dir, tmp_dir
+    def __init__(self, backends: dict, settings: PredictSettings, out_dir: str, tmp_dir: str):
+        """`backends`: one per model the worker serves (None: the only one)."""
+        self.backends, self.settings, self.out_dir, self.tmp_dir = backends, settings, out_dir, tmp_dir
+        self.backend = next(iter(backends.values()))  # file ending, reading outputs, combining
         context = multiprocessing.get_context("spawn")
-        self.prep_pool = context.Pool(settings.npp, *backend.preprocess_initializer())
+        self.prep_pool = context.Pool(settings.npp, *self.backend.preprocess_initializer(backends))
         self.export_pool = context.Pool(settings.nps)
         # Pool silently replaces a dead process and the task it held never returns: watch the originals.
         self.pool_processes = {p: "preprocess" for p in self.prep_pool._pool}
@@ -96,14 +98,40 @@ class CasePipeline:
             self._predict_and_export(case, started, data, properties)
         self._wait(lambda: not self.exporting)
 
+    # --- where a unit's files go (see spec.WorkCase) -------------------------------------------
+    def _outputs(self, case: WorkCase) -> list[str]:
+        return case_outputs(case.name or case.id, self.backend.file_ending, self._saves_probabilities(case))
+
+    def _saves_probabilities(self, case: WorkCase) -> bool:
+        return self.settings.save_probabilities if case.save_probabilities is None else case.save_probabilities
+
+    def _scratch(self, case: WorkCase) -> str:
+        """Its export folder: one per member, as two members of a case share the file names."""
+        path = os.path.join(self.tmp_dir, case.member) if case.member else self.tmp_dir
+        os.makedirs(path, exist_ok=True)
+        return path
+
     def _start_preprocessing(self, preparing: deque) -> None:
         while len(preparing) < self.settings.npp and (case := self.feed.take()) is not None:
-            if case.verify_existing and self._existing_output_decodes(case.id):
+            if case.verify_existing and self._existing_output_decodes(case):
                 self.emit(("done", case.id, None, True))
                 continue
+            if case.combine is not None:
+                self._start_combining(case)
+                continue
             self.emit(("stage", case.id, "preprocess"))
-            job = self.prep_pool.apply_async(_timed, (self.backend.preprocess, case.files, case.prev_stage_file))
+            preprocess = self.backends[case.member].preprocess
+            job = self.prep_pool.apply_async(_timed, (preprocess, case.member, case.files, case.prev_stage_file))
             preparing.append((case, job))
+
+    def _start_combining(self, case: WorkCase) -> None:
+        """A multi-stage case's last step runs in an export helper, on the CPU, while the next
+        case is predicted."""
+        self._wait(lambda: len(self.exporting) <= self.settings.nps)  # bounded: memory!
+        self.emit(("stage", case.id, "export"))
+        output_base = os.path.join(self._scratch(case), case.name or case.id)
+        args = (case.combine, output_base, self.backend.file_ending, self._saves_probabilities(case))
+        self.exporting.append((case, self.export_pool.apply_async(self.backend.combine, args), time.time()))
 
     def _case_error(self, case: WorkCase, error: str, kind: str, exc: BaseException) -> None:
         """Report one failed attempt; the case's traceback goes to this worker's log."""
@@ -126,10 +154,11 @@ class CasePipeline:
                 last_report[0] = now
                 self.emit(("step", case.id, done, total))
 
+        backend = self.backends[case.member]
         try:
-            logits = self.backend.predict(case.id, data, on_step)
+            logits = backend.predict(case.id, data, on_step)
         except Exception as exc:
-            kind = self.backend.prediction_error_kind(exc)
+            kind = backend.prediction_error_kind(exc)
             if kind == "device":  # the CUDA context is unusable: nothing more can run in this process
                 traceback.print_exception(exc)
                 raise WorkerEnds(f"CUDA error while predicting {case.id}: {describe(exc)}", "device") from exc
@@ -138,8 +167,9 @@ class CasePipeline:
                 raise WorkerEnds("CUDA out of memory: the worker restarts to free its GPU memory", "restart") from exc
             return
         self.emit(("stage", case.id, "export"))
+        output_base = os.path.join(self._scratch(case), case.name or case.id)
         job = self.export_pool.apply_async(
-            self.backend.export, self.backend.export_args(logits, properties, os.path.join(self.tmp_dir, case.id))
+            backend.export, backend.export_args(logits, properties, output_base, self._saves_probabilities(case))
         )
         self.exporting.append((case, job, started))
 
@@ -172,11 +202,7 @@ class CasePipeline:
                 continue
             try:
                 job.get()
-                move_into_place(
-                    self.tmp_dir,
-                    self.out_dir,
-                    case_outputs(case.id, self.backend.file_ending, self.settings.save_probabilities),
-                )
+                move_into_place(self._scratch(case), case.out_dir or self.out_dir, self._outputs(case))
             except Exception as exc:
                 self._case_error(case, f"export failed: {describe(exc)}", "retry", exc)
                 continue
@@ -184,11 +210,10 @@ class CasePipeline:
             self.emit(("done", case.id, round(time.time() - started, 3), False))
         self.exporting = still
 
-    def _existing_output_decodes(self, case_id: str) -> bool:
-        names = case_outputs(case_id, self.backend.file_ending, self.settings.save_probabilities)
+    def _existing_output_decodes(self, case: WorkCase) -> bool:
         try:
-            for name in names:
-                path = os.path.join(self.out_dir, name)
+            for name in self._outputs(case):
+                path = os.path.join(case.out_dir or self.out_dir, name)
                 # SimpleITK returns wrong voxels from a truncated .gz without an error; the gzip
                 # stream's length and CRC check catch it
                 if path.endswith(".gz") and gzip_stream_intact(path) is not None:

@@ -12,6 +12,7 @@ from launcher.config import RunConfig
 from launcher.errors import LauncherError
 from launcher.headers import gzip_size_mismatch, gzip_stream_intact, read_header
 from launcher.scheduler import DYNAMIC_PLAN_LOOKAHEAD, Slot, make_slots, simulate_dynamic, static_parts
+from launcher.stages import COMBINE_WORK_FRACTION, StagePlan, split_unit
 
 NNUNET_DEFAULT_PROCESSES = 3  # nnUNetv2_predict's -npp / -nps default
 
@@ -29,6 +30,23 @@ class Plan:
     largest_voxels: int = 0  # of the largest case, from its header (0: unreadable)
     warnings: list[str] = field(default_factory=list)
     broken: dict[str, str] = field(default_factory=dict)  # cases whose input fails the gzip check: why
+    stages: StagePlan | None = None  # a multi-stage run: several units of work per case
+
+    def unit_deps(self) -> dict[str, tuple[str, ...]]:
+        """Each unit of work and the units it needs (single-stage: a unit is a case)."""
+        if self.stages is None:
+            return dict.fromkeys(self.cases, ())
+        return {u: needs for c in self.cases for u, needs in self.stages.units(c).items()}
+
+    def unit_work(self) -> dict[str, float]:
+        """A member's prediction costs what its case costs; a combination a small fraction."""
+        if self.stages is None:
+            return self.work
+        return {
+            u: self.work[c] * (COMBINE_WORK_FRACTION if u == c and self.stages.combines else 1.0)
+            for u in self.unit_deps()
+            for c in [split_unit(u)[1]]
+        }
 
     @property
     def num_parts(self) -> int:
@@ -37,7 +55,7 @@ class Plan:
     def part_of(self) -> dict[str, int | None]:
         """Static: each case's part. Dynamic: none yet; a case joins the part that takes it."""
         if self.schedule == "dynamic":
-            return dict.fromkeys(self.cases)
+            return dict.fromkeys(self.unit_deps())
         return {case_id: k for k, ids in self.parts.items() for case_id in ids}
 
     def to_json(self) -> dict:
@@ -88,7 +106,7 @@ def make_plan(config: RunConfig) -> Plan:
         cases = [c for c in cases if c.id in mine]
     if config.device == "cpu" and config.gpus != "all":
         warnings.append(f"--gpus {config.gpus} is ignored with -device cpu (use --workers N)")
-    if model.previous_stage:
+    if model.previous_stage and config.prev_stage_predictions:
         _check_prev_stage_files(config, cases)
     work, voxels, broken = survey(cases)
     largest = max(voxels.values(), default=0)
@@ -129,6 +147,7 @@ def make_plan(config: RunConfig) -> Plan:
         largest_voxels=largest,
         warnings=warnings,
         broken=broken,
+        stages=config.stages,
         # on a GPU nnU-Net itself runs torch with one thread; on the CPU each worker gets its share
         threads=1 if config.device == "cuda" else share,
         npp=config.npp or min(share, NNUNET_DEFAULT_PROCESSES),

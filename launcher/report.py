@@ -66,6 +66,7 @@ def write_report_files(
         "wall_seconds": wall_seconds,
         **(facts or {}),
         **{k: snapshot[k] for k in ("total", "done", "failed", "pending", "parts", "failed_cases")},
+        **{k: snapshot[k] for k in ("stages", "final_stage") if k in snapshot},
     }
     write_json_atomically(os.path.join(state, "summary.json"), summary, tmp_dir(state))
     text = io.StringIO()
@@ -79,10 +80,20 @@ def write_report_files(
 
 
 def summary_lines(summary: dict, out: str, state: str, command_hint: str | None) -> list[str]:
+    counts = {k: summary[k] for k in ("done", "total", "failed", "pending")}
+    units = ""
+    if "stages" in summary:  # a multi-stage run: cases are its final units
+        final = summary["stages"][summary["final_stage"]]
+        counts = {"done": final.get("done", 0), "total": sum(final.values()), "failed": final.get("failed", 0)}
+        counts["pending"] = counts["total"] - counts["done"] - counts["failed"]
+        per_stage = ", ".join(f"{s} {c.get('done', 0)}/{sum(c.values())}" for s, c in summary["stages"].items())
+        units = f"; work units done per stage: {per_stage}"
+        if summary.get("intermediate_peak_bytes") is not None:
+            units += f"; intermediate files peaked at {_size(summary['intermediate_peak_bytes'])}"
     lines = [
-        f"nnunet-launch: {summary['done']}/{summary['total']} case(s) predicted, "
-        f"{summary['failed']} failed, {summary['pending']} not done, in {summary['wall_seconds']:.1f} s "
-        f"({summary['result']})"
+        f"nnunet-launch: {counts['done']}/{counts['total']} case(s) predicted, "
+        f"{counts['failed']} failed, {counts['pending']} not done, in {summary['wall_seconds']:.1f} s "
+        f"({summary['result']}){units}"
     ]
     for part in summary["parts"]:
         failed = f", {part['failed']} failed" if part.get("failed") else ""
@@ -96,3 +107,11 @@ def summary_lines(summary: dict, out: str, state: str, command_hint: str | None)
     if summary["exit_code"] == 130 and command_hint:
         lines.append(f"  resume with: {command_hint}")
     return lines
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -22,6 +22,7 @@ from launcher.outputs import (
     journal_path,
     lock_path,
     logs_dir,
+    stages_dir,
     tmp_dir,
     write_run_metadata,
 )
@@ -29,6 +30,7 @@ from launcher.planning import Plan, make_plan, memory_warning
 from launcher.progress import Reporter, wants_live_view
 from launcher.report import summary_lines, write_summary
 from launcher.scheduler import CaseBook
+from launcher.stages import describe_stages, split_unit, stage_of
 from launcher.supervisor import Supervisor
 
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug of ours; the traceback is in supervisor.log
@@ -64,6 +66,7 @@ class OutView:
 
     strays: list[str]  # planned cases whose segmentation is in OUT (journaled or not)
     done: set[str]  # journaled done, with the output present
+    units_done: set[str]  # journaled done (a multi-stage run's units, see stages.py)
     failed: set[str]  # failed in the last run: tried again
     fresh_would_delete: list[str]  # the files --fresh would remove
 
@@ -81,7 +84,7 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
                 f"nnunet-launch (e.g. {strays[0]!r}); add --continue_prediction to keep the "
                 "ones that decode completely, or --fresh to predict everything again"
             )
-        return OutView(strays, set(), set(), _fresh_targets(config, plan, set()) if config.fresh else [])
+        return OutView(strays, set(), set(), set(), _fresh_targets(config, plan, set()) if config.fresh else [])
     journal = Journal.open_readonly(path)
     try:
         previous, (states, _) = journal.identity(), journal.states()
@@ -93,7 +96,22 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
     present = set(strays)
     done = {c for c in journaled_done if c in present and c in plan.cases}
     failed = {c for c, s in states.items() if s == FAILED and c in plan.cases}
-    return OutView(strays, set() if config.fresh else done, set() if config.fresh else failed, fresh)
+    if config.fresh:
+        return OutView(strays, set(), set(), set(), fresh)
+    units_done = journaled_done - _vanished(plan, journaled_done, present)
+    return OutView(strays, done, units_done, failed, fresh)
+
+
+def stage_facts(plan: Plan, view: OutView) -> dict:
+    """`plan`'s view of a multi-stage run: what runs per case, and per stage what is done."""
+    per_stage: dict[str, dict[str, int]] = {}
+    for case_id in plan.cases:
+        final_done = case_id in view.done
+        for unit in plan.stages.units(case_id):
+            counts = per_stage.setdefault(stage_of(unit, plan.stages), {"done": 0, "total": 0})
+            counts["total"] += 1
+            counts["done"] += final_done or unit in view.units_done
+    return {"stages": describe_stages(plan.stages), "per_stage": per_stage}
 
 
 def _refuse_other_run(config: RunConfig, previous: dict | None) -> None:
@@ -118,23 +136,28 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     state = run_state_dir(config)
     clear_tmp(tmp_dir(state))
     parts = [(s.part_id, s.label, s.gpu_uuid) for s in plan.slots]
-    run_id, retried = journal.start_run(identity, parts, plan.part_of(), plan.work)
-    write_run_metadata(out, tmp_dir(state), config.model.folder, _predict_args(config, plan))
+    needs = plan.unit_deps()
+    run_id, retried = journal.start_run(identity, parts, plan.part_of(), plan.unit_work())
+    # the last step of the manual chain decides which of nnUNetv2_predict's files OUT gets
+    predicted = plan.stages is None or not plan.stages.combines
+    write_run_metadata(out, tmp_dir(state), config.model.folder, _predict_args(config, plan) if predicted else None)
     states, attempts = journal.states()
     done = {c for c, s in states.items() if s == DONE}
-    vanished = sorted(done - set(strays))
+    vanished = sorted(_vanished(plan, done, set(strays)))
     if vanished:  # journaled done, but someone removed the output since: predict it again
         journal.reopen_cases(vanished)
         states, attempts = journal.states()
         done -= set(vanished)
     verify = {c for c in strays if c not in done}
-    broken = {c: why for c, why in plan.broken.items() if c not in done}
+    broken = {u: why for c, why in plan.broken.items() for u in _units_of(plan, c) if u not in done}
     if broken:  # a cut or corrupt input is never predicted
         journal.apply(
             [(c, {"state": FAILED, "stage": None, "error": why, "ended": time.time()}) for c, why in broken.items()]
         )
         states = {**states, **dict.fromkeys(broken, FAILED)}
-    book = CaseBook(plan.work, states, attempts, plan.part_of() if plan.schedule == "static" else None)
+    static = plan.part_of() if plan.schedule == "static" else None
+    book = CaseBook(plan.unit_work(), states, attempts, static, needs)
+    journal.apply(book.startup_updates)
     os.makedirs(logs_dir(state), exist_ok=True)
     supervisor_log = os.path.join(logs_dir(state), "supervisor.log")
     reporter = Reporter(
@@ -142,12 +165,15 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     )
     again = f", {retried} failed case(s) of the last run tried again" if retried else ""
     reporter.log(
-        f"nnunet-launch: {len(plan.cases)} case(s), {len(done)} already done{again}, {plan.num_parts} part(s) on "
+        f"nnunet-launch: {len(plan.cases)} case(s), {len(done & set(plan.cases))} already done{again}, "
+        f"{plan.num_parts} part(s) on "
         f"{', '.join(sorted({s.label for s in plan.slots}))}, {plan.schedule} schedule; per worker: "
         f"{plan.threads} torch thread(s), npp={plan.npp}, nps={plan.nps}"
     )
     if config.device == "cpu":
         reporter.log("nnunet-launch: running on the CPU (-device cpu)")
+    if plan.stages is not None:
+        reporter.log(f"nnunet-launch: stages per case: {describe_stages(plan.stages)}")
     if config.num_parts > 1:
         reporter.log(
             f"nnunet-launch: -num_parts {config.num_parts} -part_id {config.part_id}: only this part of nnU-Net's "
@@ -161,17 +187,44 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     for case_id, why in sorted(broken.items()):
         reporter.log(f"nnunet-launch: case {case_id}: {why}; not predicted")
     exit_code = EXIT_INTERNAL_ERROR
+    supervisor = None
     try:
-        exit_code = Supervisor(config, plan, journal, book, verify, reporter, run_id).run()
+        supervisor = Supervisor(config, plan, journal, book, verify, reporter, run_id)
+        exit_code = supervisor.run()
     except BaseException:
         reporter.log("nnunet-launch: internal error:\n" + traceback.format_exc().rstrip())
         raise
     finally:
-        _finish(config, journal, reporter, run_id, exit_code, started, argv)
+        intermediates = supervisor.intermediates if supervisor else None
+        facts = {"intermediate_peak_bytes": intermediates.peak} if intermediates else {}
+        _finish(config, journal, reporter, run_id, exit_code, started, argv, facts)
     return exit_code
 
 
-def _finish(config: RunConfig, journal: Journal, reporter, run_id: int, exit_code: int, started: float, argv) -> None:
+def _units_of(plan: Plan, case_id: str) -> list[str]:
+    return list(plan.stages.units(case_id)) if plan.stages else [case_id]
+
+
+def _vanished(plan: Plan, done: set[str], in_out: set[str]) -> set[str]:
+    """Units journaled done whose outputs someone removed since. A member's outputs matter only
+    until its case's final output is in OUT (then they are removed on purpose)."""
+    vanished = {c for c in plan.cases if c in done and c not in in_out}
+    if plan.stages is None:
+        return vanished
+    for case_id in plan.cases:
+        if case_id in done and case_id not in vanished:
+            continue
+        for unit in plan.stages.units(case_id):
+            member, _ = split_unit(unit)
+            if unit in done and member is not None:
+                if not all(os.path.isfile(p) for p in plan.stages.member_outputs(member, case_id)):
+                    vanished.add(unit)
+    return vanished
+
+
+def _finish(
+    config: RunConfig, journal: Journal, reporter, run_id: int, exit_code: int, started: float, argv, facts: dict
+) -> None:
     """Close the run's books. Best-effort: on a full disk the journal or the report may not be
     writable, and that must not hide why the run stopped."""
     state = run_state_dir(config)
@@ -181,7 +234,7 @@ def _finish(config: RunConfig, journal: Journal, reporter, run_id: int, exit_cod
         reporter.log(f"nnunet-launch: {exc}")
     reporter.close()
     try:
-        summary = write_summary(state, journal, exit_code, started, _run_facts(config, argv))
+        summary = write_summary(state, journal, exit_code, started, {**_run_facts(config, argv), **facts})
     except OSError as exc:
         print(f"nnunet-launch: could not write the run's summary: {exc}", file=sys.stderr)
         return
@@ -202,8 +255,10 @@ def _run_facts(config: RunConfig, argv: list[str]) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    stages = config.stages
     return {
         "command": ["nnunet-launch", *argv],
+        **({"stages": stages.identity()} if stages else {}),
         "model_folder": config.model.folder,
         "configuration": config.model.configuration,
         "folds": list(config.model.folds),
@@ -247,6 +302,7 @@ def _discard_previous(config: RunConfig, journal: Journal, plan: Plan) -> None:
         except FileNotFoundError:
             pass
     journal.clear()
+    clear_tmp(stages_dir(run_state_dir(config)))
     print(f"nnunet-launch: --fresh: discarded the previous run's state and {removed} output file(s) in {out}")
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from launcher.spec import STAGES
+from launcher.stages import split_unit
 
 # cases each worker holds queued beyond the one it works on (the supervisor's top-up, plus
 # the preprocessing lookahead): the plan's estimate and the benchmark model it
@@ -54,13 +55,19 @@ def static_parts(case_ids: Sequence[str], num_parts: int) -> list[list[str]]:
 
 
 class LargestFirstQueue:
-    """The dynamic schedule: idle workers take the largest remaining case (ties by id)."""
+    """The dynamic schedule: idle workers take the largest remaining case (ties by id). `rank`
+    goes before size: a multi-stage run's later stages (lower rank) first, so that a case's
+    stages follow each other and intermediate outputs stay few."""
 
-    def __init__(self, work: dict[str, float]):
+    def __init__(self, work: dict[str, float], rank: Callable[[str], tuple] | None = None):
         self.work = dict(work)
-        self._heap = [(-w, c) for c, w in self.work.items()]
+        self.rank = rank or (lambda case_id: ())
+        self._heap = [(self._key(c), c) for c in self.work]
         heapq.heapify(self._heap)
         self._queued = set(self.work)
+
+    def _key(self, case_id: str) -> tuple:
+        return (*self.rank(case_id), -self.work[case_id], case_id)
 
     def peek(self) -> str | None:
         return self._heap[0][1] if self._heap else None
@@ -75,7 +82,7 @@ class LargestFirstQueue:
     def give_back(self, case_ids: Sequence[str]) -> None:
         for case_id in case_ids:
             if case_id not in self._queued:
-                heapq.heappush(self._heap, (-self.work[case_id], case_id))
+                heapq.heappush(self._heap, (self._key(case_id), case_id))
                 self._queued.add(case_id)
 
     def __len__(self) -> int:
@@ -141,7 +148,11 @@ class CaseBook:
 
     Queues are keyed by part (static schedule: nnU-Net's split) or all under None (dynamic).
     Each key has a queue of cases that need a worker of their own ("solo": a case suspected of
-    killing its worker is retried alone, so the next death is certainly its fault)."""
+    killing its worker is retried alone, so the next death is certainly its fault).
+
+    In a multi-stage run the book's "cases" are units of work (see stages.py) and `needs` says
+    which units each one waits for: a unit is queued once they are all done ("waiting" until
+    then), and fails when one of them fails for good."""
 
     def __init__(
         self,
@@ -149,6 +160,7 @@ class CaseBook:
         states: dict[str, str],
         attempts: dict[str, int],
         static_part: dict[str, int] | None = None,
+        needs: dict[str, tuple[str, ...]] | None = None,
     ):
         self.work = work
         self.static_part = static_part
@@ -160,9 +172,31 @@ class CaseBook:
         self.remaining_work = sum(w for c, w in work.items() if c not in self.done and c not in self.failed)
         self.queues: dict[int | None, LargestFirstQueue] = {}
         self.solo: dict[int | None, LargestFirstQueue] = {}
+        self.needs = {u: n for u, n in (needs or {}).items() if n}
+        self.needed_by: dict[str, list[str]] = {}
+        for unit, unit_needs in self.needs.items():
+            for need in unit_needs:
+                self.needed_by.setdefault(need, []).append(unit)
+        self.depth = {u: self._depth(u) for u in self.needs}
+        self.waiting: dict[str, set[str]] = {}
+        self.startup_updates: list[Update] = []  # units whose needs failed before this run
         for case_id in work:
-            if case_id not in self.done and case_id not in self.failed:
+            if case_id in self.done or case_id in self.failed:
+                continue
+            unmet = {n for n in self.needs.get(case_id, ()) if n not in self.done}
+            if unmet:  # one that failed before this run fails it below
+                self.waiting[case_id] = unmet
+            else:
                 self._queue(case_id, solo=False)
+        for case_id in [c for c in self.failed if c in self.needed_by]:
+            self.startup_updates += self._fail_dependents(case_id, None)
+
+    def _depth(self, unit: str) -> int:
+        return 1 + max((self._depth(n) for n in self.needs.get(unit, ())), default=-1)
+
+    def _rank(self, unit: str) -> tuple:
+        """Later stages first, then the largest case, a case's units together."""
+        return (-self.depth.get(unit, 0), -self.work[unit], split_unit(unit)[1]) if self.needs else ()
 
     # --- where cases are -----------------------------------------------------------------
     def key(self, case_id: str) -> int | None:
@@ -172,7 +206,7 @@ class CaseBook:
         queues = self.solo if solo else self.queues
         queue = queues.get(self.key(case_id))
         if queue is None:
-            queue = queues[self.key(case_id)] = LargestFirstQueue({})
+            queue = queues[self.key(case_id)] = LargestFirstQueue({}, self._rank)
         queue.work[case_id] = self.work[case_id]
         queue.give_back([case_id])
 
@@ -204,6 +238,7 @@ class CaseBook:
         return [c for c, f in self.flights.items() if f.worker == worker]
 
     def unfinished(self) -> int:
+        """Units not done or failed: queued, waiting for others, or in flight."""
         return len(self.work) - len(self.done) - len(self.failed)
 
     # --- transitions ---------------------------------------------------------------------
@@ -242,6 +277,13 @@ class CaseBook:
         self.done.add(case_id)
         self.remaining_work -= self.work[case_id]
         attempts = self.charged[case_id] + 1
+        for unit in self.needed_by.get(case_id, ()):
+            unmet = self.waiting.get(unit)
+            if unmet is not None:
+                unmet.discard(case_id)
+                if not unmet:
+                    del self.waiting[unit]
+                    self._queue(unit, solo=False)
         return [(case_id, {"state": DONE, "stage": None, "attempts": attempts, "ended": now, "seconds": seconds})]
 
     def charge(self, case_id: str, error: str, final: bool, retries: int, solo: bool, now: float) -> list[Update]:
@@ -250,15 +292,28 @@ class CaseBook:
         if self.flights.pop(case_id, None) is None:
             return []
         self.charged[case_id] += 1
-        if final or self.charged[case_id] > retries:
+        failing = final or self.charged[case_id] > retries
+        if failing:
             self.failed[case_id] = error
             self.remaining_work -= self.work[case_id]
-            state = FAILED
         else:
             self._queue(case_id, solo)
-            state = PENDING
+        state = FAILED if failing else PENDING
         row = {"state": state, "stage": None, "attempts": self.charged[case_id], "ended": now, "error": error}
-        return [(case_id, row)]
+        return [(case_id, row)] + (self._fail_dependents(case_id, now) if failing else [])
+
+    def _fail_dependents(self, unit: str, now: float | None) -> list[Update]:
+        """The units waiting for a unit that failed for good cannot run: they fail too."""
+        updates = []
+        for dependent in self.needed_by.get(unit, ()):
+            if self.waiting.pop(dependent, None) is None:
+                continue
+            error = f"not run: {unit} failed"
+            self.failed[dependent] = error
+            self.remaining_work -= self.work[dependent]
+            updates.append((dependent, {"state": FAILED, "stage": None, "ended": now, "error": error}))
+            updates += self._fail_dependents(dependent, now)
+        return updates
 
     def release(self, case_ids: Iterable[str], solo: bool = False) -> list[Update]:
         """Back to the queue without charging the attempt (interrupted, queued behind a crash,
@@ -281,4 +336,5 @@ class CaseBook:
                     self.failed[case_id] = error
                     self.remaining_work -= self.work[case_id]
                     updates.append((case_id, {"state": FAILED, "stage": None, "ended": now, "error": error}))
+                    updates += self._fail_dependents(case_id, now)
         return updates

@@ -37,11 +37,35 @@ WORKER_EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as a shell reports it
 
 
 @dataclass(frozen=True)
+class Combine:
+    """A multi-stage case's last step, as nnUNetv2_ensemble and nnUNetv2_apply_postprocessing
+    run it: average the members' probabilities (`ensemble`: `inputs` are their .npz, in the
+    members' order), or take the one member's segmentation (`inputs[0]`); then postprocess."""
+
+    inputs: tuple[str, ...]
+    ensemble: bool
+    plans_json: str  # the ensemble's label handling and writer: the first member's
+    dataset_json: str
+    pp_pkl: str | None = None
+    pp_plans_json: str | None = None  # nnUNetv2_apply_postprocessing's -plans_json
+
+
+@dataclass(frozen=True)
 class WorkCase:
+    """One unit of work. A single-stage run's unit is a case: `id` is the case id and the output
+    goes to OUT. In a multi-stage run (see stages.py) `id` is the unit's, `name` the case id the
+    files are named after, `member` the model that predicts it (None: a combination),
+    `out_dir` where its outputs go."""
+
     id: str
     files: tuple[str, ...]
     prev_stage_file: str | None = None
     verify_existing: bool = False  # an output is in OUT but not journaled: keep it if it decodes
+    name: str | None = None
+    member: str | None = None
+    out_dir: str | None = None
+    save_probabilities: bool | None = None  # None: the run's setting
+    combine: Combine | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,7 @@ class PredictSettings:
     threads: int
     npp: int
     nps: int
+    members: tuple[tuple[str, str], ...] = ()  # multi-stage: (member name, model folder) each
 
 
 @dataclass(frozen=True)

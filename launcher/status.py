@@ -150,6 +150,10 @@ def status_and_cases(out: str, with_rows: bool = True) -> tuple[dict, list[dict]
             }
         )
         all_rows += [{**r, "node": node} for r in rows]
+        for stage, counts in info.get("stages", {}).items():
+            for key, count in counts.items():
+                merged.setdefault("stages", {}).setdefault(stage, {})
+                merged["stages"][stage][key] = merged["stages"][stage].get(key, 0) + count
     running = [n for n in merged["nodes"] if n["launcher_running"]]
     merged["launcher_running"] = bool(running)
     merged["launcher_pid"] = running[0]["launcher_pid"] if running else None
@@ -190,11 +194,15 @@ def render_status(info: dict) -> str:
             f"; last run ended {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['ended']))} "
             f"after {wall:.0f} s, exit {last['exit_code']} ({meaning})"
         )
+    units = "work units (case x stage)" if info.get("stages") else "cases"
     lines = [
         f"launcher: {state}",
-        f"cases: {info['done']}/{info['total']} done, {info['running']} running, "
+        f"{units}: {info['done']}/{info['total']} done, {info['running']} running, "
         f"{info['pending']} pending, {info['failed']} failed",
     ]
+    for stage, counts in info.get("stages", {}).items():
+        failed = f", {counts['failed']} failed" if counts.get("failed") else ""
+        lines.append(f"  stage {stage}: {counts.get('done', 0)}/{sum(counts.values())} case(s) done{failed}")
     for n in info.get("nodes", []):
         counts = f"{n['done']}/{n['total']} done, {n['failed']} failed"
         lines.append(f"  node {n['node']}: {counts}, launcher {_launcher_state(n)}")

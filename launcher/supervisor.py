@@ -28,6 +28,7 @@ from launcher.policy import (
 )
 from launcher.scheduler import FAILED, HELD, CaseBook, Slot
 from launcher.spec import WORKER_EXIT_INTERRUPTED, PredictSettings, WorkCase, WorkerSpec
+from launcher.stages import IntermediateFiles, split_unit
 from launcher.worker import worker_main
 
 SHUTDOWN_GRACE_S = 5.0
@@ -127,7 +128,7 @@ class Supervisor:
         self.announced_ready = False
         self.stop_signals = 0
         self.outcome = Outcome()
-        self.seconds_per_work = _slowest_rate(journal.done_seconds(), plan.work)
+        self.seconds_per_work = _slowest_rate(journal.done_seconds(), book.work)
         import torch.multiprocessing as torch_mp  # spawn context; importing torch does not touch CUDA
 
         # A killed worker cannot unlink its pools' named semaphores. With the spawn start method
@@ -151,7 +152,9 @@ class Supervisor:
             threads=plan.threads,
             npp=plan.npp,
             nps=plan.nps,
+            members=tuple((m.name, m.folder) for m in plan.stages.members) if plan.stages else (),
         )
+        self.intermediates = IntermediateFiles(plan.stages, book.done) if plan.stages else None
 
     # --- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -248,6 +251,9 @@ class Supervisor:
         except JournalWriteError as exc:
             if not self.outcome.stop_reason:
                 self.outcome.stop_reason = str(exc)
+            return
+        if self.intermediates is not None:  # only once the final outputs are journaled
+            self.intermediates.remove_finished()
 
     def _event(self, kind: str, part: int | None, case_id: str | None, message: str) -> None:
         try:
@@ -363,9 +369,12 @@ class Supervisor:
         workers = sum(1 for s in self.plan.slots if not self.parts[s.part_id].gave_up)
         return held_work + self.book.work[next_case] <= self.book.remaining_work / max(1, workers)
 
-    def _work_case(self, case_id: str) -> WorkCase:
-        files = self.plan.cases[case_id].files
-        return WorkCase(case_id, files, prev_stage_file(self.config, case_id), case_id in self.verify)
+    def _work_case(self, unit: str) -> WorkCase:
+        if self.plan.stages is not None:
+            files = self.plan.cases[split_unit(unit)[1]].files
+            return self.plan.stages.work_case(unit, files, unit in self.verify)
+        files = self.plan.cases[unit].files
+        return WorkCase(unit, files, prev_stage_file(self.config, unit), unit in self.verify)
 
     # --- feeding live workers --------------------------------------------------------------
     def _feed_workers(self) -> None:
@@ -408,9 +417,13 @@ class Supervisor:
         """An idle worker while another holds cases it has not started: ask that one to return
         them (it answers "given_back" with those it had not started yet)."""
         held: dict[int, list[str]] = {}
+        busy = set()  # a worker holding only cases it has not started will start them now itself
         for case_id, flight in self.book.flights.items():
-            if flight.stage == HELD and flight.worker != idle.serial and self.book.key(case_id) == idle.key:
+            if flight.stage != HELD:
+                busy.add(flight.worker)
+            elif flight.worker != idle.serial and self.book.key(case_id) == idle.key:
                 held.setdefault(flight.worker, []).append(case_id)
+        held = {w: cases for w, cases in held.items() if w in busy}
         donors = [
             w for w in self.workers.values() if held.get(w.serial) and not w.giving_back and w.conn_open and not w.solo
         ]
@@ -423,8 +436,9 @@ class Supervisor:
                 pass
 
     def _could_come_back(self, handle: WorkerHandle) -> bool:
-        """Cases for this worker's queue may still come back (another worker holds some)."""
-        if self.book.queued(handle.key):
+        """Cases for this worker's queue may still come back (another worker holds some), or
+        become ready (a multi-stage unit waits for another)."""
+        if self.book.queued(handle.key) or self.book.waiting:
             return True
         return any(f.worker != handle.serial and self.book.key(c) == handle.key for c, f in self.book.flights.items())
 
@@ -468,11 +482,13 @@ class Supervisor:
         flight = self.book.flights.get(case_id)
         self._write(self.book.finish(case_id, seconds, time.time()))
         self.verify.discard(case_id)
+        if self.intermediates is not None:
+            self.intermediates.unit_done(case_id)
         if not verified:  # a kept output took no work: it says nothing about the device or the part
             self.health.case_finished(handle.slot.device_key)
             self.parts[handle.slot.part_id].deaths_since_finished = 0
         if seconds and flight is not None and flight.stage != HELD:
-            rate = seconds / max(self.plan.work.get(case_id, 1.0), 1.0)
+            rate = seconds / max(self.book.work.get(case_id, 1.0), 1.0)
             self.seconds_per_work = max(self.seconds_per_work or 0.0, rate)
         how = "kept (existing output verified)" if verified else f"{seconds:.1f} s"
         progress = f"[{len(self.book.done)}/{len(self.book.work)}]"
@@ -606,7 +622,7 @@ class Supervisor:
             if not active:
                 continue
             last = max(f.progress_at for _, f in active)
-            limit = max(stall_timeout(explicit, self.plan.work.get(c, 0.0), self.seconds_per_work) for c, _ in active)
+            limit = max(stall_timeout(explicit, self.book.work.get(c, 0.0), self.seconds_per_work) for c, _ in active)
             if now - last > limit:
                 stages = ", ".join(f"{c} in {f.stage}" for c, f in active)
                 self._kill_hung(handle, f"hung: no progress for {now - last:.0f} s ({stages}; limit {limit:.0f} s)")

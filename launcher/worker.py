@@ -68,7 +68,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         from launcher.pipeline import CasePipeline, WorkerEnds
 
         os.makedirs(spec.tmp_dir, exist_ok=True)
-        pipeline = CasePipeline(_backend(spec), spec.settings, spec.out_dir, spec.tmp_dir)
+        pipeline = CasePipeline(_backends(spec), spec.settings, spec.out_dir, spec.tmp_dir)
         conn.send(("ready",))
         pipeline.run(CaseFeed(conn, spec.cases), conn.send)
         pipeline.close()
@@ -86,17 +86,16 @@ def worker_main(spec: WorkerSpec, conn) -> None:
             os._exit(1)
 
 
-def _backend(spec: WorkerSpec):
-    """nnU-Net, or in tests (and only when a test asks for it) the fault-injecting stand-in."""
+def _backends(spec: WorkerSpec) -> dict:
+    """nnU-Net, or in tests (and only when a test asks for it) the fault-injecting stand-in: one
+    backend per model the worker serves (every member of a multi-stage run, loaded once)."""
     from launcher.fake_backend import BACKEND_ENV
 
     if os.environ.get(BACKEND_ENV) == "fake":
-        from launcher.fake_backend import FakeBackend
-
-        return FakeBackend(spec.settings)
-    from launcher.nnunet import NnunetBackend
-
-    return NnunetBackend(spec.settings)
+        from launcher.fake_backend import load_backends
+    else:
+        from launcher.nnunet import load_backends
+    return load_backends(spec.settings)
 
 
 def _exit_on_stop_signals() -> None:

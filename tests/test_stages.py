@@ -1,0 +1,367 @@
+"""Multi-stage inference (an ensemble, postprocessing, a cascade, --best) in one command equals
+nnU-Net's own chain of commands run by hand, voxel for voxel, also through a killed worker and a
+killed and resumed supervisor; the stages run without a barrier; bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, cli, copy_outputs_mtimes, fake_env, status_json
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_stage_models  # noqa: E402
+import make_tiny_model  # noqa: E402
+
+NUM_CASES = 5
+MEMBERS = ("2d", "3d_fullres")
+FAST = ("-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+
+# nnU-Net's own commands with torch held to one thread, as the launcher's workers run on this
+# machine (on the CPU the numbers depend on the thread count; see conftest.PLAIN_NNUNET_ONE_THREAD)
+ONE_THREAD = (
+    "import sys, torch\n"
+    "set_threads = torch.set_num_threads\n"
+    "torch.set_num_threads = lambda n: set_threads(1)\n"
+    "from nnunetv2.inference.predict_from_raw_data import predict_entry_point\n"
+    "sys.argv[0] = 'nnUNetv2_predict'\n"
+    "predict_entry_point()\n"
+)
+
+
+def nnunet(env: dict, *args: str) -> None:
+    if args[0] == "nnUNetv2_predict":
+        command = [sys.executable, "-c", ONE_THREAD, *args[1:], "--disable_progress_bar"]
+    else:
+        command = [str(BIN / args[0]), *args[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="session")
+def stages(tmp_path_factory) -> dict:
+    """A results tree with 2d, 3d_fullres, 3d_lowres and 3d_cascade_fullres models, a
+    postprocessing.pkl and an inference_information.json naming the 2d + 3d_fullres ensemble;
+    and inputs."""
+    base = tmp_path_factory.mktemp("stages")
+    paths = make_stage_models.make_stage_models(str(base / "results"))
+    inputs = base / "inputs"
+    make_tiny_model.make_inputs(str(inputs), NUM_CASES)
+    env = {
+        **os.environ,
+        "nnUNet_results": str(base / "results"),
+        "nnUNet_raw": str(base),
+        "nnUNet_preprocessed": str(base),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    os.environ["nnUNet_results"] = env["nnUNet_results"]  # the launcher's runs in this session
+    return {**paths, "base": base, "inputs": inputs, "env": env}
+
+
+@pytest.fixture(scope="session")
+def manual(stages) -> Path:
+    """What nnU-Net's own commands make of the inputs, run by hand as its instructions say."""
+    inputs, env, paths = stages["inputs"], stages["env"], stages
+    manual = stages["base"] / "manual"
+    common = ("-i", str(inputs), "-d", "998", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+    for member in MEMBERS:
+        nnunet(env, "nnUNetv2_predict", *common, "-c", member, "--save_probabilities", "-o", str(manual / member))
+    nnunet(
+        env, "nnUNetv2_ensemble", "-i", *(str(manual / m) for m in MEMBERS), "-o", str(manual / "ensemble"), "-np", "1"
+    )
+    nnunet(
+        env,
+        "nnUNetv2_apply_postprocessing",
+        "-i",
+        str(manual / "ensemble"),
+        "-o",
+        str(manual / "postprocessed"),
+        "-pp_pkl_file",
+        paths["postprocessing_pkl"],
+        "-plans_json",
+        paths["plans_json"],
+        "-np",
+        "1",
+    )
+    nnunet(env, "nnUNetv2_predict", *common, "-c", "3d_lowres", "-o", str(manual / "lowres"))
+    nnunet(
+        env,
+        "nnUNetv2_predict",
+        *common,
+        "-c",
+        "3d_cascade_fullres",
+        "-prev_stage_predictions",
+        str(manual / "lowres"),
+        "-o",
+        str(manual / "cascade"),
+    )
+    return manual
+
+
+def ensemble_args(stages: dict, out: Path, *extra: str) -> list[str]:
+    return [
+        "run",
+        "-i",
+        str(stages["inputs"]),
+        "-o",
+        str(out),
+        "-d",
+        "998",
+        "-c",
+        *MEMBERS,
+        "-f",
+        "0",
+        "-pp_pkl_file",
+        stages["postprocessing_pkl"],
+        "-plans_json",
+        stages["plans_json"],
+        *FAST,
+        "--workers",
+        "2",
+        *extra,
+    ]
+
+
+def assert_same_segmentations(out: Path, reference: Path, extra_files: tuple[str, ...]) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    segmentations = sorted(p.name for p in reference.iterdir() if p.name.endswith(".nii.gz"))
+    assert len(segmentations) == NUM_CASES
+    assert sorted(p.name for p in out.iterdir() if p.name != ".nnunet-launch") == sorted(
+        segmentations + list(extra_files)
+    )
+    for name in segmentations:
+        a, b = sitk.ReadImage(str(reference / name)), sitk.ReadImage(str(out / name))
+        assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)), name
+        assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin(), name
+
+
+def stage_files(out: Path) -> list[str]:
+    folder = out / ".nnunet-launch" / "stages"
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+# --- equivalence with the manual chain, real nnU-Net --------------------------------------------
+def test_an_ensemble_with_postprocessing_equals_the_manual_chain_and_a_rerun_does_nothing(stages, manual, tmp_path):
+    out = tmp_path / "-out 'ü' ens"
+    result = cli(*ensemble_args(stages, out), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "2d + 3d_fullres -> ensemble -> postprocessing" in result.stdout
+    assert_same_segmentations(out, manual / "postprocessed", ("dataset.json", "plans.json"))
+    assert stage_files(out) == []  # each case's member predictions went once its final output was in place
+    summary = json.loads((out / ".nnunet-launch" / "summary.json").read_text())
+    assert summary["stages"]["final"] == {"done": NUM_CASES}
+    assert summary["stages"]["2d"] == summary["stages"]["3d_fullres"] == {"done": NUM_CASES}
+    assert summary["intermediate_peak_bytes"] > 0
+
+    # postprocessing really changed something, so the comparison above proves it ran
+    import numpy as np
+    import SimpleITK as sitk
+
+    changed = [
+        name
+        for name in os.listdir(manual / "postprocessed")
+        if name.endswith(".nii.gz")
+        and not np.array_equal(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(manual / "ensemble" / name))),
+            sitk.GetArrayFromImage(sitk.ReadImage(str(manual / "postprocessed" / name))),
+        )
+    ]
+    assert changed
+
+    before = copy_outputs_mtimes(out)
+    again = cli(*ensemble_args(stages, out), timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"{NUM_CASES} already done" in again.stdout
+    assert copy_outputs_mtimes(out) == before
+
+    status = cli("status", str(out))
+    assert status.returncode == 0, status.stderr
+    assert f"stage final: {NUM_CASES}/{NUM_CASES} case(s) done" in status.stdout
+    assert f"stage 2d: {NUM_CASES}/{NUM_CASES} case(s) done" in status.stdout
+
+    # another member set or another postprocessing is another result: refused, naming the difference
+    other = ensemble_args(stages, out)
+    other[other.index("3d_fullres")] = "3d_lowres"
+    refused = cli(*other)
+    assert refused.returncode == 2 and "members" in refused.stderr, refused.stderr
+    pkl = tmp_path / "other pp.pkl"
+    with open(stages["postprocessing_pkl"], "rb") as f:
+        functions, kwargs = pickle.load(f)
+    with open(pkl, "wb") as f:
+        pickle.dump((functions, [{"labels_or_regions": 2}]), f)
+    other = ensemble_args(stages, out)
+    other[other.index(stages["postprocessing_pkl"])] = str(pkl)
+    refused = cli(*other)
+    assert refused.returncode == 2 and "postprocessing" in refused.stderr, refused.stderr
+    assert copy_outputs_mtimes(out) == before
+
+
+def test_best_predicts_what_find_best_configuration_chose(stages, manual, tmp_path):
+    out = tmp_path / "best"
+    plan = cli("plan", "-i", str(stages["inputs"]), "-o", str(out), "-d", "998", "--best", *FAST, "--workers", "2")
+    assert plan.returncode == 0, plan.stderr
+    assert "stages per case: 2d + 3d_fullres -> ensemble -> postprocessing" in plan.stdout
+    assert f"stage final: 0/{NUM_CASES} case(s) done" in plan.stdout
+    result = cli(
+        "run", "-i", str(stages["inputs"]), "-o", str(out), "-d", "998", "--best", *FAST, "--workers", "2", timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert_same_segmentations(out, manual / "postprocessed", ("dataset.json", "plans.json"))
+
+
+def test_a_cascade_predicts_its_lowres_stage_itself_and_equals_the_manual_cascade(stages, manual, tmp_path):
+    out = tmp_path / "cascade"
+    args = ["-i", str(stages["inputs"]), "-o", str(out), "-d", "998", "-c", "3d_cascade_fullres", "-f", "0", *FAST]
+    result = cli("run", *args, "--workers", "2", "--keep-stages", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "3d_lowres -> 3d_cascade_fullres" in result.stdout
+    # the last manual step is nnUNetv2_predict: its three files, nothing else
+    extra = ("dataset.json", "plans.json", "predict_from_raw_data_args.json")
+    assert_same_segmentations(out, manual / "cascade", extra)
+    kept = stage_files(out)  # --keep-stages: the lowres predictions stay, and equal the manual ones
+    assert kept == [f"3d_lowres/case_{i:03d}.nii.gz" for i in range(NUM_CASES)]
+    import numpy as np
+    import SimpleITK as sitk
+
+    for name in kept:
+        a = sitk.ReadImage(str(out / ".nnunet-launch" / "stages" / name))
+        b = sitk.ReadImage(str(manual / "lowres" / os.path.basename(name)))
+        assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)), name
+
+
+def test_a_killed_worker_and_a_killed_resumed_supervisor_still_end_equal_to_the_chain(stages, manual, launch, tmp_path):
+    out = tmp_path / "killed"
+    first = launch(ensemble_args(stages, out, "--case-retries", "5"))
+    first.wait_until(lambda: (status_json(out) or {}).get("done", 0) >= 2, 300, "two units done")
+    worker = next(p["worker_pid"] for p in status_json(out)["parts"] if p["worker_pid"])
+    os.kill(worker, signal.SIGKILL)
+    first.wait_until(lambda: (status_json(out) or {}).get("done", 0) >= 5, 300, "three more units done")
+    first.kill_everything()  # the supervisor and all below it, at once: SIGKILL
+    assert first.proc.returncode == -signal.SIGKILL
+    resumed = cli(*ensemble_args(stages, out), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_segmentations(out, manual / "postprocessed", ("dataset.json", "plans.json"))
+    assert stage_files(out) == []
+    assert sorted(os.listdir(out / ".nnunet-launch" / "tmp")) == []
+
+
+# --- scheduling, failures and disk, with the fast stand-in backend ------------------------------
+def fake_stage_args(stages: dict, inputs: Path, out: Path, *extra: str) -> list[str]:
+    args = ensemble_args(stages, out, *extra)
+    args[args.index(str(stages["inputs"]))] = str(inputs)
+    return args
+
+
+@pytest.fixture
+def many(stages, tmp_path) -> Path:
+    """24 cases (hard links: the stand-in backend does not read them)."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(24):
+        os.link(stages["inputs"] / f"case_{i % NUM_CASES:03d}_0000.nii.gz", folder / f"case_{i:03d}_0000.nii.gz")
+    return folder
+
+
+def fake_final(inputs: Path, case_id: str) -> bytes:
+    from launcher.fake_backend import combined_output, expected_output
+
+    prediction = expected_output([str(inputs / f"{case_id}_0000.nii.gz")])
+    return combined_output([prediction + f"@{m}".encode() for m in MEMBERS], postprocessed=True)
+
+
+def test_cases_are_combined_while_other_cases_are_still_predicted_and_intermediates_stay_few(stages, many, tmp_path):
+    import csv
+    import gzip
+
+    out = tmp_path / "fake"
+    result = cli(*fake_stage_args(stages, many, out), env=fake_env(tmp_path, case_seconds=0.3), timeout=300)
+    assert result.returncode == 0, result.stderr
+    for i in range(24):
+        with gzip.open(out / f"case_{i:03d}.nii.gz") as f:
+            assert f.read() == fake_final(many, f"case_{i:03d}")
+    with (out / ".nnunet-launch" / "cases.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    finals = [r for r in rows if "/" not in r["id"]]
+    members = [r for r in rows if "/" in r["id"]]
+    assert len(finals) == 24 and len(members) == 48
+    # no stage barrier: the first final output was in place before the last prediction started
+    assert min(r["ended"] for r in finals) < max(r["started"] for r in members)
+    summary = json.loads((out / ".nnunet-launch" / "summary.json").read_text())
+    assert stage_files(out) == []
+    # bounded by the cases in flight (2 workers, a few cases each), not by the 24 cases
+    member_bytes = 2 * len(fake_final(many, "case_000")) * 3  # generous: .npz + .pkl + segmentation
+    assert 0 < summary["intermediate_peak_bytes"] < 10 * member_bytes
+
+
+def test_a_failed_member_prediction_fails_only_its_case(stages, many, tmp_path):
+    out = tmp_path / "fails"
+    env = fake_env(tmp_path, {"3d_fullres/case_003": "error"})
+    result = cli(*fake_stage_args(stages, many, out, "--case-retries", "1"), env=env, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "1 failed" in result.stderr
+    status = status_json(out)
+    failed = {f["case"]: f["error"] for f in status["failed_cases"]}
+    assert set(failed) == {"3d_fullres/case_003", "case_003"}
+    assert failed["case_003"] == "not run: 3d_fullres/case_003 failed"
+    assert not (out / "case_003.nii.gz").exists()
+    assert len([n for n in os.listdir(out) if n.endswith(".nii.gz")]) == 23
+    # the next run tries the failed units again (the fault is spent) and finishes the case
+    env = fake_env(tmp_path, {})
+    again = cli(*fake_stage_args(stages, many, out), env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (out / "case_003.nii.gz").exists()
+
+
+# --- bad input: exit 2, one line, before any work -----------------------------------------------
+def _copy_results(stages: dict, tmp_path: Path) -> Path:
+    results = tmp_path / "results"
+    shutil.copytree(stages["base"] / "results", results)
+    return results
+
+
+def refused(stages: dict, tmp_path: Path, *args: str, results: Path | None = None) -> str:
+    out = tmp_path / "refused-out"
+    env = {"nnUNet_results": str(results or stages["base"] / "results")}
+    result = cli("run", "-i", str(stages["inputs"]), "-o", str(out), "-d", "998", *args, "-device", "cpu", env=env)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+    return result.stderr
+
+
+def test_bad_multi_stage_input_is_one_line_and_exit_2(stages, tmp_path):
+    assert "fold 1" in refused(stages, tmp_path, "-c", *MEMBERS, "-f", "0", "1")
+    assert "no model" in refused(stages, tmp_path, "-c", "2d", "3d_nope", "-f", "0")
+    assert "-tr takes one value or one per configuration" in refused(
+        stages, tmp_path, "-c", *MEMBERS, "-tr", "a", "b", "c", "-f", "0"
+    )
+
+    results = _copy_results(stages, tmp_path)
+    dataset = results / "Dataset998_Stages"
+    labels_json = dataset / "nnUNetTrainer__nnUNetPlans__2d" / "dataset.json"
+    content = json.loads(labels_json.read_text())
+    content["labels"] = {"background": 0, "organ": 1}
+    labels_json.write_text(json.dumps(content))
+    assert "differ in their labels" in refused(stages, tmp_path, "-c", *MEMBERS, "-f", "0", results=results)
+
+    not_pp = tmp_path / "not pp.pkl"
+    not_pp.write_bytes(pickle.dumps({"functions": []}))
+    message = refused(stages, tmp_path, "-c", *MEMBERS, "-f", "0", "-pp_pkl_file", str(not_pp))
+    assert "not nnU-Net's postprocessing form" in message
+
+    (dataset / "inference_information.json").unlink()
+    assert "run nnUNetv2_find_best_configuration first" in refused(stages, tmp_path, "--best", results=results)
+
+    shutil.rmtree(dataset / "nnUNetTrainer__nnUNetPlans__3d_lowres")
+    message = refused(stages, tmp_path, "-c", "3d_cascade_fullres", "-f", "0", results=results)
+    assert "cascade stage and needs its previous stage '3d_lowres'" in message
