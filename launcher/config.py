@@ -219,12 +219,9 @@ def validate(config: RunConfig, folds_given: bool = True) -> None:
         _apply_inference_information(config, folds_given)
     specs = _member_specs(config)
     single = _single(config, specs[0]) if len(specs) == 1 else None
-    if (
-        single is not None
-        and not config.pp_pkl_file
-        and not (single.previous_stage and not config.prev_stage_predictions)
-    ):
-        config.model = single
+    cascade_alone = single is not None and single.previous_stage and not config.prev_stage_predictions
+    if single is not None and not config.pp_pkl_file and not (cascade_alone and not config.model_folder):
+        config.model = single  # one model, as nnUNetv2_predict runs it
         if config.model.previous_stage:
             _check_prev_stage(config)
         return
@@ -392,7 +389,8 @@ def _check_prev_stage(config: RunConfig) -> None:
     if not config.prev_stage_predictions:
         raise LauncherError(
             f"configuration {config.model.configuration!r} is a cascade stage: it needs "
-            f"-prev_stage_predictions (the {config.model.previous_stage!r} outputs)"
+            f"-prev_stage_predictions (the {config.model.previous_stage!r} outputs), or -d DATASET instead of -m "
+            "so that the launcher predicts that stage too"
         )
     if not os.path.isdir(config.prev_stage_predictions):
         raise LauncherError(f"-prev_stage_predictions folder {config.prev_stage_predictions!r} does not exist")

@@ -303,6 +303,20 @@ def test_cases_are_combined_while_other_cases_are_still_predicted_and_intermedia
     assert 0 < summary["intermediate_peak_bytes"] < 10 * member_bytes
 
 
+def test_save_probabilities_gives_the_ensembles_npz_and_keep_stages_keeps_the_members(stages, many, tmp_path):
+    out = tmp_path / "probabilities"
+    args = fake_stage_args(stages, many, out, "--save_probabilities", "--keep-stages")
+    result = cli(*args, env=fake_env(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr
+    names = set(os.listdir(out))
+    for i in range(24):
+        assert {f"case_{i:03d}.npz", f"case_{i:03d}.pkl", f"case_{i:03d}.nii.gz"} <= names
+    assert "predict_from_raw_data_args.json" not in names  # the last manual step is not a prediction
+    kept = stage_files(out)  # what nnUNetv2_ensemble needs of each member: .npz, .pkl, segmentation
+    assert len(kept) == 24 * 3 * len(MEMBERS)
+    assert {k.split("/")[0] for k in kept} == set(MEMBERS)
+
+
 def test_a_failed_member_prediction_fails_only_its_case(stages, many, tmp_path):
     out = tmp_path / "fails"
     env = fake_env(tmp_path, {"3d_fullres/case_003": "error"})
@@ -342,6 +356,7 @@ def refused(stages: dict, tmp_path: Path, *args: str, results: Path | None = Non
 def test_bad_multi_stage_input_is_one_line_and_exit_2(stages, tmp_path):
     assert "fold 1" in refused(stages, tmp_path, "-c", *MEMBERS, "-f", "0", "1")
     assert "no model" in refused(stages, tmp_path, "-c", "2d", "3d_nope", "-f", "0")
+    assert "uses --schedule dynamic" in refused(stages, tmp_path, "-c", *MEMBERS, "-f", "0", "--schedule", "static")
     assert "-tr takes one value or one per configuration" in refused(
         stages, tmp_path, "-c", *MEMBERS, "-tr", "a", "b", "c", "-f", "0"
     )
