@@ -120,3 +120,49 @@ def test_journal_write_on_a_full_disk_raises_a_clear_error_and_leaves_no_transac
     except sqlite3.Error as exc:  # pragma: no cover - the journal must stay readable
         raise AssertionError(exc) from exc
     journal.close()
+
+
+STAGED = {
+    u: n for c in ("p", "q", "r") for u, n in ((f"a/{c}", ()), (f"b/{c}", (f"a/{c}",)), (c, (f"a/{c}", f"b/{c}")))
+}
+STAGED_WORK = dict.fromkeys(STAGED, 1.0)
+staged_event = st.one_of(
+    st.tuples(st.just("take"), st.integers(0, WORKERS - 1), st.booleans()),
+    st.tuples(st.just("finish"), st.sampled_from(list(STAGED))),
+    st.tuples(st.just("charge"), st.sampled_from(list(STAGED)), st.booleans()),
+    st.tuples(st.just("release"), st.sampled_from(list(STAGED))),
+    st.tuples(st.just("give_up")),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=st.lists(staged_event, max_size=60))
+def test_units_run_only_after_what_they_need_and_fail_when_it_fails(tmp_path_factory, events):
+    """A multi-stage run's units (a cascade-like chain a -> b, then the case's final unit)."""
+    journal = Journal.open(str(tmp_path_factory.mktemp("j") / "journal.sqlite"))
+    journal.start_run({}, [(0, "cpu", None)], dict.fromkeys(STAGED))
+    book = CaseBook(STAGED_WORK, {}, {}, None, STAGED)
+    for ev in events:
+        if ev[0] == "take":
+            _, updates = book.take(None, ev[1], ev[1], solo=ev[2], now=1.0)
+        elif ev[0] == "finish":
+            updates = book.finish(ev[1], 1.0, 2.0)
+        elif ev[0] == "charge":
+            updates = book.charge(ev[1], "boom", final=ev[2], retries=1, solo=False, now=2.0)
+        elif ev[0] == "release":
+            updates = book.release([ev[1]])
+        else:
+            updates = book.fail_queued(book.queued_keys(), "gave up", 3.0)
+        journal.apply(updates)
+
+        queued = book.queued(any_key=True)
+        total = len(book.flights) + queued + len(book.waiting) + len(book.done) + len(book.failed)
+        assert total == len(STAGED), "each unit in exactly one place"
+        for unit in list(book.flights) + list(book.done):
+            assert all(n in book.done for n in STAGED[unit]), f"{unit} ran before what it needs"
+        for unit, unmet in book.waiting.items():
+            assert unmet == {n for n in STAGED[unit] if n not in book.done}
+            assert not (unmet & set(book.failed)), f"{unit} waits for a unit that failed"
+        states = dict(journal.db.execute("SELECT id, state FROM cases"))
+        assert states == {u: book.place(u) for u in STAGED}
+    journal.close()

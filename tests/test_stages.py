@@ -336,6 +336,18 @@ def test_a_failed_member_prediction_fails_only_its_case(stages, many, tmp_path):
     assert (out / "case_003.nii.gz").exists()
 
 
+def test_plan_shows_the_stages_and_takes_a_trainer_and_plans_per_member(stages, tmp_path):
+    out = tmp_path / "planned"
+    args = ["-i", str(stages["inputs"]), "-o", str(out), "-d", "998", "-c", *MEMBERS, "-f", "0", "-device", "cpu"]
+    per_member = ["-tr", "nnUNetTrainer", "nnUNetTrainer", "-p", "nnUNetPlans", "nnUNetPlans"]
+    result = cli("plan", *args, *per_member, "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["stages"]["stages"] == "2d + 3d_fullres -> ensemble"
+    assert plan["stages"]["per_stage"] == {s: {"done": 0, "total": NUM_CASES} for s in (*MEMBERS, "final")}
+    assert not out.exists()
+
+
 # --- bad input: exit 2, one line, before any work -----------------------------------------------
 def _copy_results(stages: dict, tmp_path: Path) -> Path:
     results = tmp_path / "results"
