@@ -112,12 +112,13 @@ class CasePipeline:
         return path
 
     def _start_preprocessing(self, preparing: deque) -> None:
+        for case in self.feed.take_combinations():
+            self._start_combining(case)
         while len(preparing) < self.settings.npp and (case := self.feed.take()) is not None:
-            if case.verify_existing and self._existing_output_decodes(case):
-                self.emit(("done", case.id, None, True))
-                continue
             if case.combine is not None:
                 self._start_combining(case)
+                continue
+            if self._kept(case):
                 continue
             self.emit(("stage", case.id, "preprocess"))
             preprocess = self.backends[case.member].preprocess
@@ -127,11 +128,20 @@ class CasePipeline:
     def _start_combining(self, case: WorkCase) -> None:
         """A multi-stage case's last step runs in an export helper, on the CPU, while the next
         case is predicted."""
+        if self._kept(case):
+            return
         self._wait(lambda: len(self.exporting) <= self.settings.nps)  # bounded: memory!
         self.emit(("stage", case.id, "export"))
         output_base = os.path.join(self._scratch(case), case.name or case.id)
         args = (case.combine, output_base, self.backend.file_ending, self._saves_probabilities(case))
         self.exporting.append((case, self.export_pool.apply_async(self.backend.combine, args), time.time()))
+
+    def _kept(self, case: WorkCase) -> bool:
+        """An output in place but not journaled (a run stopped right after it): kept if it decodes."""
+        if case.verify_existing and self._existing_output_decodes(case):
+            self.emit(("done", case.id, None, True))
+            return True
+        return False
 
     def _case_error(self, case: WorkCase, error: str, kind: str, exc: BaseException) -> None:
         """Report one failed attempt; the case's traceback goes to this worker's log."""

@@ -46,6 +46,15 @@ class CaseFeed:
         self.poll()
         return self.cases.popleft() if self.cases else None
 
+    def take_combinations(self) -> list[WorkCase]:
+        """The multi-stage combinations it holds: they need no preprocessing helper, so they
+        start at once instead of waiting behind the next case's preprocessing."""
+        self.poll()
+        found = [c for c in self.cases if c.combine is not None]
+        if found:
+            self.cases = deque(c for c in self.cases if c.combine is None)
+        return found
+
     def has_cases(self) -> bool:
         return bool(self.cases)
 
