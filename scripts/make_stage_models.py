@@ -9,8 +9,10 @@ dataset.json next to it, and `inference_information.json`. The Dice values in it
 
     python scripts/make_stage_models.py --results DIR [--inputs DIR --cases 4] [--folds 0 1]
 
-Then, with nnUNet_results=DIR, the multi-stage commands nnU-Net prints work unchanged, e.g.
-`nnUNetv2_predict -d 998 -c 3d_lowres ...` followed by `-c 3d_cascade_fullres -prev_stage_predictions ...`.
+Then, with nnUNet_results=DIR, nnU-Net's own commands work unchanged: `nnUNetv2_predict -d 998 -c 2d`
+(or 3d_fullres, or 3d_lowres followed by `-c 3d_cascade_fullres -prev_stage_predictions LOWRES_OUT`),
+`nnUNetv2_ensemble` and `nnUNetv2_apply_postprocessing`. The models allow mirroring like trained ones;
+`--disable_tta` makes 3D prediction about 8 times faster.
 """
 
 from __future__ import annotations
