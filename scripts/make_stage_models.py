@@ -186,6 +186,34 @@ def make_stage_models(results_dir: str, folds=(0,), seed: int = 0) -> dict:
     }
 
 
+# nnUNetv2_predict with torch held to one thread: on the CPU nnU-Net sets torch to every core and
+# its numbers depend on the thread count; the launcher's workers get one thread each on 2 cores
+ONE_THREAD_PREDICT = (
+    "import sys, torch\n"
+    "set_threads = torch.set_num_threads\n"
+    "torch.set_num_threads = lambda n: set_threads(1)\n"
+    "from nnunetv2.inference.predict_from_raw_data import predict_entry_point\n"
+    "sys.argv[0] = 'nnUNetv2_predict'\n"
+    "predict_entry_point()\n"
+)
+
+
+def make_stage_world(base: str, cases: int) -> dict:
+    """The models under `base`/results, `cases` synthetic inputs under `base`/inputs, and the
+    environment nnU-Net's own commands need to find them (tests and bench_stages.py share it)."""
+    paths = make_stage_models(os.path.join(base, "results"))
+    inputs = os.path.join(base, "inputs")
+    tiny.make_inputs(inputs, cases)
+    env = {
+        **os.environ,
+        "nnUNet_results": os.path.join(base, "results"),
+        "nnUNet_raw": base,
+        "nnUNet_preprocessed": base,
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    return {**paths, "inputs": inputs, "env": env}
+
+
 def write_json(content: dict, folder: str, name: str) -> str:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)

@@ -19,27 +19,16 @@ from conftest import BIN, ROOT, cli, copy_outputs_mtimes, fake_env, status_json
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_stage_models  # noqa: E402
-import make_tiny_model  # noqa: E402
 
 NUM_CASES = 5
 MEMBERS = ("2d", "3d_fullres")
 FAST = ("-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
 
-# nnU-Net's own commands with torch held to one thread, as the launcher's workers run on this
-# machine (on the CPU the numbers depend on the thread count; see conftest.PLAIN_NNUNET_ONE_THREAD)
-ONE_THREAD = (
-    "import sys, torch\n"
-    "set_threads = torch.set_num_threads\n"
-    "torch.set_num_threads = lambda n: set_threads(1)\n"
-    "from nnunetv2.inference.predict_from_raw_data import predict_entry_point\n"
-    "sys.argv[0] = 'nnUNetv2_predict'\n"
-    "predict_entry_point()\n"
-)
-
 
 def nnunet(env: dict, *args: str) -> None:
+    """One of nnU-Net's commands; nnUNetv2_predict with torch held to the workers' one thread."""
     if args[0] == "nnUNetv2_predict":
-        command = [sys.executable, "-c", ONE_THREAD, *args[1:], "--disable_progress_bar"]
+        command = [sys.executable, "-c", make_stage_models.ONE_THREAD_PREDICT, *args[1:], "--disable_progress_bar"]
     else:
         command = [str(BIN / args[0]), *args[1:]]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -52,18 +41,10 @@ def stages(tmp_path_factory) -> dict:
     postprocessing.pkl and an inference_information.json naming the 2d + 3d_fullres ensemble;
     and inputs."""
     base = tmp_path_factory.mktemp("stages")
-    paths = make_stage_models.make_stage_models(str(base / "results"))
-    inputs = base / "inputs"
-    make_tiny_model.make_inputs(str(inputs), NUM_CASES)
-    env = {
-        **os.environ,
-        "nnUNet_results": str(base / "results"),
-        "nnUNet_raw": str(base),
-        "nnUNet_preprocessed": str(base),
-        "CUDA_VISIBLE_DEVICES": "",
-    }
+    world = make_stage_models.make_stage_world(str(base), NUM_CASES)
+    env, inputs = world["env"], Path(world["inputs"])
     os.environ["nnUNet_results"] = env["nnUNet_results"]  # the launcher's runs in this session
-    return {**paths, "base": base, "inputs": inputs, "env": env}
+    return {**world, "base": base, "inputs": inputs}
 
 
 @pytest.fixture(scope="session")
