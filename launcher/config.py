@@ -262,10 +262,10 @@ def _stage_plan(config: RunConfig, specs: list[tuple[str, str, str]]) -> tuple[M
     to agree with each other, and the postprocessing."""
     if config.model_folder:
         raise LauncherError("several configurations or a postprocessing file need -d DATASET, not -m")
-    if len(specs) > 1 and config.prev_stage_predictions:
+    if config.prev_stage_predictions:
         raise LauncherError(
-            "-prev_stage_predictions works with one configuration; leave it out and the launcher predicts the "
-            "previous stage of a cascade itself"
+            "-prev_stage_predictions works with one configuration and no postprocessing; leave it out and the "
+            "launcher predicts the previous stage of a cascade itself"
         )
     if config.schedule == "static":
         raise LauncherError("a multi-stage run (ensemble, postprocessing, cascade) uses --schedule dynamic")
@@ -275,7 +275,7 @@ def _stage_plan(config: RunConfig, specs: list[tuple[str, str, str]]) -> tuple[M
     for (trainer, plans, configuration), name in zip(specs, names, strict=True):
         model = _single(config, (trainer, plans, configuration))
         previous = None
-        if model.previous_stage and not config.prev_stage_predictions:
+        if model.previous_stage:
             previous = name.replace(configuration, model.previous_stage) if "__" in name else model.previous_stage
             try:
                 lower = _single(config, (trainer, plans, model.previous_stage))
@@ -287,10 +287,9 @@ def _stage_plan(config: RunConfig, specs: list[tuple[str, str, str]]) -> tuple[M
             if previous not in models:
                 models[previous] = lower
                 members.append(Member(previous, lower.folder, model.previous_stage))
-        elif model.previous_stage:
-            _check_prev_stage(dataclasses.replace(config, model=model))
+        if name not in models:  # a cascade's previous stage may be a member of the ensemble too
+            members.append(Member(name, model.folder, configuration, previous))
         models[name] = model
-        members.append(Member(name, model.folder, configuration, previous))
     _check_members_agree(models)
     first = models[names[0]]
     postprocessing = None

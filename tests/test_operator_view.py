@@ -127,7 +127,7 @@ def test_busy_gpus_are_warned_about_or_left_out_and_shown_in_the_table(tiny, tmp
         ("disable_tta = 1\n", "disable_tta must be true or false"),
         ("folds = 0\n", "folds must be a list like [0, 1]"),
         ("max-restarts = true\n", "max_restarts must be an integer"),
-        ("turbo = true\n", "unknown key 'turbo'; valid keys: case_retries, checkpoint"),
+        ("turbo = true\n", "unknown key 'turbo'; valid keys: best, case_retries, checkpoint"),
     ],
 )
 def test_config_file_errors_name_the_key(tiny, tmp_path, text, words):
