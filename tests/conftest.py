@@ -20,6 +20,9 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NUM_CASES = 12
+STAGE_CASES = 5
+MEMBERS = ("2d", "3d_fullres")  # the ensemble inference_information.json names (make_stage_models)
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def launcher_cmd(*args: str) -> list[str]:
@@ -279,3 +282,25 @@ def linked_cases(tiny: dict, folder: Path, count: int) -> dict:
 def cases(tiny, tmp_path) -> dict:
     """24 cases for the fast stand-in backend (see linked_cases)."""
     return linked_cases(tiny, tmp_path / "inputs", 24)
+
+
+# --- multi-stage inference (launcher/stages.py) ------------------------------------------------
+@pytest.fixture(scope="session")
+def stages(tmp_path_factory) -> dict:
+    """A results tree with 2d, 3d_fullres, 3d_lowres and 3d_cascade_fullres models, a
+    postprocessing.pkl and an inference_information.json naming the 2d + 3d_fullres ensemble
+    (scripts/make_stage_models.py); and inputs. `env` holds the nnUNet_* variables nnU-Net's own
+    commands and `-d 998` need."""
+    import make_stage_models
+
+    base = tmp_path_factory.mktemp("stages")
+    world = make_stage_models.make_stage_world(str(base), STAGE_CASES)
+    return {**world, "base": base, "inputs": Path(world["inputs"])}
+
+
+def fake_final(inputs: Path, case_id: str) -> bytes:
+    """The stand-in backend's final output of a case of the 2d + 3d_fullres ensemble, postprocessed."""
+    from launcher.fake_backend import combined_output, expected_output
+
+    prediction = expected_output([str(inputs / f"{case_id}_0000.nii.gz")])
+    return combined_output([prediction + f"@{m}".encode() for m in MEMBERS], postprocessed=True)

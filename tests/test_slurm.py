@@ -5,6 +5,7 @@ chosen by the environment sbatch passes on to the job); one array runs real nnU-
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from conftest import (
     cli,
     copy_outputs_mtimes,
     fake_env,
+    fake_final,
     linked_cases,
     run_args,
 )
@@ -388,3 +390,28 @@ def test_sigterm_to_tasks_then_resubmission_completes_with_no_case_failed_and_no
         log = (out / ".nnunet-launch" / "slurm" / f"task-{node}.log").read_text()
         assert "interrupted" in log and log.count("resume with:") == 1
     _assert_every_case_done_once_uncharged(out, cases["ids"])
+
+
+def test_a_best_ensemble_array_predicts_each_nodes_cases_through_every_stage_and_verifies(cluster, stages, tmp_path):
+    """`--best` (an ensemble and postprocessing) as a 2-node array: each node runs every stage of
+    its own cases; the verify job checks the final outputs; status merges the nodes' stages."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    ids = [f"case_{i:03d}" for i in range(8)]
+    for i, case_id in enumerate(ids):
+        os.link(stages["inputs"] / f"case_{i % 5:03d}_0000.nii.gz", inputs / f"{case_id}_0000.nii.gz")
+    out = tmp_path / "stages 'ü'"
+    env = {**fake_env(tmp_path), "nnUNet_results": stages["env"]["nnUNet_results"]}
+    args = ["slurm", "-i", str(inputs), "-o", str(out), "-d", "998", "--best", "-device", "cpu", "--workers", "1"]
+    array_id, verify_id, _ = _submit(cluster, [*args, "--nodes", "2", "--cpus-per-task", "1"], env=env)
+    states = cluster.wait_done(array_id, 300)
+    assert set(states.values()) == {("COMPLETED", "0:0")}, states
+    assert cluster.wait_done(verify_id, 120)[verify_id] == ("COMPLETED", "0:0")
+    assert "all 8 case(s) have complete outputs" in (out / ".nnunet-launch" / "slurm" / "verify.log").read_text()
+    for case_id in ids:
+        with gzip.open(out / f"{case_id}.nii.gz") as f:
+            assert f.read() == fake_final(inputs, case_id), case_id
+    status = json.loads(cli("status", str(out), "--json").stdout)
+    assert status["stages"] == {"2d": {"done": 8}, "3d_fullres": {"done": 8}, "final": {"done": 8}}
+    for node in (0, 1):
+        assert not list((out / ".nnunet-launch" / f"node-{node}" / "stages").rglob("*.nii.gz"))

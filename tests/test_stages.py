@@ -13,16 +13,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import make_stage_models  # scripts/ is on sys.path (conftest)
 import pytest
 
-from conftest import BIN, ROOT, cli, copy_outputs_mtimes, fake_env, status_json
+from conftest import BIN, MEMBERS, STAGE_CASES, cli, copy_outputs_mtimes, fake_env, fake_final, status_json
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import make_stage_models  # noqa: E402
-
-NUM_CASES = 5
-MEMBERS = ("2d", "3d_fullres")
+NUM_CASES = STAGE_CASES
 FAST = ("-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+
+
+@pytest.fixture(autouse=True)
+def results_of_the_stage_models(stages, monkeypatch):
+    """`-d 998` in every launcher run of this module finds the stage models."""
+    monkeypatch.setenv("nnUNet_results", stages["env"]["nnUNet_results"])
 
 
 def nnunet(env: dict, *args: str) -> None:
@@ -33,18 +36,6 @@ def nnunet(env: dict, *args: str) -> None:
         command = [str(BIN / args[0]), *args[1:]]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-
-
-@pytest.fixture(scope="session")
-def stages(tmp_path_factory) -> dict:
-    """A results tree with 2d, 3d_fullres, 3d_lowres and 3d_cascade_fullres models, a
-    postprocessing.pkl and an inference_information.json naming the 2d + 3d_fullres ensemble;
-    and inputs."""
-    base = tmp_path_factory.mktemp("stages")
-    world = make_stage_models.make_stage_world(str(base), NUM_CASES)
-    env, inputs = world["env"], Path(world["inputs"])
-    os.environ["nnUNet_results"] = env["nnUNet_results"]  # the launcher's runs in this session
-    return {**world, "base": base, "inputs": inputs}
 
 
 @pytest.fixture(scope="session")
@@ -251,13 +242,6 @@ def many(stages, tmp_path) -> Path:
     for i in range(24):
         os.link(stages["inputs"] / f"case_{i % NUM_CASES:03d}_0000.nii.gz", folder / f"case_{i:03d}_0000.nii.gz")
     return folder
-
-
-def fake_final(inputs: Path, case_id: str) -> bytes:
-    from launcher.fake_backend import combined_output, expected_output
-
-    prediction = expected_output([str(inputs / f"{case_id}_0000.nii.gz")])
-    return combined_output([prediction + f"@{m}".encode() for m in MEMBERS], postprocessed=True)
 
 
 def test_cases_are_combined_while_other_cases_are_still_predicted_and_intermediates_stay_few(stages, many, tmp_path):
