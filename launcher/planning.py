@@ -200,23 +200,33 @@ def _node_share(config: RunConfig, cases: list[Case], slots: list[Slot]):
     return [c for c in cases if c.id in owned], node_slots, mine
 
 
-def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: int) -> str | None:
+def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: int, model_bytes: int = 0) -> str | None:
     """A warning when the host memory looks too small for every worker holding the largest case.
 
     Per worker: the cases being preprocessed (npp + 1) and predicted hold float32 channels; each
     export in flight (nps + 1) holds float32 logits plus their resampled copy. The largest case
-    is the plan's (see largest_voxels)."""
+    is the plan's (see largest_voxels). Each worker also keeps every fold of every model it serves
+    in host memory: about `model_bytes`, their checkpoints' size (measured: 0.92 GB of RSS for a
+    5-fold 3d_fullres whose checkpoints are 1.19 GB, benchmarks/RESULTS.md)."""
     if not plan.largest_voxels:
         return None
     per_voxel = 4 * (num_channels * (plan.npp + 2) + 2 * num_labels * (plan.nps + 1))
-    need = len(plan.slots) * plan.largest_voxels * per_voxel
+    need = len(plan.slots) * (plan.largest_voxels * per_voxel + model_bytes)
     if need <= available:
         return None
+    models = f" and {model_bytes / 2**30:.1f} GiB of model weights each" if model_bytes >= 2**28 else ""
     return (
         f"{len(plan.slots)} worker(s) may need about {need / 2**30:.1f} GiB of host memory for the "
-        f"largest case ({plan.largest_voxels:,} voxels) but {available / 2**30:.1f} GiB is free; consider fewer "
-        "workers or lower -npp/-nps"
+        f"largest case ({plan.largest_voxels:,} voxels){models} but {available / 2**30:.1f} GiB is free; "
+        "consider fewer workers or lower -npp/-nps"
     )
+
+
+def checkpoint_bytes(config: RunConfig) -> int:
+    """The size of every checkpoint a worker loads (every fold of every member)."""
+    folders = [m.folder for m in config.stages.members] if config.stages else [config.model.folder]
+    paths = [os.path.join(f, f"fold_{fold}", config.checkpoint) for f in folders for fold in config.model.folds]
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
 
 
 def _check_prev_stage_files(config: RunConfig, cases: list[Case]) -> None:

@@ -26,7 +26,7 @@ from launcher.outputs import (
     tmp_dir,
     write_run_metadata,
 )
-from launcher.planning import Plan, make_plan, memory_warning
+from launcher.planning import Plan, checkpoint_bytes, make_plan, memory_warning
 from launcher.progress import Reporter, wants_live_view
 from launcher.report import summary_lines, write_summary
 from launcher.scheduler import CaseBook
@@ -180,7 +180,11 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
             f"split ({len(plan.cases)} case(s)), on every local worker; state in {state}"
         )
     host_memory = memory_warning(
-        plan, config.model.num_channels, config.model.num_labels, psutil.virtual_memory().available
+        plan,
+        config.model.num_channels,
+        config.model.num_labels,
+        psutil.virtual_memory().available,
+        checkpoint_bytes(config),
     )
     for warning in [*plan.warnings, *([host_memory] if host_memory else [])]:
         reporter.log(f"nnunet-launch: warning: {warning}")

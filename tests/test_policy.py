@@ -73,6 +73,10 @@ def test_memory_warning_names_the_need_when_free_memory_is_short(tiny):
     assert memory_warning(plan, 1, 3, available=64 << 30) is None
     warning = memory_warning(plan, 1, 3, available=1 << 20)
     assert warning.startswith("4 worker(s) may need about") and "consider fewer workers" in warning
+    # every worker also holds every fold of every model it serves (two 5-fold members: ~2.4 GB)
+    assert memory_warning(plan, 1, 3, available=8 << 30) is None
+    warning = memory_warning(plan, 1, 3, available=8 << 30, model_bytes=int(2.4 * 2**30))
+    assert "and 2.4 GiB of model weights each" in warning
 
 
 def test_prediction_errors_out_of_memory_restarts_a_worker_other_cuda_errors_end_it_others_retry():
