@@ -15,6 +15,10 @@ Steps, each with its own timeout; a step that fails is recorded and the next one
   k1, k2     the launcher with --workers-per-gpu 1 and 2, compared voxel by voxel with it
   kill       SIGKILL of a worker while it predicts: restart, identical outputs, no process of the
              run left, no process holding GPU memory (nvidia-smi --query-compute-apps)
+  stages     multi-stage inference: `run --best` (a 2d + 3d_fullres ensemble and postprocessing,
+             scripts/make_stage_models.py) with every worker serving both members, against
+             nnU-Net's own chain (predict --save_probabilities per member, ensemble,
+             apply_postprocessing, through their entry points) on the same device
   bench      scripts/bench_gpu.py: plain nnU-Net vs the launcher with K = 1, 2, 3 on a CT-sized
              model: cases/min, GPU busy % from NVML
 Results: OUT/gpu_check.json (rewritten after every step; OUT is $OUT, else gpu-check-results/),
@@ -45,7 +49,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ("preflight", "install", "imports", "gpus", "tiny", "reference", "k1", "k2", "kill", "bench")
+STEPS = ("preflight", "install", "imports", "gpus", "tiny", "reference", "k1", "k2", "kill", "stages", "bench")
 BENCH_RESERVE_S = 200  # steps before the benchmark leave it at least this much of the budget
 MIN_STEP_S = 15
 MEMORY_SLACK_MIB = 256  # a CUDA context alone holds more than this
@@ -59,6 +63,23 @@ PLAIN_NNUNET = (
     "sys.argv[0] = 'nnUNetv2_predict_from_modelfolder'\n"
     "predict_entry_point_modelfolder()\n"
 )
+# scripts/make_stage_models.py's world, its paths printed as JSON (it needs torch and nnU-Net)
+MAKE_STAGES = (
+    "import json, sys\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "import make_stage_models\n"
+    "world = make_stage_models.make_stage_world(sys.argv[2], int(sys.argv[3]))\n"
+    "print(json.dumps({k: v for k, v in world.items() if k != 'env'}))\n"
+)
+# nnU-Net's chain of commands through its entry points (a --target install has no console scripts)
+NNUNET_ENTRY = (
+    "import importlib, sys\n"
+    "module, function, sys.argv[0] = sys.argv[1], sys.argv[2], sys.argv[2]\n"
+    "del sys.argv[1:3]\n"
+    "getattr(importlib.import_module(module), function)()\n"
+)
+ONE_THREAD = "import torch\nset_threads = torch.set_num_threads\ntorch.set_num_threads = lambda n: set_threads(1)\n"
+
 # on the CPU nnU-Net's numbers depend on torch's thread count (tests/conftest.py): one thread,
 # as each launcher worker has when the launcher is held to one core per worker (see _launch)
 PLAIN_NNUNET_ONE_THREAD = (
@@ -423,6 +444,55 @@ class Check:
             raise StepFailed("; ".join(problems), **detail)
         return detail
 
+    def stages(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        base = self.work / "stages"
+        cases = min(self.args.cases, 6)
+        r = self.run(self.python("-c", MAKE_STAGES, str(REPO / "scripts"), str(base), str(cases)), 120, "stages", True)
+        if r["rc"] != 0 or "json" not in r:
+            raise StepFailed(f"make_stage_models: exit {r['rc']}", tail=r["tail"])
+        world, manual = r["json"], base / "manual"
+        self.env["nnUNet_results"] = world["dataset"].rsplit(os.sep, 1)[0]
+        self.env.setdefault("nnUNet_raw", str(base))
+        self.env.setdefault("nnUNet_preprocessed", str(base))
+        common = ["-i", world["inputs"], "-d", "998", "-f", "0", "-device", self.args.device, "--disable_tta"]
+        common += ["-npp", "1", "-nps", "1", "--disable_progress_bar"]
+        predict = ("nnunetv2.inference.predict_from_raw_data", "predict_entry_point")
+        chain = [
+            (*predict, *common, "-c", "2d", "--save_probabilities", "-o", str(manual / "2d")),
+            (*predict, *common, "-c", "3d_fullres", "--save_probabilities", "-o", str(manual / "3d_fullres")),
+            ("nnunetv2.ensembling.ensemble", "entry_point_ensemble_folders", "-i", str(manual / "2d"))
+            + (str(manual / "3d_fullres"), "-o", str(manual / "ensemble"), "-np", "1"),
+            ("nnunetv2.postprocessing.remove_connected_components", "entry_point_apply_postprocessing")
+            + ("-i", str(manual / "ensemble"), "-o", str(manual / "final"), "-pp_pkl_file", world["postprocessing_pkl"])
+            + ("-plans_json", world["plans_json"], "-np", "1"),
+        ]
+        detail: dict = {"cases": cases, "manual_seconds": {}}
+        code = NNUNET_ENTRY if self.cuda else ONE_THREAD + NNUNET_ENTRY
+        labels = ("predict 2d", "predict 3d_fullres", "ensemble", "postprocessing")
+        for label, command in zip(labels, chain, strict=True):
+            r = self.run(self.python("-c", code, *command), max(MIN_STEP_S, deadline - time.monotonic()), "stages")
+            detail["manual_seconds"][label] = r["seconds"]
+            if r["rc"] != 0:
+                raise StepFailed(f"nnU-Net's {label}: exit {r['rc']}", tail=r["tail"], **detail)
+        out = base / "launcher"
+        cmd = self.python("-m", "launcher", "run", "-i", world["inputs"], "-o", str(out), "-d", "998", "--best")
+        cmd += ["-device", self.args.device, "--disable_tta", "-npp", "1", "-nps", "1"]
+        cmd += ["--workers-per-gpu", "1"] if self.cuda else ["--workers", "2"]
+        r = self.run(cmd, max(MIN_STEP_S, deadline - time.monotonic()), "stages", **self._cpu_cores(2))
+        detail["launcher"] = summarize_run(r)
+        if r["rc"] != 0:
+            self._keep_logs(out, "stages")
+            raise StepFailed(f"launcher --best: exit {r['rc']}", **detail)
+        summary = json.loads((out / ".nnunet-launch" / "summary.json").read_text())
+        detail.update({k: summary.get(k) for k in ("wall_seconds", "stages", "intermediate_peak_bytes")})
+        detail["compare"] = compare(out, manual / "final", extra=("dataset.json", "plans.json"))
+        detail["gpu_processes_after"] = self.gpu_apps(wait_s=15)
+        if not detail["compare"]["identical"]:
+            self._keep_logs(out, "stages")
+            raise StepFailed("the launcher's --best outputs differ from nnU-Net's chain", **detail)
+        return detail
+
     def bench(self, timeout: float) -> dict:
         result_file = self.results / "bench_gpu.json"
         cmd = self.python(str(REPO / "scripts" / "bench_gpu.py"), "--cases", str(self.args.bench_cases))
@@ -608,6 +678,7 @@ class Check:
             self.step("k1", 180, self.equivalence(1), reserve, needs=("reference",))
             self.step("k2", 180, self.equivalence(2), reserve, needs=("reference",))
             self.step("kill", 240, self.kill, reserve, needs=("reference",))
+            self.step("stages", 240, self.stages, reserve, needs=("imports",))
             self.step("bench", 600, self.bench, needs=("imports",))
             states = [s["status"] for s in self.summary["steps"].values()]
             self.summary["result"] = "passed" if all(s == "passed" for s in states) else "failed"
@@ -740,13 +811,14 @@ def unzip_wheels(wheels: list[Path], site: Path) -> None:
 
 
 # --- outputs -----------------------------------------------------------------------------------
-def compare(out: Path, reference: Path) -> dict:
-    """Voxel by voxel: every case's segmentation and geometry; OUT holds exactly nnU-Net's files."""
+def compare(out: Path, reference: Path, extra: tuple[str, ...] = ()) -> dict:
+    """Voxel by voxel: every case's segmentation and geometry; OUT holds exactly nnU-Net's files
+    (and `extra`: those a multi-stage run writes where the manual chain's last step writes none)."""
     import numpy as np
     import SimpleITK as sitk
 
     ref_files = sorted(p.name for p in reference.iterdir())
-    out_files = sorted(p.name for p in out.iterdir() if p.name != ".nnunet-launch")
+    out_files = sorted(p.name for p in out.iterdir() if p.name != ".nnunet-launch" and p.name not in extra)
     result = {
         "cases": sum(n.endswith(".nii.gz") for n in ref_files),
         "missing": sorted(set(ref_files) - set(out_files)),
