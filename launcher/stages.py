@@ -39,7 +39,7 @@ class Member:
 class Postprocessing:
     pkl: str
     plans_json: str
-    dataset_json: str
+    dataset_json: str  # nnU-Net takes only the file ending from it (which files to postprocess)
     digest: str  # the pkl's sha256: another file with the same path is another postprocessing
 
 
