@@ -217,6 +217,8 @@ def validate(config: RunConfig, folds_given: bool = True) -> None:
     _check_writable(out)
     if config.best or config.inference_info:
         _apply_inference_information(config, folds_given)
+    if (config.plans_json or config.dataset_json) and not config.pp_pkl_file:
+        raise LauncherError("-plans_json and -dataset_json belong to -pp_pkl_file (the postprocessing)")
     specs = _member_specs(config)
     single = _single(config, specs[0]) if len(specs) == 1 else None
     cascade_alone = single is not None and single.previous_stage and not config.prev_stage_predictions
@@ -299,8 +301,6 @@ def _stage_plan(config: RunConfig, specs: list[tuple[str, str, str]]) -> tuple[M
             config.plans_json or os.path.join(first.folder, "plans.json"),
             config.dataset_json or os.path.join(first.folder, "dataset.json"),
         )
-    elif config.plans_json or config.dataset_json:
-        raise LauncherError("-plans_json and -dataset_json belong to -pp_pkl_file (the postprocessing)")
     plan = StagePlan(
         members=tuple(members),
         ensemble=tuple(names),
