@@ -157,7 +157,7 @@ def build(cli_values: dict[str, Any], config_file: str | None) -> RunConfig:
         config = RunConfig(**merged)
     except TypeError as exc:
         raise LauncherError(f"bad configuration: {exc}") from None
-    validate(config, folds_given="folds" in merged)
+    validate(config, given=set(merged))
     return config
 
 
@@ -200,7 +200,8 @@ def _check_range(config: RunConfig) -> None:
         raise LauncherError(f"--schedule must be static or dynamic, got {config.schedule!r}")
 
 
-def validate(config: RunConfig, folds_given: bool = True) -> None:
+def validate(config: RunConfig, given: set[str] | None = None) -> None:
+    """`given`: the settings the user gave (flags or file); None: every field counts as given."""
     _check_range(config)
     if not config.input_folder:
         raise LauncherError("-i INPUT_FOLDER is required")
@@ -216,7 +217,7 @@ def validate(config: RunConfig, folds_given: bool = True) -> None:
         )
     _check_writable(out)
     if config.best or config.inference_info:
-        _apply_inference_information(config, folds_given)
+        _apply_inference_information(config, given)
     if (config.plans_json or config.dataset_json) and not config.pp_pkl_file:
         raise LauncherError("-plans_json and -dataset_json belong to -pp_pkl_file (the postprocessing)")
     specs = _member_specs(config)
@@ -271,29 +272,34 @@ def _stage_plan(config: RunConfig, specs: list[tuple[str, str, str]]) -> tuple[M
         )
     if config.schedule == "static":
         raise LauncherError("a multi-stage run (ensemble, postprocessing, cascade) uses --schedule dynamic")
-    names = member_names(specs)
-    models: dict[str, ModelInfo] = {}
-    members: list[Member] = []
-    for (trainer, plans, configuration), name in zip(specs, names, strict=True):
-        model = _single(config, (trainer, plans, configuration))
-        previous = None
-        if model.previous_stage:
-            previous = name.replace(configuration, model.previous_stage) if "__" in name else model.previous_stage
-            try:
-                lower = _single(config, (trainer, plans, model.previous_stage))
-            except LauncherError as exc:
-                raise LauncherError(
-                    f"-c {configuration} is a cascade stage and needs its previous stage {model.previous_stage!r} "
-                    f"(or -prev_stage_predictions): {exc}"
-                ) from None
-            if previous not in models:
-                models[previous] = lower
-                members.append(Member(previous, lower.folder, model.previous_stage))
-        if name not in models:  # a cascade's previous stage may be a member of the ensemble too
-            members.append(Member(name, model.folder, configuration, previous))
-        models[name] = model
-    _check_members_agree(models)
-    first = models[names[0]]
+    models: dict[tuple[str, str, str], ModelInfo] = {}
+    order: list[tuple[str, str, str]] = []  # a cascade's previous stage before the cascade
+    for spec in specs:
+        model = _single(config, spec)
+        if model.previous_stage:  # nnU-Net's chain: the same trainer and plans, the previous configuration
+            lower = (spec[0], spec[1], model.previous_stage)
+            if lower not in models:
+                try:
+                    models[lower] = _single(config, lower)
+                except LauncherError as exc:
+                    raise LauncherError(
+                        f"-c {spec[2]} is a cascade stage and needs its previous stage {model.previous_stage!r} "
+                        f"(or -prev_stage_predictions): {exc}"
+                    ) from None
+                order.append(lower)
+        if spec not in models:
+            order.append(spec)
+        models[spec] = model
+    name_of = dict(zip(order, member_names(order), strict=True))
+    members = []
+    for spec in order:
+        previous = models[spec].previous_stage
+        previous_name = name_of[(spec[0], spec[1], previous)] if previous else None
+        members.append(Member(name_of[spec], models[spec].folder, spec[2], previous_name))
+    names = [name_of[spec] for spec in specs]
+    by_name = {name_of[spec]: model for spec, model in models.items()}
+    _check_members_agree(by_name)
+    first = by_name[names[0]]
     postprocessing = None
     if config.pp_pkl_file:
         postprocessing = read_postprocessing(
@@ -310,7 +316,7 @@ def _stage_plan(config: RunConfig, specs: list[tuple[str, str, str]]) -> tuple[M
         save_probabilities=config.save_probabilities,
         keep=config.keep_stages,
     )
-    return models[plan.final_member() or names[0]], plan
+    return by_name[plan.final_member() or names[0]], plan
 
 
 def _check_members_agree(models: dict[str, ModelInfo]) -> None:
@@ -329,13 +335,15 @@ def _check_members_agree(models: dict[str, ModelInfo]) -> None:
                 raise LauncherError(f"members {names[0]!r} and {name!r} differ in their {what}: {a} vs {b}")
 
 
-def _apply_inference_information(config: RunConfig, folds_given: bool) -> None:
+def _apply_inference_information(config: RunConfig, given: set[str] | None) -> None:
     """--best / --inference-info: the members, folds and postprocessing that
     nnUNetv2_find_best_configuration chose (its inference_information.json)."""
     flag = "--inference-info" if config.inference_info else "--best"
-    if isinstance(config.configuration, tuple) or config.configuration or config.pp_pkl_file or folds_given:
+    chosen = {"configuration", "trainer", "plans", "folds", "pp_pkl_file"}
+    if (given is None and (config.configuration or config.pp_pkl_file)) or chosen & (given or set()):
         raise LauncherError(
-            f"{flag} chooses the configurations, folds and postprocessing; leave out -c, -f, -pp_pkl_file"
+            f"{flag} chooses the configurations, trainers, plans, folds and postprocessing; "
+            "leave out -c, -tr, -p, -f, -pp_pkl_file"
         )
     path = config.inference_info
     if path is None:

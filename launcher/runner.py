@@ -211,18 +211,21 @@ def _units_of(plan: Plan, case_id: str) -> list[str]:
 
 def _vanished(plan: Plan, done: set[str], in_out: set[str]) -> set[str]:
     """Units journaled done whose outputs someone removed since. A member's outputs matter only
-    until its case's final output is in OUT (then they are removed on purpose)."""
+    while a unit that needs them is not done (then they are removed on purpose)."""
     vanished = {c for c in plan.cases if c in done and c not in in_out}
     if plan.stages is None:
         return vanished
     for case_id in plan.cases:
         if case_id in done and case_id not in vanished:
             continue
-        for unit in plan.stages.units(case_id):
+        units = plan.stages.units(case_id)
+        for unit in reversed(list(units)):  # what needs a unit comes after it
             member, _ = split_unit(unit)
-            if unit in done and member is not None:
-                if not all(os.path.isfile(p) for p in plan.stages.member_outputs(member, case_id)):
-                    vanished.add(unit)
+            if member is None or unit not in done:
+                continue
+            needed = any(unit in needs and (u not in done or u in vanished) for u, needs in units.items())
+            if needed and not all(os.path.isfile(p) for p in plan.stages.member_outputs(member, case_id)):
+                vanished.add(unit)
     return vanished
 
 
@@ -292,7 +295,7 @@ def _fresh_targets(config: RunConfig, plan: Plan, journaled_done: set[str]) -> l
     previous run finished (with probabilities, whatever it was asked)."""
     ending, out = config.model.file_ending, config.output_folder
     names = {n for c in plan.cases for n in case_outputs(c, ending, config.save_probabilities)}
-    names |= {n for c in journaled_done for n in case_outputs(c, ending, True)}
+    names |= {n for c in journaled_done if "/" not in c for n in case_outputs(c, ending, True)}  # no member units
     return sorted(n for n in names if os.path.isfile(os.path.join(out, n)))
 
 

@@ -16,6 +16,7 @@ never imports them.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ class StagePlan:
         if name not in self.ensemble:
             return False
         return len(self.ensemble) > 1 or self.save_probabilities
+
+    def is_combination(self, unit: str) -> bool:
+        return self.combines and split_unit(unit)[0] is None
 
     def final_member(self) -> str | None:
         """The member whose unit writes the final output itself (no combination)."""
@@ -161,7 +165,7 @@ def stage_of(unit: str, plan: StagePlan | None) -> str:
 
 # --- validation --------------------------------------------------------------------------------
 class _Reference:
-    """A global a pickle names, recorded instead of imported: checking a postprocessing file
+    """A function a pickle names, recorded instead of imported: checking a postprocessing file
     must not import nnU-Net (or run anything the file names)."""
 
     def __init__(self, module: str, name: str):
@@ -173,7 +177,26 @@ class _Reference:
 
 class _RecordingUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        if module == "numpy" or module.startswith("numpy."):  # the kwargs hold numpy scalars
+            return super().find_class(module, name)
         return _Reference(module, name)
+
+
+def _defines(module: str, name: str) -> bool:
+    """Whether an installed module's source defines `name`, found without importing it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return spec is not None
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            return f"def {name}(" in f.read()
+    except OSError:
+        return False
 
 
 def read_postprocessing(pkl: str, plans_json: str, dataset_json: str) -> Postprocessing:
@@ -181,7 +204,7 @@ def read_postprocessing(pkl: str, plans_json: str, dataset_json: str) -> Postpro
     try:
         with open(pkl, "rb") as f:
             content = f.read()
-        value = _RecordingUnpickler(__import__("io").BytesIO(content)).load()
+        value = _RecordingUnpickler(io.BytesIO(content)).load()
     except OSError as exc:
         raise LauncherError(f"-pp_pkl_file {pkl!r}: {exc.strerror}") from None
     except Exception as exc:
@@ -195,14 +218,8 @@ def read_postprocessing(pkl: str, plans_json: str, dataset_json: str) -> Postpro
             f"-pp_pkl_file {pkl!r} is not nnU-Net's postprocessing form (a pickled ([functions], [kwargs]) "
             "as nnUNetv2_determine_postprocessing writes it)"
         )
-    import importlib.util
-
     for f in functions:
-        try:
-            found = importlib.util.find_spec(f.module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
+        if not _defines(f.module, f.name):
             raise LauncherError(f"-pp_pkl_file {pkl!r} names {f.module}.{f.name}, which is not installed")
     for path, flag in ((plans_json, "-plans_json"), (dataset_json, "-dataset_json")):
         if not os.path.isfile(path):

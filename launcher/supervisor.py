@@ -128,7 +128,8 @@ class Supervisor:
         self.announced_ready = False
         self.stop_signals = 0
         self.outcome = Outcome()
-        self.seconds_per_work = _slowest_rate(journal.done_seconds(), book.work)
+        predicted = {c: s for c, s in journal.done_seconds().items() if not self._combination(c)}
+        self.seconds_per_work = _slowest_rate(predicted, book.work)
         import torch.multiprocessing as torch_mp  # spawn context; importing torch does not touch CUDA
 
         # A killed worker cannot unlink its pools' named semaphores. With the spawn start method
@@ -369,6 +370,11 @@ class Supervisor:
         workers = sum(1 for s in self.plan.slots if not self.parts[s.part_id].gave_up)
         return held_work + self.book.work[next_case] <= self.book.remaining_work / max(1, workers)
 
+    def _combination(self, unit: str) -> bool:
+        """A multi-stage case's ensemble/postprocessing: its seconds (mostly waiting in the export
+        pool, reading .npz) are not a prediction's and must not set the watchdog's rate."""
+        return self.plan.stages is not None and self.plan.stages.is_combination(unit)
+
     def _work_case(self, unit: str) -> WorkCase:
         if self.plan.stages is not None:
             files = self.plan.cases[split_unit(unit)[1]].files
@@ -487,7 +493,7 @@ class Supervisor:
         if not verified:  # a kept output took no work: it says nothing about the device or the part
             self.health.case_finished(handle.slot.device_key)
             self.parts[handle.slot.part_id].deaths_since_finished = 0
-        if seconds and flight is not None and flight.stage != HELD:
+        if seconds and flight is not None and flight.stage != HELD and not self._combination(case_id):
             rate = seconds / max(self.book.work.get(case_id, 1.0), 1.0)
             self.seconds_per_work = max(self.seconds_per_work or 0.0, rate)
         how = "kept (existing output verified)" if verified else f"{seconds:.1f} s"

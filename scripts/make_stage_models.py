@@ -23,6 +23,7 @@ import os
 import sys
 from copy import deepcopy
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +173,9 @@ def make_stage_models(results_dir: str, folds=(0,), seed: int = 0) -> dict:
     write_json(dataset, ensemble_folder, "dataset.json")
     pp_pkl = os.path.join(ensemble_folder, "postprocessing.pkl")
     # pickled by reference: loading it needs nnunetv2, exactly like a real one
-    save_pickle(([remove_all_but_largest_component_from_segmentation], [{"labels_or_regions": 1}]), pp_pkl)
+    # the label as numpy's int64, as determine_postprocessing takes it from the LabelManager
+    pp = ([remove_all_but_largest_component_from_segmentation], [{"labels_or_regions": np.int64(1)}])
+    save_pickle(pp, pp_pkl)
     info = write_json(
         inference_information(dataset_folder, ensemble_folder, folds), dataset_folder, "inference_information.json"
     )

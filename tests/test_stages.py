@@ -313,6 +313,20 @@ def test_plan_shows_the_stages_and_takes_a_trainer_and_plans_per_member(stages, 
     assert not out.exists()
 
 
+def test_a_cascades_previous_stage_is_its_own_trainers_even_beside_another_lowres_member(stages, tmp_path):
+    results = _copy_results(stages, tmp_path)
+    dataset = results / "Dataset998_Stages"
+    shutil.copytree(dataset / "nnUNetTrainer__nnUNetPlans__3d_lowres", dataset / "OtherTrainer__nnUNetPlans__3d_lowres")
+    args = ["-i", str(stages["inputs"]), "-o", str(tmp_path / "o"), "-d", "998", "-f", "0", "-device", "cpu"]
+    members = ["-c", "3d_cascade_fullres", "3d_lowres", "-tr", "nnUNetTrainer", "OtherTrainer"]
+    result = cli("plan", *args, *members, "--json", env={"nnUNet_results": str(results)})
+    assert result.returncode == 0, result.stderr
+    # nnU-Net's chain feeds the cascade its own trainer's lowres; the other lowres is a member of its own
+    assert json.loads(result.stdout)["stages"]["stages"] == (
+        "nnUNetTrainer__nnUNetPlans__3d_lowres -> 3d_cascade_fullres + OtherTrainer__nnUNetPlans__3d_lowres -> ensemble"
+    )
+
+
 # --- bad input: exit 2, one line, before any work -----------------------------------------------
 def _copy_results(stages: dict, tmp_path: Path) -> Path:
     results = tmp_path / "results"
@@ -352,6 +366,7 @@ def test_bad_multi_stage_input_is_one_line_and_exit_2(stages, tmp_path):
     message = refused(stages, tmp_path, "-c", *MEMBERS, "-f", "0", "-pp_pkl_file", str(not_pp))
     assert "not nnU-Net's postprocessing form" in message
 
+    assert "leave out -c, -tr, -p, -f" in refused(stages, tmp_path, "--best", "-tr", "nnUNetTrainer", results=results)
     (dataset / "inference_information.json").unlink()
     assert "run nnUNetv2_find_best_configuration first" in refused(stages, tmp_path, "--best", results=results)
 
