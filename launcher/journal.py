@@ -22,7 +22,6 @@ from contextlib import contextmanager
 import psutil
 
 from launcher.errors import LauncherError
-from launcher.stages import FINAL
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -290,8 +289,7 @@ class Journal:
         identity = self.identity() or {}
         if "members" not in identity:
             return {}
-        combines = len(identity["ensemble"]) > 1 or identity.get("postprocessing") is not None
-        final = FINAL if combines else identity["ensemble"][0]
+        final = identity["final_stage"]
         counts: dict[str, dict[str, int]] = {}
         for stage, state, count in self.db.execute(
             "SELECT CASE WHEN instr(id, '/') > 0 THEN substr(id, 1, instr(id, '/') - 1) ELSE '' END AS member, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from launcher import gpus as gpu_inventory
 from launcher.cases import Case, discover_with_skipped
@@ -32,8 +33,10 @@ class Plan:
     broken: dict[str, str] = field(default_factory=dict)  # cases whose input fails the gzip check: why
     stages: StagePlan | None = None  # a multi-stage run: several units of work per case
 
+    @cached_property
     def unit_deps(self) -> dict[str, tuple[str, ...]]:
-        """Each unit of work and the units it needs (single-stage: a unit is a case)."""
+        """Each unit of work and the units it needs (single-stage: a unit is a case); computed
+        once (run, plan and the journal all need it, 100,000 cases make it count)."""
         if self.stages is None:
             return dict.fromkeys(self.cases, ())
         return {u: needs for c in self.cases for u, needs in self.stages.units(c).items()}
@@ -44,7 +47,7 @@ class Plan:
             return self.work
         return {
             u: self.work[c] * (COMBINE_WORK_FRACTION if u == c and self.stages.combines else 1.0)
-            for u in self.unit_deps()
+            for u in self.unit_deps
             for c in [split_unit(u)[1]]
         }
 
@@ -55,7 +58,7 @@ class Plan:
     def part_of(self) -> dict[str, int | None]:
         """Static: each case's part. Dynamic: none yet; a case joins the part that takes it."""
         if self.schedule == "dynamic":
-            return dict.fromkeys(self.unit_deps())
+            return dict.fromkeys(self.unit_deps)
         return {case_id: k for k, ids in self.parts.items() for case_id in ids}
 
     def to_json(self) -> dict:

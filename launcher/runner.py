@@ -136,7 +136,7 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     state = run_state_dir(config)
     clear_tmp(tmp_dir(state))
     parts = [(s.part_id, s.label, s.gpu_uuid) for s in plan.slots]
-    needs = plan.unit_deps()
+    needs = plan.unit_deps
     run_id, retried = journal.start_run(identity, parts, plan.part_of(), plan.unit_work())
     # the last step of the manual chain decides which of nnUNetv2_predict's files OUT gets
     predicted = plan.stages is None or not plan.stages.combines

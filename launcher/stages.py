@@ -81,6 +81,9 @@ class StagePlan:
     def is_combination(self, unit: str) -> bool:
         return self.combines and split_unit(unit)[0] is None
 
+    def final_stage(self) -> str:
+        return self.final_member() or FINAL
+
     def final_member(self) -> str | None:
         """The member whose unit writes the final output itself (no combination)."""
         return None if self.combines else self.ensemble[0]
@@ -140,6 +143,7 @@ class StagePlan:
             "ensemble": list(self.ensemble),
             "postprocessing": None if pp is None else f"{pp.pkl} (sha256 {pp.digest[:16]})",
             "postprocessing_plans": None if pp is None else pp.plans_json,
+            "final_stage": self.final_stage(),  # what status calls the cases' last stage
         }
 
 
@@ -158,9 +162,7 @@ def stage_of(unit: str, plan: StagePlan | None) -> str:
     stage, _ = split_unit(unit)
     if stage is not None:
         return stage
-    if plan is None:
-        return "predict"
-    return plan.final_member() or FINAL
+    return "predict" if plan is None else plan.final_stage()
 
 
 # --- validation --------------------------------------------------------------------------------

@@ -98,30 +98,17 @@ def plans_dict(num_channels: int = 1) -> dict:
 
 
 def make_model(folder: str, plans: dict, dataset: dict, configuration: str, folds, seed: int) -> None:
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     write_json(plans, folder, "plans.json")
     write_json(dataset, folder, "dataset.json")
     plans_manager = PlansManager(plans)
-    configuration_manager = plans_manager.get_configuration(configuration)
     # the same two calls nnUNetPredictor.initialize_from_trained_model_folder makes
-    num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset)
+    num_inputs = determine_num_input_channels(plans_manager, plans_manager.get_configuration(configuration), dataset)
     num_outputs = plans_manager.get_label_manager(dataset).num_segmentation_heads
-    for fold in folds:
-        torch.manual_seed(seed + fold)
-        network = nnUNetTrainer.build_network_architecture(
-            plans_manager, configuration_manager, num_inputs, num_outputs, enable_deep_supervision=False
-        )
-        checkpoint = {
-            "network_weights": network.state_dict(),
-            "trainer_name": tiny.TRAINER,
-            "init_args": {"configuration": configuration, "fold": fold},
-            "inference_allowed_mirroring_axes": MIRROR_AXES.get(configuration, (0, 1, 2)),
-        }
-        os.makedirs(os.path.join(folder, f"fold_{fold}"), exist_ok=True)
-        torch.save(checkpoint, os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth"))
+    axes = MIRROR_AXES.get(configuration, (0, 1, 2))
+    tiny.save_checkpoints(folder, plans_manager, configuration, num_inputs, num_outputs, folds, seed, axes)
 
 
 def inference_information(dataset_folder: str, ensemble_folder: str, folds) -> dict:

@@ -95,7 +95,6 @@ def dataset_dict(num_channels: int) -> dict:
 
 
 def make_model(folder: str, num_channels: int = 1, folds: tuple[int, ...] = (0,), seed: int = 0) -> None:
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans, dataset = plans_dict(num_channels), dataset_dict(num_channels)
@@ -104,18 +103,34 @@ def make_model(folder: str, num_channels: int = 1, folds: tuple[int, ...] = (0,)
         with open(os.path.join(folder, name), "w") as f:
             json.dump(content, f, indent=4)
     plans_manager = PlansManager(plans)
-    configuration_manager = plans_manager.get_configuration(CONFIGURATION)
-    num_labels = len(dataset["labels"])
+    save_checkpoints(folder, plans_manager, CONFIGURATION, num_channels, len(dataset["labels"]), folds, seed)
+
+
+def save_checkpoints(
+    folder: str,
+    plans_manager,
+    configuration: str,
+    num_inputs: int,
+    num_outputs: int,
+    folds,
+    seed: int,
+    mirror_axes: tuple[int, ...] = (0, 1, 2),
+) -> None:
+    """fold_K/checkpoint_final.pth with seeded random weights, the network built as nnU-Net
+    builds it for inference."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    configuration_manager = plans_manager.get_configuration(configuration)
     for fold in folds:
         torch.manual_seed(seed + fold)
         network = nnUNetTrainer.build_network_architecture(
-            plans_manager, configuration_manager, num_channels, num_labels, enable_deep_supervision=False
+            plans_manager, configuration_manager, num_inputs, num_outputs, enable_deep_supervision=False
         )
         checkpoint = {
             "network_weights": network.state_dict(),
             "trainer_name": TRAINER,
-            "init_args": {"configuration": CONFIGURATION, "fold": fold},
-            "inference_allowed_mirroring_axes": (0, 1, 2),
+            "init_args": {"configuration": configuration, "fold": fold},
+            "inference_allowed_mirroring_axes": mirror_axes,
         }
         os.makedirs(os.path.join(folder, f"fold_{fold}"), exist_ok=True)
         torch.save(checkpoint, os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth"))
