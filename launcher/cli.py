@@ -89,6 +89,14 @@ PREDICT_OPTIONS = [
         ),
     ),
     (
+        ("--profile", "profile"),
+        dict(
+            type=click.Choice(run_config.PROFILES),
+            help="exact: voxel-identical to nnUNetv2_predict [default]; fast: export with nnU-Net's torch "
+            "resampling on the worker's GPU (a few voxels differ, see the README)",
+        ),
+    ),
+    (
         ("--max-restarts", "max_restarts"),
         dict(
             type=int,

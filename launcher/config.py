@@ -22,6 +22,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 DEFAULT_FOLDS = ("0", "1", "2", "3", "4")  # nnUNetv2_predict's default
+PROFILES = ("exact", "fast")  # exact: voxel-identical to nnUNetv2_predict; fast: see fast_profile.py
 
 
 @dataclass
@@ -50,6 +51,7 @@ class RunConfig:
     workers: int = 1
     workers_per_gpu: int = 1
     schedule: str = "dynamic"
+    profile: str = "exact"  # "fast": opt-in, changes voxels (see fast_profile.py and the README)
     max_restarts: int = 3
     case_retries: int = 2
     hang_timeout: float | None = None
@@ -198,6 +200,8 @@ def _check_range(config: RunConfig) -> None:
         raise LauncherError(f"-device must be cuda or cpu, got {config.device!r}")
     if config.schedule not in ("static", "dynamic"):
         raise LauncherError(f"--schedule must be static or dynamic, got {config.schedule!r}")
+    if config.profile not in PROFILES:
+        raise LauncherError(f"--profile must be {' or '.join(PROFILES)}, got {config.profile!r}")
 
 
 def validate(config: RunConfig, given: set[str] | None = None) -> None:
@@ -538,4 +542,6 @@ def output_identity(config: RunConfig) -> dict[str, Any]:
         "prev_stage_predictions": (
             os.path.realpath(config.prev_stage_predictions) if config.prev_stage_predictions else None
         ),
+        # only when not exact, so that a journal from before profiles existed resumes as it was
+        **({"profile": config.profile} if config.profile != "exact" else {}),
     }

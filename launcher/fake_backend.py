@@ -127,8 +127,9 @@ def load_backends(settings: PredictSettings) -> dict:
 
 class FakeBackend:
     preprocess = staticmethod(_preprocess)
-    export = staticmethod(_export)
     combine = staticmethod(_combine)
+    choices: list[str] = []  # the fast profile's per-case log lines: none here
+    fallbacks: list[str] = []
 
     def __init__(self, settings: PredictSettings, model_folder: str):
         with open(os.path.join(model_folder, "dataset.json")) as f:
@@ -163,8 +164,8 @@ class FakeBackend:
             return "oom"
         return "device" if "CUDA error" in str(exc) else "retry"
 
-    def export_args(self, content: bytes, properties: dict, output_base: str, save_probabilities: bool) -> tuple:
-        return (content, properties, output_base, self.file_ending, save_probabilities)
+    def export_job(self, content: bytes, properties: dict, output_base: str, save_probabilities: bool) -> tuple:
+        return _export, (content, properties, output_base, self.file_ending, save_probabilities)
 
     def read_output(self, path: str) -> None:
         with gzip.open(path, "rb") as f:

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -20,8 +21,14 @@ from nnunetv2.postprocessing.remove_connected_components import load_postprocess
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from launcher import fast_profile
 from launcher.headers import gzip_stream_intact
 from launcher.spec import Combine, PredictSettings, UnreadableInput
+
+# Tests only: "worker" makes a CPU worker of the fast profile export in its own process, as a GPU
+# worker does on its GPU; "oom" also makes that export run out of memory, as a device too small
+# for a case (the case must then export on the CPU in a helper).
+DEVICE_EXPORT_TEST_ENV = "NNUNET_LAUNCH_TEST_DEVICE_EXPORT"
 
 # CUDA errors after which the process's CUDA context is unusable (anything but out of memory).
 CUDA_CONTEXT_ERRORS = (
@@ -125,11 +132,17 @@ def load_backends(settings: PredictSettings) -> dict:
 
 class NnunetBackend:
     preprocess = staticmethod(_preprocess)
-    export = staticmethod(export_prediction_from_logits)
     combine = staticmethod(_combine)
 
     def __init__(self, settings: PredictSettings, model_folder: str):
         self.settings = settings
+        self.fast = settings.profile == "fast"
+        test_hook = os.environ.get(DEVICE_EXPORT_TEST_ENV, "") if self.fast else ""
+        # fast: a GPU worker exports on its GPU; a CPU worker leaves the export to its helpers
+        self.export_in_worker = self.fast and (settings.device == "cuda" or test_hook in ("worker", "oom"))
+        self.simulate_device_oom = test_hook == "oom"
+        self.choices: list[str] = []  # how the fast profile did the current case (the worker's log)
+        self.fallbacks: list[str] = []  # what it could not do as planned (also the supervisor's log)
         torch.set_num_threads(settings.threads)
         if settings.device == "cuda":
             torch.set_num_interop_threads(1)
@@ -147,6 +160,12 @@ class NnunetBackend:
             model_folder, [f if f == "all" else int(f) for f in settings.folds], settings.checkpoint
         )
         self.file_ending = self.predictor.dataset_json["file_ending"]
+        self.label_manager = self.predictor.plans_manager.get_label_manager(self.predictor.dataset_json)
+        self.mirroring = None
+        if self.fast and settings.device == "cuda":  # on the CPU a batch adds memory, not parallelism
+            p = self.predictor
+            self.mirroring = fast_profile.BatchedMirroring(p, p._internal_maybe_mirror_and_predict, self.fallbacks)
+            p._internal_maybe_mirror_and_predict = self.mirroring
         self._count_sliding_window_steps()
 
     @staticmethod
@@ -182,11 +201,20 @@ class NnunetBackend:
         p._internal_get_sliding_window_slicers = counted_slicers
         p._internal_maybe_mirror_and_predict = counted_predict
 
-    def predict(self, case_id: str, data: np.ndarray, on_step) -> np.ndarray:
+    def predict(self, case_id: str, data: np.ndarray, on_step):
+        """The case's logits: a host array, or with the fast profile on a GPU a device tensor."""
         self.steps, self.total_steps, self.on_step = 0, 0, on_step
+        self.choices, self.fallbacks[:] = [], []
         try:
             tensor = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
-            return self.predictor.predict_logits_from_preprocessed_data(tensor).cpu().detach().numpy()
+            if not self.fast:
+                return self.predictor.predict_logits_from_preprocessed_data(tensor).cpu().detach().numpy()
+            logits = fast_profile.predict_logits(self.predictor, tensor, self.fallbacks)
+            if len(self.predictor.list_of_parameters) > 1:
+                self.choices.append(f"{len(self.predictor.list_of_parameters)} folds summed on {logits.device.type}")
+            if self.mirroring is not None and not self.settings.disable_tta:
+                self.choices.append(f"mirrored passes {'batched' if self.mirroring.batched else 'one at a time'}")
+            return logits if self.export_in_worker else logits.cpu().numpy()
         finally:
             self.on_step = None
 
@@ -204,18 +232,52 @@ class NnunetBackend:
             return "device"
         return "retry"
 
-    def export_args(self, logits, properties, output_base: str, save_probabilities: bool) -> tuple:
+    def export_job(self, logits, properties, output_base: str, save_probabilities: bool) -> tuple:
+        """(function, arguments) for an export helper. Exact: nnU-Net's own export. Fast: the torch
+        export in the helper, or on a GPU worker the segmentation made here on the GPU and only its
+        writing in the helper."""
         p = self.predictor
-        return (
-            logits,
-            properties,
-            p.configuration_manager,
-            p.plans_manager,
-            p.dataset_json,
-            output_base,
-            save_probabilities,
-            self.settings.threads,
-        )
+        whole = (p.configuration_manager, p.plans_manager, p.dataset_json, output_base, save_probabilities)
+        if not self.fast:
+            return export_prediction_from_logits, (logits, properties, *whole, self.settings.threads)
+        if not self.export_in_worker:
+            self.choices.append("export in a helper on the CPU")
+            return fast_profile.export_from_logits, (logits, properties, *whole, self.settings.threads)
+        started = time.monotonic()
+        try:
+            segmentation, probabilities = self._segment_here(logits, properties, save_probabilities)
+        except fast_profile.DeviceOutOfMemory as exc:
+            self.fallbacks.append(f"exported on the CPU in a helper: {exc}")
+            host_logits = logits.cpu().numpy()
+            if logits.is_cuda:
+                del logits
+                torch.cuda.empty_cache()
+            return fast_profile.export_from_logits, (host_logits, properties, *whole, self.settings.threads)
+        self.choices.append(f"export on {logits.device.type} in {time.monotonic() - started:.2f} s")
+        args = (segmentation, probabilities, properties, p.plans_manager, p.dataset_json, output_base)
+        return fast_profile.write_segmentation, args
+
+    def _segment_here(self, logits: torch.Tensor, properties: dict, save_probabilities: bool):
+        out_shape = properties["shape_after_cropping_and_before_resampling"]
+        need = fast_profile.export_memory_bytes(logits.shape[0], logits.shape[1:], out_shape, save_probabilities)
+        free = fast_profile.free_device_bytes(logits.device)
+        if free is not None and need + fast_profile.DEVICE_SLACK_BYTES > free:
+            raise fast_profile.DeviceOutOfMemory(f"it needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
+        try:
+            if self.simulate_device_oom:
+                raise torch.OutOfMemoryError(f"out of memory (simulated by {DEVICE_EXPORT_TEST_ENV}=oom)")
+            p = self.predictor
+            return fast_profile.segment(
+                logits,
+                properties,
+                p.configuration_manager,
+                p.plans_manager,
+                self.label_manager,
+                save_probabilities,
+                self.settings.threads,
+            )
+        except torch.OutOfMemoryError as exc:
+            raise fast_profile.DeviceOutOfMemory(f"the device ran out of memory ({str(exc).splitlines()[0]})") from None
 
     def read_output(self, path: str) -> None:
         if path.endswith(".npz"):

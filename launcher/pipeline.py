@@ -165,8 +165,11 @@ class CasePipeline:
                 self.emit(("step", case.id, done, total))
 
         backend = self.backends[case.member]
+        output_base = os.path.join(self._scratch(case), case.name or case.id)
         try:
             logits = backend.predict(case.id, data, on_step)
+            self.emit(("stage", case.id, "export"))
+            export = backend.export_job(logits, properties, output_base, self._saves_probabilities(case))
         except Exception as exc:
             kind = backend.prediction_error_kind(exc)
             if kind == "device":  # the CUDA context is unusable: nothing more can run in this process
@@ -176,12 +179,18 @@ class CasePipeline:
             if kind == "oom":
                 raise WorkerEnds("CUDA out of memory: the worker restarts to free its GPU memory", "restart") from exc
             return
-        self.emit(("stage", case.id, "export"))
-        output_base = os.path.join(self._scratch(case), case.name or case.id)
-        job = self.export_pool.apply_async(
-            backend.export, backend.export_args(logits, properties, output_base, self._saves_probabilities(case))
-        )
-        self.exporting.append((case, job, started))
+        del logits  # a GPU's memory is free for the next case once its export has what it needs
+        self._report_choices(case, backend)
+        self.exporting.append((case, self.export_pool.apply_async(*export), started))
+
+    def _report_choices(self, case: WorkCase, backend) -> None:
+        """How the fast profile did this case goes to the worker's log; what it could not do as
+        planned (out of device memory) to the supervisor's too."""
+        if backend.choices:
+            print(f"case {case.id}: {'; '.join(backend.choices)}", flush=True)
+        for text in backend.fallbacks:
+            print(f"case {case.id}: {text}", flush=True)
+            self.emit(("note", case.id, text))
 
     def _wait(self, condition: Callable[[], bool]) -> None:
         """Wait for `condition` while finishing exports and watching the pools. It sends nothing

@@ -117,10 +117,11 @@ def stage_facts(plan: Plan, view: OutView) -> dict:
 def _refuse_other_run(config: RunConfig, previous: dict | None) -> None:
     identity = output_identity(config)
     if previous is not None and previous != identity and not config.fresh:
-        key = next(k for k in identity if previous.get(k) != identity.get(k))
+        # keys of either side: a setting may be recorded only when it is not the default
+        key = next(k for k in sorted({*identity, *previous}) if previous.get(k) != identity.get(k))
         raise LauncherError(
             f"{config.output_folder!r} holds a run with a different {key} ({previous.get(key)!r}, now "
-            f"{identity[key]!r}); use another output folder, or --fresh to discard it"
+            f"{identity.get(key)!r}); use another output folder, or --fresh to discard it"
         )
 
 
@@ -172,6 +173,12 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     )
     if config.device == "cpu":
         reporter.log("nnunet-launch: running on the CPU (-device cpu)")
+    if config.profile == "fast":
+        reporter.log(
+            "nnunet-launch: --profile fast: export with nnU-Net's torch resampling"
+            + (" on each GPU" if config.device == "cuda" else " in the export helpers")
+            + "; outputs differ from plain nnU-Net in a few voxels (agreement: README)"
+        )
     if plan.stages is not None:
         reporter.log(f"nnunet-launch: stages per case: {describe_stages(plan.stages)}")
     if config.num_parts > 1:
@@ -270,6 +277,7 @@ def _run_facts(config: RunConfig, argv: list[str]) -> dict:
         "configuration": config.model.configuration,
         "folds": list(config.model.folds),
         "checkpoint": config.checkpoint,
+        "profile": config.profile,
         "versions": versions,
     }
 

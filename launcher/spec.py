@@ -82,6 +82,7 @@ class PredictSettings:
     npp: int
     nps: int
     members: tuple[tuple[str, str], ...] = ()  # multi-stage: (member name, model folder) each
+    profile: str = "exact"  # "fast": see fast_profile.py
 
 
 @dataclass(frozen=True)

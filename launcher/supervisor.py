@@ -154,6 +154,7 @@ class Supervisor:
             npp=plan.npp,
             nps=plan.nps,
             members=tuple((m.name, m.folder) for m in plan.stages.members) if plan.stages else (),
+            profile=config.profile,
         )
         self.intermediates = IntermediateFiles(plan.stages, book.done) if plan.stages else None
 

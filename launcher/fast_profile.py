@@ -1,0 +1,282 @@
+"""The fast profile (`--profile fast`, opt-in): the same network and weights as plain nnU-Net,
+with the export moved off nnU-Net's CPU float64 path. It changes voxels (the agreement with plain
+nnU-Net is measured by scripts/bench_export.py and published in the README); the default profile
+("exact") never comes here.
+
+- Export: the logits are resampled with nnU-Net's own torch resampling
+  (`resample_torch_fornnunet`, the separate-z logic included) where they are, a few channels at a
+  time, reduced to the segmentation as they go (a running argmax, or the regions in their order),
+  so only the integer segmentation crosses to the host; an export helper un-crops and writes it
+  exactly as nnU-Net's export does. On a GPU worker this runs on the GPU in the worker; a device
+  short of memory for a case sends that case's logits to an export helper, which runs the same
+  code on the CPU (logged). On a CPU worker the helpers run it, so the worker keeps predicting.
+- Prediction on a GPU: the folds' results summed on the device when it has room (nnU-Net moves each
+  fold's to the host), and the mirrored passes of test-time augmentation batched into one forward
+  until the device runs out of memory for that (then one pass at a time, as nnU-Net does).
+
+Imports nnunetv2 and torch: only workers and their helpers load it (through launcher.nnunet).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+from batchgenerators.utilities.file_and_folder_operations import save_pickle
+from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
+
+# bytes of float32 resampled logits per chunk of channels: bounds the export's memory whatever the
+# number of labels (nnU-Net's export holds every channel in float64 at once)
+CHUNK_BYTES = 64 * 2**20
+# free device memory kept aside when deciding what stays on the device (cuDNN workspaces, the
+# allocator's fragmentation)
+DEVICE_SLACK_BYTES = 512 * 2**20
+
+
+class DeviceOutOfMemory(Exception):
+    """A case's export does not fit on the device; it goes to the CPU instead."""
+
+
+# --- the export: resample, segment, un-crop, write ------------------------------------------------
+def resampling_settings(configuration_manager) -> dict:
+    """The configuration's probability resampling in resample_torch_fornnunet's terms: nnU-Net's
+    default (skimage, spline `order`, `order_z` along the anisotropic axis) maps to linear
+    interpolation (order 0: nearest) and nearest along z (order_z 0), as the torch planners do."""
+    configuration = configuration_manager.configuration
+    kwargs = dict(configuration.get("resampling_fn_probabilities_kwargs") or {})
+    settings = {"force_separate_z": kwargs.get("force_separate_z")}
+    if "separate_z_anisotropy_threshold" in kwargs:
+        settings["separate_z_anisotropy_threshold"] = kwargs["separate_z_anisotropy_threshold"]
+    if configuration.get("resampling_fn_probabilities") == "resample_torch_fornnunet":
+        settings.update({k: kwargs[k] for k in ("mode", "aniso_axis_mode") if k in kwargs})
+    else:
+        settings["mode"] = "nearest-exact" if kwargs.get("order", 1) == 0 else "linear"
+        settings["aniso_axis_mode"] = "nearest-exact" if kwargs.get("order_z", 0) == 0 else "linear"
+    return settings
+
+
+def _spacings(properties: dict, configuration_manager, plans_manager) -> tuple[list, list]:
+    """Where the logits are and where the case was, as nnU-Net's export computes them."""
+    target = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    current = configuration_manager.spacing
+    if len(current) != len(properties["shape_after_cropping_and_before_resampling"]):
+        current = [target[0], *current]  # a 2d configuration: slices keep their spacing
+    return list(current), target
+
+
+def export_memory_bytes(num_channels: int, in_shape, out_shape, save_probabilities: bool) -> int:
+    """What segment() allocates besides the logits it is given (a bound, for the device's free memory)."""
+    out_voxels = math.prod(out_shape)
+    if save_probabilities:  # every channel's probabilities at once, then their softmax
+        return int(_bytes_per_channel(in_shape, out_shape) + 2 * 4 * out_voxels * num_channels)
+    chunk = _channels_per_chunk(num_channels, in_shape, out_shape)
+    return int(_bytes_per_channel(in_shape, out_shape) * chunk + 24 * out_voxels)  # + running max and indices
+
+
+def _bytes_per_channel(in_shape, out_shape) -> int:
+    """A channel resampled in float32, and with separate z the in-plane step before it (its own
+    slices, the output's plane: larger than the output when the resampling reduces slices)."""
+    shrink = max(1.0, max(i / o for i, o in zip(in_shape, out_shape, strict=True)))
+    return int(4 * math.prod(out_shape) * (1 + shrink))
+
+
+def _channels_per_chunk(num_channels: int, in_shape, out_shape) -> int:
+    return max(1, min(num_channels, CHUNK_BYTES // _bytes_per_channel(in_shape, out_shape)))
+
+
+@torch.inference_mode()
+def segment(
+    logits: torch.Tensor | np.ndarray,
+    properties: dict,
+    configuration_manager,
+    plans_manager,
+    label_manager,
+    save_probabilities: bool,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The case's segmentation (cropped, in the network's axis order) and, if asked, its
+    probabilities (float32), from logits where they are (a device tensor, or host memory)."""
+    if isinstance(logits, np.ndarray):
+        logits = torch.from_numpy(logits)
+    device = logits.device
+    out_shape = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
+    current, target = _spacings(properties, configuration_manager, plans_manager)
+    settings = resampling_settings(configuration_manager)
+
+    def resample(channels: torch.Tensor) -> torch.Tensor:
+        result = resample_torch_fornnunet(
+            channels, out_shape, current, target, is_seg=False, num_threads=threads, device=device, **settings
+        )
+        return result.float()  # unchanged (a shape that needs no resampling) stays in half otherwise
+
+    if save_probabilities:
+        probabilities = label_manager.apply_inference_nonlin(resample(logits))
+        if label_manager.has_regions:
+            segmentation = _regions(probabilities > 0.5, label_manager.regions_class_order, out_shape, device)
+        else:
+            segmentation = probabilities.argmax(0)
+        return _to_host(segmentation, label_manager), probabilities.cpu().numpy()
+
+    chunk = _channels_per_chunk(logits.shape[0], logits.shape[1:], out_shape)
+    if label_manager.has_regions:  # sigmoid(x) > 0.5 is x > 0; later regions overwrite earlier ones
+        order = label_manager.regions_class_order
+        segmentation = torch.zeros(out_shape, dtype=torch.int16, device=device)
+        for start in range(0, logits.shape[0], chunk):
+            part = resample(logits[start : start + chunk]) > 0
+            for i in range(part.shape[0]):
+                segmentation[part[i]] = order[start + i]
+        return _to_host(segmentation, label_manager), None
+    best = segmentation = None
+    for start in range(0, logits.shape[0], chunk):
+        values, indices = resample(logits[start : start + chunk]).max(0)  # the first of equal maxima
+        if best is None:
+            best, segmentation = values, indices
+        else:  # strictly greater: a tie keeps the earlier channel, as one argmax over all would
+            better = values > best
+            best = torch.where(better, values, best)
+            segmentation = torch.where(better, indices + start, segmentation)
+    return _to_host(segmentation, label_manager), None
+
+
+def _regions(masks: torch.Tensor, order, shape, device) -> torch.Tensor:
+    segmentation = torch.zeros(shape, dtype=torch.int16, device=device)
+    for i, label in enumerate(order):
+        segmentation[masks[i]] = label
+    return segmentation
+
+
+def _label_dtype(label_manager):
+    return np.uint8 if len(label_manager.foreground_labels) < 255 else np.uint16
+
+
+def _to_host(segmentation: torch.Tensor, label_manager) -> np.ndarray:
+    small = torch.uint8 if _label_dtype(label_manager) == np.uint8 else torch.int32
+    return segmentation.to(small).cpu().numpy().astype(_label_dtype(label_manager), copy=False)
+
+
+def write_segmentation(
+    segmentation: np.ndarray,
+    probabilities: np.ndarray | None,
+    properties: dict,
+    plans_manager,
+    dataset_json: dict,
+    output_base: str,
+) -> None:
+    """Un-crop, restore the axis order and write, as nnU-Net's export_prediction_from_logits does
+    (same writer, same files: the segmentation, and with probabilities the .npz and .pkl)."""
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    full = np.zeros(properties["shape_before_cropping"], dtype=_label_dtype(label_manager))
+    full = insert_crop_into_image(full, segmentation, properties["bbox_used_for_cropping"])
+    full = full.transpose(plans_manager.transpose_backward)
+    if probabilities is not None:
+        probabilities = label_manager.revert_cropping_on_probabilities(
+            probabilities, properties["bbox_used_for_cropping"], properties["shape_before_cropping"]
+        )
+        probabilities = probabilities.transpose([0] + [i + 1 for i in plans_manager.transpose_backward])
+        np.savez_compressed(output_base + ".npz", probabilities=probabilities)
+        save_pickle(properties, output_base + ".pkl")
+    writer = plans_manager.image_reader_writer_class()
+    writer.write_seg(full, output_base + dataset_json["file_ending"], properties)
+
+
+def export_from_logits(
+    logits: np.ndarray,
+    properties: dict,
+    configuration_manager,
+    plans_manager,
+    dataset_json: dict,
+    output_base: str,
+    save_probabilities: bool,
+    threads: int,
+) -> None:
+    """The whole fast export on the CPU, in an export helper: export_prediction_from_logits's
+    arguments and files, nnU-Net's torch resampling instead of its float64 skimage one."""
+    torch.set_num_threads(threads)
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    segmentation, probabilities = segment(
+        logits, properties, configuration_manager, plans_manager, label_manager, save_probabilities, threads
+    )
+    del logits
+    write_segmentation(segmentation, probabilities, properties, plans_manager, dataset_json, output_base)
+
+
+# --- prediction on a GPU: folds summed on the device, mirrored passes batched ---------------------
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free memory on a CUDA device (what the allocator holds but does not use counts as free);
+    None elsewhere: host memory is not the device's to budget."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+@torch.inference_mode()
+def predict_logits(predictor, data: torch.Tensor, notes: list[str]) -> torch.Tensor:
+    """nnU-Net's predict_logits_from_preprocessed_data, with the sum of the folds kept on the
+    device while it leaves room for the next fold's results (nnU-Net moves every fold's to the
+    host, to be safe from running out of memory). nnU-Net's own fallback (results on the host when
+    the device runs out during a fold) still applies; a sum and a fold on different devices meet
+    on the host."""
+    prediction = None
+    for fold, params in enumerate(predictor.list_of_parameters):
+        network = getattr(predictor.network, "_orig_mod", predictor.network)
+        network.load_state_dict(params)
+        logits = predictor.predict_sliding_window_return_logits(data)
+        if prediction is None:
+            prediction = logits
+        elif prediction.device == logits.device:
+            prediction += logits
+        else:
+            prediction = prediction.cpu()
+            prediction += logits.cpu()
+        del logits
+        last = fold == len(predictor.list_of_parameters) - 1
+        free = free_device_bytes(prediction.device)
+        if not last and free is not None and free < 2 * _nbytes(prediction) + DEVICE_SLACK_BYTES:
+            notes.append(f"folds summed on the host from fold {fold}: {free / 2**20:.0f} MiB free on the device")
+            prediction = prediction.cpu()
+    if len(predictor.list_of_parameters) > 1:
+        prediction /= len(predictor.list_of_parameters)
+        notes.append(f"{len(predictor.list_of_parameters)} folds summed on {prediction.device.type}")
+    return prediction
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class BatchedMirroring:
+    """nnU-Net's _internal_maybe_mirror_and_predict with the mirrored copies of a tile in one
+    batch: one forward instead of 8 (3D) or 4 (2D), the same average. When the batch does not fit
+    on the device, this worker goes back to one pass at a time for good (logged once)."""
+
+    def __init__(self, predictor, one_at_a_time, notes: list[str]):
+        self.predictor, self.one_at_a_time, self.notes = predictor, one_at_a_time, notes
+        self.batched = True
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.predictor
+        axes = p.allowed_mirroring_axes if p.use_mirroring else None
+        if not axes or not self.batched:
+            return self.one_at_a_time(x)
+        assert max(axes) <= x.ndim - 3, "mirror_axes does not match the dimension of the input!"
+        axes = [a + 2 for a in axes]
+        combinations = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+        try:
+            out = p.network(torch.cat([x, *(torch.flip(x, c) for c in combinations)]))
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            self.batched = False
+            self.notes.append(
+                f"mirrored passes one at a time from now on: a batch of {len(combinations) + 1} tiles "
+                "does not fit on the device"
+            )
+            return self.one_at_a_time(x)
+        prediction = out[:1].clone()
+        for i, c in enumerate(combinations):
+            prediction += torch.flip(out[i + 1 : i + 2], c)
+        return prediction / (len(combinations) + 1)
