@@ -542,6 +542,9 @@ def output_identity(config: RunConfig) -> dict[str, Any]:
         "prev_stage_predictions": (
             os.path.realpath(config.prev_stage_predictions) if config.prev_stage_predictions else None
         ),
-        # only when not exact, so that a journal from before profiles existed resumes as it was
-        **({"profile": config.profile} if config.profile != "exact" else {}),
+        "profile": config.profile,
     }
+
+
+# what a journal written before a field of the identity existed meant by its absence
+IDENTITY_DEFAULTS = {"profile": "exact"}

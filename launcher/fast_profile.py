@@ -240,7 +240,6 @@ def predict_logits(predictor, data: torch.Tensor, notes: list[str]) -> torch.Ten
             prediction = prediction.cpu()
     if len(predictor.list_of_parameters) > 1:
         prediction /= len(predictor.list_of_parameters)
-        notes.append(f"{len(predictor.list_of_parameters)} folds summed on {prediction.device.type}")
     return prediction
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from launcher.config import RunConfig, output_identity, run_state_dir
+from launcher.config import IDENTITY_DEFAULTS, RunConfig, output_identity, run_state_dir
 from launcher.errors import LauncherError
 from launcher.journal import DONE, FAILED, Journal, JournalWriteError, OutLock
 from launcher.outputs import (
@@ -116,8 +116,9 @@ def stage_facts(plan: Plan, view: OutView) -> dict:
 
 def _refuse_other_run(config: RunConfig, previous: dict | None) -> None:
     identity = output_identity(config)
+    previous = {**IDENTITY_DEFAULTS, **previous} if previous is not None else None
     if previous is not None and previous != identity and not config.fresh:
-        # keys of either side: a setting may be recorded only when it is not the default
+        # keys of either side: a member set or a postprocessing may be in one and not the other
         key = next(k for k in sorted({*identity, *previous}) if previous.get(k) != identity.get(k))
         raise LauncherError(
             f"{config.output_folder!r} holds a run with a different {key} ({previous.get(key)!r}, now "

@@ -19,6 +19,10 @@ Steps, each with its own timeout; a step that fails is recorded and the next one
              scripts/make_stage_models.py) with every worker serving both members, against
              nnU-Net's own chain (predict --save_probabilities per member, ensemble,
              apply_postprocessing, through their entry points) on the same device
+  export     scripts/bench_export.py: the export-bound 104-label case, plain nnU-Net's CPU export vs
+             --profile fast's export on the GPU (seconds, device memory, agreement with plain), then
+             the launcher with the exact and the fast profile and plain nnUNetv2_predict: cases per
+             hour, GPU busy %; fails when the fast profile's agreement is below the README's floor
   bench      scripts/bench_gpu.py: plain nnU-Net vs the launcher with K = 1, 2, 3 on a CT-sized
              model: cases/min, GPU busy % from NVML
 Results: OUT/gpu_check.json (rewritten after every step; OUT is $OUT, else gpu-check-results/),
@@ -49,7 +53,23 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ("preflight", "install", "imports", "gpus", "tiny", "reference", "k1", "k2", "kill", "stages", "bench")
+STEPS = (
+    "preflight",
+    "install",
+    "imports",
+    "gpus",
+    "tiny",
+    "reference",
+    "k1",
+    "k2",
+    "kill",
+    "stages",
+    "export",
+    "bench",
+)
+# the fast profile's agreement with plain nnU-Net that the README publishes as its floor
+FAST_MIN_EQUAL_VOXELS_PCT = 99.8
+FAST_MIN_DICE = 0.99
 BENCH_RESERVE_S = 200  # steps before the benchmark leave it at least this much of the budget
 MIN_STEP_S = 15
 MEMORY_SLACK_MIB = 256  # a CUDA context alone holds more than this
@@ -493,6 +513,30 @@ class Check:
             raise StepFailed("the launcher's --best outputs differ from nnU-Net's chain", **detail)
         return detail
 
+    def export(self, timeout: float) -> dict:
+        result_file = self.results / "bench_export.json"
+        cmd = self.python(str(REPO / "scripts" / "bench_export.py"), "--cases", str(self.args.export_cases))
+        cmd += ["--deadline-s", str(int(timeout - 20)), "--json-out", str(result_file), "--device", self.args.device]
+        cmd += ["--work-dir", str(self.work / "export")]
+        r = self.run(cmd, timeout, "export")
+        detail = json.loads(result_file.read_text()) if result_file.exists() else {}
+        detail["gpu_processes_after"] = self.gpu_apps(wait_s=15)
+        if r["rc"] != 0:
+            raise StepFailed(f"bench_export.py: exit {r['rc']}" + (" (timed out)" if r["timed_out"] else ""), **detail)
+        summary, where = detail.get("summary", {}), "fast_cuda" if self.cuda else "fast_cpu"
+        low = [
+            f"{key} {summary.get(key)} < {floor}"
+            for key, floor in (
+                (f"{where}_min_equal_voxels_pct", FAST_MIN_EQUAL_VOXELS_PCT),
+                (f"{where}_min_dice", FAST_MIN_DICE),
+            )
+            if summary.get(key) is None or summary[key] < floor
+        ]
+        failed = [name for name, v in detail.get("launcher", {}).items() if v.get("status") != "done"]
+        if low or failed:
+            raise StepFailed("; ".join(low + [f"launcher run not done: {name}" for name in failed]), **detail)
+        return detail
+
     def bench(self, timeout: float) -> dict:
         result_file = self.results / "bench_gpu.json"
         cmd = self.python(str(REPO / "scripts" / "bench_gpu.py"), "--cases", str(self.args.bench_cases))
@@ -679,6 +723,7 @@ class Check:
             self.step("k2", 180, self.equivalence(2), reserve, needs=("reference",))
             self.step("kill", 240, self.kill, reserve, needs=("reference",))
             self.step("stages", 240, self.stages, reserve, needs=("imports",))
+            self.step("export", 240, self.export, reserve, needs=("imports",))
             self.step("bench", 600, self.bench, needs=("imports",))
             states = [s["status"] for s in self.summary["steps"].values()]
             self.summary["result"] = "passed" if all(s == "passed" for s in states) else "failed"
@@ -857,6 +902,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=12, help="tiny model cases")
     parser.add_argument("--big-case-edge", type=int, default=192, help="edge of the large tiny case (cuda)")
     parser.add_argument("--bench-cases", type=int, default=20)
+    parser.add_argument("--export-cases", type=int, default=4, help="cases of the export step")
     args = parser.parse_args()
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = sorted(set(args.steps) - set(STEPS))

@@ -92,6 +92,16 @@ ROWS = [
     ("negative restarts", lambda w: _base(w) + ["--max-restarts", "-2"], {}, "--max-restarts must be"),
     ("bad device", lambda w: _base(w, **{"-device": "tpu"}), {}, "'tpu' is not one of 'cuda', 'cpu'"),
     ("bad schedule", lambda w: _base(w) + ["--schedule", "fifo"], {}, "'fifo' is not one of 'dynamic', 'static'"),
+    ("bad profile", lambda w: _base(w) + ["--profile", "turbo"], {}, "'turbo' is not one of 'exact', 'fast'"),
+    (
+        "bad profile in a config file",
+        lambda w: (
+            (w["tmp"] / "c.toml").write_text('profile = "turbo"\n')
+            and _base(w) + ["--config", str(w["tmp"] / "c.toml")]
+        ),
+        {},
+        "--profile must be exact or fast, got 'turbo'",
+    ),
     (
         "part id out of range",
         lambda w: _base(w) + ["-num_parts", "2", "-part_id", "2"],

@@ -1,0 +1,242 @@
+"""--profile fast: nnU-Net's torch resampling for the export, chunked; batched mirroring and folds
+summed on the device. Opt-in, so it is held to its measured agreement with plain nnU-Net, not to
+identity; the default profile's identity is what the equivalence tests guard."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import ROOT, cli, fake_env, run_args
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_tiny_model as tiny  # noqa: E402
+
+from launcher import fast_profile  # noqa: E402
+
+MIN_EQUAL_VOXELS = 0.998  # the README's published floor for the fast profile
+MIN_DICE = 0.99
+DICE_MIN_VOXELS = 1000
+RESAMPLED = ("case_002", "case_005")  # 1.5 mm cases: the export resamples them (make_tiny_model)
+
+
+def _seg(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _dice_per_label(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
+    return {
+        int(label): 2 * np.sum((a == label) & (b == label)) / (np.sum(a == label) + np.sum(b == label))
+        for label in np.unique(a)
+        if label != 0 and np.sum(a == label) >= DICE_MIN_VOXELS
+    }
+
+
+@pytest.fixture(scope="module")
+def fast_out(small, tmp_path_factory) -> Path:
+    """The fast profile over the small set (6 cases, 2 of them resampled), on 2 CPU workers."""
+    out = tmp_path_factory.mktemp("fast") / "out"
+    result = cli(*run_args(small, out, "--workers", "2", "--profile", "fast"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "--profile fast" in result.stdout
+    return out
+
+
+def test_fast_profile_agrees_with_plain_nnunet_within_the_published_bounds(small, fast_out):
+    assert sorted(p.name for p in fast_out.iterdir() if p.name != ".nnunet-launch") == sorted(
+        p.name for p in small["reference"].iterdir()
+    )
+    for case_id in small["ids"]:
+        plain, fast = _seg(small["reference"] / f"{case_id}.nii.gz"), _seg(fast_out / f"{case_id}.nii.gz")
+        if case_id not in RESAMPLED:  # nothing to resample: the same argmax of the same logits
+            assert np.array_equal(plain, fast), case_id
+            continue
+        assert np.mean(plain == fast) >= MIN_EQUAL_VOXELS, case_id
+        dice = _dice_per_label(plain, fast)
+        assert dice and min(dice.values()) >= MIN_DICE, (case_id, dice)
+        a, b = (
+            sitk.ReadImage(str(small["reference"] / f"{case_id}.nii.gz")),
+            sitk.ReadImage(str(fast_out / f"{case_id}.nii.gz")),
+        )
+        assert (a.GetSpacing(), a.GetOrigin(), a.GetDirection()) == (b.GetSpacing(), b.GetOrigin(), b.GetDirection())
+    summary = json.loads((fast_out / ".nnunet-launch" / "summary.json").read_text())
+    assert summary["profile"] == "fast" and summary["done"] == len(small["ids"])
+    worker_logs = "".join(p.read_text() for p in (fast_out / ".nnunet-launch" / "logs").glob("*part*.log"))
+    assert "export in a helper on the CPU" in worker_logs  # CPU workers keep predicting meanwhile
+
+
+def test_the_workers_own_export_and_its_out_of_memory_fallback_give_the_fast_outputs(small, fast_out, tmp_path):
+    """What a GPU worker does (the export in the worker, on its device), here on the CPU; then the
+    same with the device out of memory for every case's export: each case exports in a helper
+    with the same code, is logged, and nothing fails."""
+    from launcher.nnunet import DEVICE_EXPORT_TEST_ENV
+
+    in_worker = tmp_path / "in-worker"
+    result = cli(*run_args(small, in_worker, "--profile", "fast"), env={DEVICE_EXPORT_TEST_ENV: "worker"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    fallback = tmp_path / "fallback"
+    result = cli(*run_args(small, fallback, "--profile", "fast"), env={DEVICE_EXPORT_TEST_ENV: "oom"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("exported on the CPU in a helper: the device ran out of memory") == len(small["ids"])
+    for case_id in small["ids"]:
+        expected = _seg(fast_out / f"{case_id}.nii.gz")
+        assert np.array_equal(_seg(in_worker / f"{case_id}.nii.gz"), expected), case_id
+        assert np.array_equal(_seg(fallback / f"{case_id}.nii.gz"), expected), case_id
+    worker_logs = "".join(p.read_text() for p in (in_worker / ".nnunet-launch" / "logs").glob("*part*.log"))
+    assert "export on cpu in" in worker_logs
+
+
+def test_fast_profile_saves_nnunet_shaped_probabilities(small, fast_out, tmp_path):
+    from launcher.nnunet import DEVICE_EXPORT_TEST_ENV
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for case_id in RESAMPLED:
+        (inputs / f"{case_id}_0000.nii.gz").symlink_to(small["inputs"] / f"{case_id}_0000.nii.gz")
+    data = {**small, "inputs": inputs}
+    for hook in ("", "worker"):  # in an export helper, and in the worker as on a GPU
+        out = tmp_path / f"out-{hook or 'helper'}"
+        args = run_args(data, out, "--profile", "fast", "--save_probabilities")
+        result = cli(*args, env={DEVICE_EXPORT_TEST_ENV: hook}, timeout=300)
+        assert result.returncode == 0, result.stderr
+        for case_id in RESAMPLED:
+            segmentation = _seg(out / f"{case_id}.nii.gz")
+            with np.load(out / f"{case_id}.npz") as npz:
+                probabilities = npz["probabilities"]
+            assert probabilities.dtype == np.float32 and probabilities.shape == (3, *segmentation.shape)
+            assert np.allclose(probabilities.sum(0), 1, atol=1e-4)
+            assert np.mean(probabilities.argmax(0) == segmentation) == 1.0
+            assert np.mean(segmentation == _seg(fast_out / f"{case_id}.nii.gz")) >= 0.999
+            assert (out / f"{case_id}.pkl").is_file()
+
+
+def test_a_run_of_one_profile_is_not_resumed_with_the_other(cases, tmp_path):
+    out = tmp_path / "out"
+    env = fake_env(tmp_path)
+    assert cli(*run_args(cases, out), env=env).returncode == 0
+    result = cli(*run_args(cases, out, "--profile", "fast"), env=env)
+    assert result.returncode == 2
+    assert "different profile ('exact', now 'fast')" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- the pieces, in this process ---------------------------------------------------------------
+def _managers(spacing=(1.0, 1.0, 1.0), labels=None, regions_order=None):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = tiny.plans_dict(1)
+    plans["configurations"][tiny.CONFIGURATION]["spacing"] = list(spacing)
+    dataset = tiny.dataset_dict(1)
+    if labels is not None:
+        dataset["labels"] = labels
+    if regions_order is not None:
+        dataset["regions_class_order"] = regions_order
+    manager = PlansManager(plans)
+    return manager.get_configuration(tiny.CONFIGURATION), manager, manager.get_label_manager(dataset)
+
+
+@pytest.mark.parametrize(
+    "target_spacing",
+    [(3.0, 0.8, 0.8), (1.5, 1.0, 1.0), (2.0, 2.0, 2.0)],
+    ids=["separate z", "isotropic resampling", "no resampling"],
+)
+def test_chunked_export_equals_one_argmax_over_nnunets_torch_resampling(monkeypatch, target_spacing):
+    from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
+
+    configuration, plans, labels = _managers((2.0, 2.0, 2.0), {"background": 0, **{f"l{i}": i for i in range(1, 12)}})
+    logits = torch.randn(12, 10, 12, 14, generator=torch.Generator().manual_seed(0)).half()
+    logits[5] = logits[3]  # exact ties across chunks: the first channel wins, as in one argmax
+    out_shape = [round(s * 2.0 / t) for s, t in zip(logits.shape[1:], target_spacing, strict=True)]
+    properties = {"spacing": list(target_spacing), "shape_after_cropping_and_before_resampling": out_shape}
+    monkeypatch.setattr(fast_profile, "CHUNK_BYTES", 4 * np.prod(out_shape) * 5)  # a few channels a chunk
+    assert fast_profile._channels_per_chunk(12, logits.shape[1:], out_shape) < 12
+    segmentation, _ = fast_profile.segment(logits, properties, configuration, plans, labels, False, 1)
+    settings = fast_profile.resampling_settings(configuration)
+    whole = resample_torch_fornnunet(
+        logits, out_shape, [2.0, 2.0, 2.0], list(target_spacing), is_seg=False, num_threads=1, **settings
+    )
+    assert segmentation.dtype == np.uint8 and list(segmentation.shape) == out_shape
+    assert np.array_equal(segmentation, whole.float().argmax(0).numpy())
+
+
+def test_chunked_export_of_regions_equals_nnunets_region_handling(monkeypatch):
+    from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
+
+    labels = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+    configuration, plans, label_manager = _managers(labels=labels, regions_order=[1, 2, 3])
+    logits = torch.randn(3, 9, 10, 11, generator=torch.Generator().manual_seed(1)).half()
+    out_shape = [14, 10, 11]
+    properties = {"spacing": [9 / 14, 1.0, 1.0], "shape_after_cropping_and_before_resampling": out_shape}
+    monkeypatch.setattr(fast_profile, "CHUNK_BYTES", 4 * np.prod(out_shape) * 3)  # one channel a chunk
+    segmentation, _ = fast_profile.segment(logits, properties, configuration, plans, label_manager, False, 1)
+    whole = resample_torch_fornnunet(logits, out_shape, [1.0] * 3, properties["spacing"], is_seg=False, num_threads=1)
+    expected = label_manager.convert_logits_to_segmentation(whole.float())
+    assert np.array_equal(segmentation, np.asarray(expected))
+
+
+def test_resampling_settings_follow_the_configuration():
+    configuration, _, _ = _managers()
+    assert fast_profile.resampling_settings(configuration) == {
+        "force_separate_z": None,
+        "mode": "linear",
+        "aniso_axis_mode": "nearest-exact",
+    }
+    configuration.configuration["resampling_fn_probabilities"] = "resample_torch_fornnunet"
+    configuration.configuration["resampling_fn_probabilities_kwargs"] = {"is_seg": False, "force_separate_z": False}
+    assert fast_profile.resampling_settings(configuration) == {"force_separate_z": False}
+
+
+@pytest.fixture(scope="module")
+def two_fold_predictor(tmp_path_factory):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    folder = tmp_path_factory.mktemp("two-folds") / "model"
+    torch.set_num_threads(1)
+    tiny.make_model(str(folder), folds=(0, 1))
+    predictor = nnUNetPredictor(perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), (0, 1), "checkpoint_final.pth")
+    return predictor
+
+
+def test_batched_mirroring_equals_nnunets_passes_one_at_a_time(two_fold_predictor):
+    p = two_fold_predictor
+    p.network.load_state_dict(p.list_of_parameters[0])
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    notes: list[str] = []
+    batched = fast_profile.BatchedMirroring(p, p._internal_maybe_mirror_and_predict, notes)
+    assert torch.allclose(batched(x), p._internal_maybe_mirror_and_predict(x), atol=1e-4)
+    assert batched.batched and notes == []
+
+
+def test_batched_mirroring_out_of_memory_goes_back_to_one_pass_at_a_time(two_fold_predictor, monkeypatch):
+    p = two_fold_predictor
+    p.network.load_state_dict(p.list_of_parameters[0])
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(3))
+    expected = p._internal_maybe_mirror_and_predict(x)
+    network = p.network
+
+    def small_device(batch):
+        if batch.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return network(batch)
+
+    notes: list[str] = []
+    batched = fast_profile.BatchedMirroring(p, p._internal_maybe_mirror_and_predict, notes)
+    monkeypatch.setattr(p, "network", small_device)
+    assert torch.equal(batched(x), expected)
+    assert not batched.batched and "one at a time" in notes[0]
+    assert torch.equal(batched(x), expected) and len(notes) == 1  # said once
+
+
+def test_fold_sum_equals_nnunets_on_the_cpu(two_fold_predictor):
+    p = two_fold_predictor
+    data = torch.randn(1, 40, 36, 44, generator=torch.Generator().manual_seed(4))
+    notes: list[str] = []
+    assert torch.equal(fast_profile.predict_logits(p, data, notes), p.predict_logits_from_preprocessed_data(data))
+    assert notes == []
