@@ -319,8 +319,23 @@ def _stage_plan(config: RunConfig, specs: list[tuple[str, str, str]]) -> tuple[M
         file_ending=first.file_ending,
         save_probabilities=config.save_probabilities,
         keep=config.keep_stages,
+        fused=config.profile == "fast" and _can_fuse(names, members),
     )
     return by_name[plan.final_member() or names[0]], plan
+
+
+def _can_fuse(ensemble: list[str], members: list[Member]) -> bool:
+    """Whether --profile fast may average the ensemble in the worker: an ensemble of members none
+    of which another member needs as its previous stage (that one's files must exist), all in one
+    axis order (the average is taken before the axes are restored)."""
+    if len(ensemble) < 2 or any(m.previous in ensemble for m in members):
+        return False
+    orders = set()
+    for m in members:
+        if m.name in ensemble:
+            with open(os.path.join(m.folder, "plans.json")) as f:
+                orders.add(tuple(json.load(f).get("transpose_forward", ())))
+    return len(orders) == 1
 
 
 def _check_members_agree(models: dict[str, ModelInfo]) -> None:

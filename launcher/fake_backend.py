@@ -167,6 +167,11 @@ class FakeBackend:
     def export_job(self, content: bytes, properties: dict, output_base: str, save_probabilities: bool) -> tuple:
         return _export, (content, properties, output_base, self.file_ending, save_probabilities)
 
+    def fused_export_job(self, predictions: list[tuple], combine: Combine, output_base: str, save: bool) -> tuple:
+        """The fast profile's ensemble in the worker: what the combination of the members' files gives."""
+        content = combined_output([content for _, content, _ in predictions], combine.pp_pkl is not None)
+        return _export, (content, {"case_id": os.path.basename(output_base)}, output_base, self.file_ending, save)
+
     def read_output(self, path: str) -> None:
         with gzip.open(path, "rb") as f:
             f.read()

@@ -20,13 +20,17 @@ Imports nnunetv2 and torch: only workers and their helpers load it (through laun
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import pickle
 
 import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 from batchgenerators.utilities.file_and_folder_operations import save_pickle
+from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing
 from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 # bytes of float32 resampled logits per chunk of channels: bounds the export's memory whatever the
 # number of labels (nnU-Net's export holds every channel in float64 at once)
@@ -99,19 +103,9 @@ def segment(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The case's segmentation (cropped, in the network's axis order) and, if asked, its
     probabilities (float32), from logits where they are (a device tensor, or host memory)."""
-    if isinstance(logits, np.ndarray):
-        logits = torch.from_numpy(logits)
-    device = logits.device
-    out_shape = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
-    current, target = _spacings(properties, configuration_manager, plans_manager)
-    settings = resampling_settings(configuration_manager)
-
-    def resample(channels: torch.Tensor) -> torch.Tensor:
-        result = resample_torch_fornnunet(
-            channels, out_shape, current, target, is_seg=False, num_threads=threads, device=device, **settings
-        )
-        return result.float()  # unchanged (a shape that needs no resampling) stays in half otherwise
-
+    logits = _tensor(logits)
+    device, out_shape = logits.device, _out_shape(properties)
+    resample = _resampler(properties, configuration_manager, plans_manager, threads, device)
     if save_probabilities:
         probabilities = label_manager.apply_inference_nonlin(resample(logits))
         if label_manager.has_regions:
@@ -141,6 +135,90 @@ def segment(
     return _to_host(segmentation, label_manager), None
 
 
+@torch.inference_mode()
+def segment_ensemble(
+    members: list[tuple], label_manager, save_probabilities: bool, threads: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """nnUNetv2_ensemble's result without its files: each member's (logits, properties,
+    configuration_manager, plans_manager) resampled to the case's shape, turned into probabilities
+    (softmax, or sigmoid for regions), averaged, then segmented. A few channels at a time: a
+    softmax needs every channel, so a first pass keeps each member's running maximum and sum of
+    exponentials per voxel, and a second averages the probabilities chunk by chunk into a running
+    argmax. The members' logits stay where they are (all on one device)."""
+    resamplers = [
+        (_tensor(logits), _resampler(props, configuration, plans, threads, _tensor(logits).device))
+        for logits, props, configuration, plans in members
+    ]
+    device, out_shape, count = resamplers[0][0].device, _out_shape(members[0][1]), len(members)
+    num_channels = resamplers[0][0].shape[0]
+    if save_probabilities:
+        probabilities = sum(label_manager.apply_inference_nonlin(resample(logits)) for logits, resample in resamplers)
+        probabilities /= count
+        if label_manager.has_regions:
+            segmentation = _regions(probabilities > 0.5, label_manager.regions_class_order, out_shape, device)
+        else:
+            segmentation = probabilities.argmax(0)
+        return _to_host(segmentation, label_manager), probabilities.cpu().numpy()
+
+    chunk = min(_channels_per_chunk(num_channels, logits.shape[1:], out_shape) for logits, _ in resamplers)
+    chunks = range(0, num_channels, chunk)
+    if label_manager.has_regions:  # a sigmoid per channel: one pass
+        order = label_manager.regions_class_order
+        segmentation = torch.zeros(out_shape, dtype=torch.int16, device=device)
+        for start in chunks:
+            mean = sum(torch.sigmoid(resample(logits[start : start + chunk])) for logits, resample in resamplers)
+            for i, above in enumerate(mean / count > 0.5):
+                segmentation[above] = order[start + i]
+        return _to_host(segmentation, label_manager), None
+    softmax = []  # per member: (maximum, sum of exp(x - maximum)) over the channels, per voxel
+    for logits, resample in resamplers:
+        top = total = None
+        for start in chunks:
+            part = resample(logits[start : start + chunk])
+            new_top = part.max(0).values if top is None else torch.maximum(top, part.max(0).values)
+            scaled = torch.exp(part - new_top).sum(0)
+            total = scaled if total is None else total * torch.exp(top - new_top) + scaled
+            top = new_top
+        softmax.append((top, total))
+    best = segmentation = None
+    for start in chunks:
+        mean = sum(
+            torch.exp(resample(logits[start : start + chunk]) - top) / total
+            for (logits, resample), (top, total) in zip(resamplers, softmax, strict=True)
+        )
+        values, indices = (mean / count).max(0)
+        if best is None:
+            best, segmentation = values, indices
+        else:
+            better = values > best
+            best = torch.where(better, values, best)
+            segmentation = torch.where(better, indices + start, segmentation)
+    return _to_host(segmentation, label_manager), None
+
+
+def _tensor(logits) -> torch.Tensor:
+    return torch.from_numpy(logits) if isinstance(logits, np.ndarray) else logits
+
+
+def _out_shape(properties: dict) -> list[int]:
+    return [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
+
+
+def _resampler(properties: dict, configuration_manager, plans_manager, threads: int, device):
+    """Channels of this case's logits back to its shape and spacing, in float32, on `device`."""
+    out_shape = _out_shape(properties)
+    current, target = _spacings(properties, configuration_manager, plans_manager)
+    settings = resampling_settings(configuration_manager)
+
+    def resample(channels: torch.Tensor) -> torch.Tensor:
+        result = resample_torch_fornnunet(
+            channels, out_shape, current, target, is_seg=False, num_threads=threads, device=device, **settings
+        )
+        return result.float()  # unchanged (a shape that needs no resampling) stays in half otherwise
+
+    return resample
+
+
 def _regions(masks: torch.Tensor, order, shape, device) -> torch.Tensor:
     segmentation = torch.zeros(shape, dtype=torch.int16, device=device)
     for i, label in enumerate(order):
@@ -164,9 +242,12 @@ def write_segmentation(
     plans_manager,
     dataset_json: dict,
     output_base: str,
+    postprocessing: tuple[str, str] | None = None,
 ) -> None:
     """Un-crop, restore the axis order and write, as nnU-Net's export_prediction_from_logits does
-    (same writer, same files: the segmentation, and with probabilities the .npz and .pkl)."""
+    (same writer, same files: the segmentation, and with probabilities the .npz and .pkl).
+    `postprocessing`: (postprocessing.pkl, its plans.json), applied as nnUNetv2_apply_postprocessing
+    applies it to the written segmentation, and written with that plans' writer."""
     label_manager = plans_manager.get_label_manager(dataset_json)
     full = np.zeros(properties["shape_before_cropping"], dtype=_label_dtype(label_manager))
     full = insert_crop_into_image(full, segmentation, properties["bbox_used_for_cropping"])
@@ -179,7 +260,17 @@ def write_segmentation(
         np.savez_compressed(output_base + ".npz", probabilities=probabilities)
         save_pickle(properties, output_base + ".pkl")
     writer = plans_manager.image_reader_writer_class()
+    if postprocessing is not None:
+        full, writer = _postprocess(full, *postprocessing)
     writer.write_seg(full, output_base + dataset_json["file_ending"], properties)
+
+
+def _postprocess(segmentation: np.ndarray, pp_pkl: str, plans_json: str):
+    with open(plans_json) as f:
+        writer = PlansManager(json.load(f)).image_reader_writer_class()
+    with open(pp_pkl, "rb") as f:
+        pp_fns, pp_fn_kwargs = pickle.load(f)
+    return apply_postprocessing(segmentation, pp_fns, pp_fn_kwargs), writer
 
 
 def export_from_logits(
@@ -201,6 +292,34 @@ def export_from_logits(
     )
     del logits
     write_segmentation(segmentation, probabilities, properties, plans_manager, dataset_json, output_base)
+
+
+def export_ensemble(
+    members: list[tuple],
+    dataset_json: dict,
+    output_base: str,
+    save_probabilities: bool,
+    threads: int,
+    postprocessing: tuple[str, str] | None,
+) -> None:
+    """A fused ensemble's whole export on the CPU, in an export helper (see segment_ensemble);
+    the first member's properties and plans, as nnUNetv2_ensemble takes them."""
+    torch.set_num_threads(threads)
+    _, properties, _, plans_manager = members[0]
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    segmentation, probabilities = segment_ensemble(members, label_manager, save_probabilities, threads)
+    del members
+    write_segmentation(
+        segmentation, probabilities, properties, plans_manager, dataset_json, output_base, postprocessing
+    )
+
+
+def ensemble_memory_bytes(members: list[tuple], save_probabilities: bool) -> int:
+    """What segment_ensemble() allocates besides the members' logits (a bound)."""
+    logits, properties = members[0][0], members[0][1]
+    out_shape = _out_shape(properties)
+    single = export_memory_bytes(logits.shape[0], logits.shape[1:], out_shape, save_probabilities)
+    return int(single * (2 if save_probabilities else 1) + 8 * math.prod(out_shape) * len(members))
 
 
 # --- prediction on a GPU: folds summed on the device, mirrored passes batched ---------------------

@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -41,6 +42,11 @@ CUDA_CONTEXT_ERRORS = (
     "cudnn_status_execution_failed",
     "cublas_status_execution_failed",
 )
+
+
+def _host(logits) -> np.ndarray:
+    return logits.cpu().numpy() if isinstance(logits, torch.Tensor) else logits
+
 
 # --- preprocessing, in the pool's processes -------------------------------------------------
 _PREP: dict = {}  # per model (None in a single-stage run, else the member's name)
@@ -243,41 +249,76 @@ class NnunetBackend:
         if not self.export_in_worker:
             self.choices.append("export in a helper on the CPU")
             return fast_profile.export_from_logits, (logits, properties, *whole, self.settings.threads)
-        started = time.monotonic()
-        try:
-            segmentation, probabilities = self._segment_here(logits, properties, save_probabilities)
-        except fast_profile.DeviceOutOfMemory as exc:
-            self.fallbacks.append(f"exported on the CPU in a helper: {exc}")
-            host_logits = logits.cpu().numpy()
-            if logits.is_cuda:
-                del logits
-                torch.cuda.empty_cache()
-            return fast_profile.export_from_logits, (host_logits, properties, *whole, self.settings.threads)
-        self.choices.append(f"export on {logits.device.type} in {time.monotonic() - started:.2f} s")
-        args = (segmentation, probabilities, properties, p.plans_manager, p.dataset_json, output_base)
+        need = fast_profile.export_memory_bytes(
+            logits.shape[0],
+            logits.shape[1:],
+            properties["shape_after_cropping_and_before_resampling"],
+            save_probabilities,
+        )
+        segment = partial(
+            fast_profile.segment,
+            logits,
+            properties,
+            p.configuration_manager,
+            p.plans_manager,
+            self.label_manager,
+            save_probabilities,
+            self.settings.threads,
+        )
+        done = self._segment_here(segment, logits.device, need)
+        if done is None:
+            return fast_profile.export_from_logits, (_host(logits), properties, *whole, self.settings.threads)
+        args = (*done, properties, p.plans_manager, p.dataset_json, output_base)
         return fast_profile.write_segmentation, args
 
-    def _segment_here(self, logits: torch.Tensor, properties: dict, save_probabilities: bool):
-        out_shape = properties["shape_after_cropping_and_before_resampling"]
-        need = fast_profile.export_memory_bytes(logits.shape[0], logits.shape[1:], out_shape, save_probabilities)
-        free = fast_profile.free_device_bytes(logits.device)
-        if free is not None and need + fast_profile.DEVICE_SLACK_BYTES > free:
-            raise fast_profile.DeviceOutOfMemory(f"it needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
+    def fused_export_job(self, predictions: list[tuple], combine: Combine, output_base: str, save: bool) -> tuple:
+        """A fused ensemble (--profile fast): `predictions` holds (backend, logits, properties) per
+        member, in the ensemble's order; their average and its segmentation made here on the GPU
+        (a GPU worker), else in an export helper; then the postprocessing, in the helper."""
+        members = [
+            (logits, props, b.predictor.configuration_manager, b.predictor.plans_manager)
+            for b, logits, props in predictions
+        ]
+        postprocessing = (combine.pp_pkl, combine.pp_plans_json) if combine.pp_pkl else None
+        tail = (self.predictor.dataset_json, output_base, save, self.settings.threads, postprocessing)
+        devices = {logits.device for logits, *_ in members if isinstance(logits, torch.Tensor)}
+        if self.export_in_worker and len(devices) == 1:
+            segment = partial(fast_profile.segment_ensemble, members, self.label_manager, save, self.settings.threads)
+            done = self._segment_here(segment, devices.pop(), fast_profile.ensemble_memory_bytes(members, save))
+            if done is not None:
+                _, properties, _, plans_manager = members[0]
+                args = (*done, properties, plans_manager, self.predictor.dataset_json, output_base, postprocessing)
+                return fast_profile.write_segmentation, args
+        elif self.export_in_worker:  # nnU-Net left a member's results on the host (out of GPU memory)
+            self.fallbacks.append("ensemble averaged on the CPU in a helper: a member's results are on the host")
+        else:
+            self.choices.append("ensemble averaged in a helper on the CPU")
+        host = [(_host(logits), *rest) for logits, *rest in members]
+        return fast_profile.export_ensemble, (host, *tail)
+
+    def _segment_here(self, segment, device: torch.device, need: int):
+        """segment() in this process (a GPU worker's export), or None when the device lacks the
+        memory: the caller then sends the logits to an export helper (the same code on the CPU)."""
+        started = time.monotonic()
+        free = fast_profile.free_device_bytes(device)
         try:
-            if self.simulate_device_oom:
-                raise torch.OutOfMemoryError(f"out of memory (simulated by {DEVICE_EXPORT_TEST_ENV}=oom)")
-            p = self.predictor
-            return fast_profile.segment(
-                logits,
-                properties,
-                p.configuration_manager,
-                p.plans_manager,
-                self.label_manager,
-                save_probabilities,
-                self.settings.threads,
-            )
-        except torch.OutOfMemoryError as exc:
-            raise fast_profile.DeviceOutOfMemory(f"the device ran out of memory ({str(exc).splitlines()[0]})") from None
+            if free is not None and need + fast_profile.DEVICE_SLACK_BYTES > free:
+                raise fast_profile.DeviceOutOfMemory(
+                    f"it needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free"
+                )
+            try:
+                if self.simulate_device_oom:
+                    raise torch.OutOfMemoryError(f"out of memory (simulated by {DEVICE_EXPORT_TEST_ENV}=oom)")
+                done = segment()
+            except torch.OutOfMemoryError as exc:
+                raise fast_profile.DeviceOutOfMemory(
+                    f"the device ran out of memory ({str(exc).splitlines()[0]})"
+                ) from None
+        except fast_profile.DeviceOutOfMemory as exc:
+            self.fallbacks.append(f"exported on the CPU in a helper: {exc}")
+            return None
+        self.choices.append(f"export on {device.type} in {time.monotonic() - started:.2f} s")
+        return done
 
     def read_output(self, path: str) -> None:
         if path.endswith(".npz"):

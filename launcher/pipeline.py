@@ -53,6 +53,22 @@ def _timed(preprocess, model: str | None, files: tuple[str, ...], prev_stage_fil
     return started, preprocess(model, files, prev_stage_file)
 
 
+class _Preprocessing:
+    """A case's preprocessing jobs: one per model that predicts it (several in a fused ensemble)."""
+
+    def __init__(self, jobs: list[tuple[str | None, object]]):
+        self.jobs = jobs
+
+    def ready(self) -> bool:
+        return all(job.ready() for _, job in self.jobs)
+
+    def get(self) -> tuple[float, list[tuple]]:
+        """When the first began, and (member, data, properties) per model; raises a job's error."""
+        results = [(member, job.get()) for member, job in self.jobs]
+        started = min(started for _, (started, _) in results)
+        return started, [(member, data, properties) for member, (_, (data, properties)) in results]
+
+
 class CasePipeline:
     def __init__(self, backends: dict, settings: PredictSettings, out_dir: str, tmp_dir: str):
         """`backends`: one per model the worker serves (None: the only one)."""
@@ -88,14 +104,14 @@ class CasePipeline:
             # more cases are started than there are helpers (a case "in preprocessing" is in one)
             self._start_preprocessing(preparing)
             try:
-                started, (data, properties) = pending.get()
+                started, prepared = pending.get()
             except UnreadableInput as exc:
                 self._case_error(case, str(exc), "permanent", exc)
                 continue
             except Exception as exc:
                 self._case_error(case, f"preprocessing failed: {describe(exc)}", "retry", exc)
                 continue
-            self._predict_and_export(case, started, data, properties)
+            self._predict_and_export(case, started, prepared)
         self._wait(lambda: not self.exporting)
 
     # --- where a unit's files go (see spec.WorkCase) -------------------------------------------
@@ -115,15 +131,21 @@ class CasePipeline:
         for case in self.feed.take_combinations():
             self._start_combining(case)
         while len(preparing) < self.settings.npp and (case := self.feed.take()) is not None:
-            if case.combine is not None:
+            if case.only_combines:
                 self._start_combining(case)
                 continue
             if self._kept(case):
                 continue
             self.emit(("stage", case.id, "preprocess"))
-            preprocess = self.backends[case.member].preprocess
-            job = self.prep_pool.apply_async(_timed, (preprocess, case.member, case.files, case.prev_stage_file))
-            preparing.append((case, job))
+            members = case.fused or ((case.member, case.prev_stage_file),)
+            jobs = [
+                (
+                    member,
+                    self.prep_pool.apply_async(_timed, (self.backends[member].preprocess, member, case.files, prev)),
+                )
+                for member, prev in members
+            ]
+            preparing.append((case, _Preprocessing(jobs)))
 
     def _start_combining(self, case: WorkCase) -> None:
         """A multi-stage case's last step runs in an export helper, on the CPU, while the next
@@ -151,7 +173,9 @@ class CasePipeline:
         traceback.print_exception(exc)
         self.emit(("case_error", case.id, error, kind))
 
-    def _predict_and_export(self, case: WorkCase, started: float, data, properties) -> None:
+    def _predict_and_export(self, case: WorkCase, started: float, prepared: list[tuple]) -> None:
+        """`prepared`: (member, data, properties) for each model that predicts the case (several:
+        a fused ensemble of the fast profile, averaged before its export)."""
         self._wait(lambda: len(self.exporting) <= self.settings.nps)  # bounded: memory!
         self.emit(("stage", case.id, "predict"))
         print(f"\nPredicting {case.id}", flush=True)
@@ -164,12 +188,20 @@ class CasePipeline:
                 last_report[0] = now
                 self.emit(("step", case.id, done, total))
 
-        backend = self.backends[case.member]
+        backend = self.backends[prepared[0][0]]
         output_base = os.path.join(self._scratch(case), case.name or case.id)
+        save = self._saves_probabilities(case)
         try:
-            logits = backend.predict(case.id, data, on_step)
+            predictions = []
+            for member, data, properties in prepared:
+                predictions.append(
+                    (self.backends[member], self.backends[member].predict(case.id, data, on_step), properties)
+                )
             self.emit(("stage", case.id, "export"))
-            export = backend.export_job(logits, properties, output_base, self._saves_probabilities(case))
+            if case.fused:
+                export = backend.fused_export_job(predictions, case.combine, output_base, save)
+            else:
+                export = backend.export_job(predictions[0][1], predictions[0][2], output_base, save)
         except Exception as exc:
             kind = backend.prediction_error_kind(exc)
             if kind == "device":  # the CUDA context is unusable: nothing more can run in this process
@@ -179,16 +211,18 @@ class CasePipeline:
             if kind == "oom":
                 raise WorkerEnds("CUDA out of memory: the worker restarts to free its GPU memory", "restart") from exc
             return
-        del logits  # a GPU's memory is free for the next case once its export has what it needs
-        self._report_choices(case, backend)
+        used = list(dict.fromkeys(b for b, _, _ in predictions))
+        del predictions  # a GPU's memory is free for the next case once its export has what it needs
+        self._report_choices(case, used)
         self.exporting.append((case, self.export_pool.apply_async(*export), started))
 
-    def _report_choices(self, case: WorkCase, backend) -> None:
+    def _report_choices(self, case: WorkCase, backends: list) -> None:
         """How the fast profile did this case goes to the worker's log; what it could not do as
         planned (out of device memory) to the supervisor's too."""
-        if backend.choices:
-            print(f"case {case.id}: {'; '.join(backend.choices)}", flush=True)
-        for text in backend.fallbacks:
+        choices = [c for b in backends for c in b.choices]
+        if choices:
+            print(f"case {case.id}: {'; '.join(choices)}", flush=True)
+        for text in (t for b in backends for t in b.fallbacks):
             print(f"case {case.id}: {text}", flush=True)
             self.emit(("note", case.id, text))
 

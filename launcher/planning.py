@@ -42,11 +42,13 @@ class Plan:
         return {u: needs for c in self.cases for u, needs in self.stages.units(c).items()}
 
     def unit_work(self) -> dict[str, float]:
-        """A member's prediction costs what its case costs; a combination a small fraction."""
+        """A member's prediction costs what its case costs; a combination a small fraction; a fused
+        final unit (--profile fast) predicts every member of the ensemble."""
         if self.stages is None:
             return self.work
+        final = len(self.stages.ensemble) if self.stages.fused else COMBINE_WORK_FRACTION
         return {
-            u: self.work[c] * (COMBINE_WORK_FRACTION if u == c and self.stages.combines else 1.0)
+            u: self.work[c] * (final if u == c and self.stages.combines else 1.0)
             for u in self.unit_deps
             for c in [split_unit(u)[1]]
         }

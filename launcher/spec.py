@@ -66,6 +66,14 @@ class WorkCase:
     out_dir: str | None = None
     save_probabilities: bool | None = None  # None: the run's setting
     combine: Combine | None = None
+    # --profile fast: the ensemble's members, each with its previous stage's file (or None),
+    # predicted by this unit and averaged in the worker (`combine` then only postprocesses)
+    fused: tuple[tuple[str, str | None], ...] = ()
+
+    @property
+    def only_combines(self) -> bool:
+        """Reads its members' files: needs no preprocessing helper and no network."""
+        return self.combine is not None and not self.fused
 
 
 @dataclass(frozen=True)

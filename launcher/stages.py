@@ -53,6 +53,9 @@ class StagePlan:
     file_ending: str
     save_probabilities: bool  # the user's: the final outputs' .npz/.pkl
     keep: bool = False  # --keep-stages
+    # --profile fast: the case's final unit predicts the ensemble's members and averages them in
+    # the worker (on its GPU), without member units or their .npz files
+    fused: bool = False
 
     @property
     def combines(self) -> bool:
@@ -79,7 +82,8 @@ class StagePlan:
         return len(self.ensemble) > 1 or self.save_probabilities
 
     def is_combination(self, unit: str) -> bool:
-        return self.combines and split_unit(unit)[0] is None
+        """Whether the unit only combines its members' files (a fused unit predicts them)."""
+        return self.combines and not self.fused and split_unit(unit)[0] is None
 
     def final_stage(self) -> str:
         return self.final_member() or FINAL
@@ -93,20 +97,28 @@ class StagePlan:
         final = self.final_member()
         units = {}
         for m in self.members:
+            if self.fused and m.name in self.ensemble:  # predicted by the final unit
+                continue
             needs = (unit_id(m.previous, case_id, final),) if m.previous else ()
             units[unit_id(m.name, case_id, final)] = needs
-        if self.combines:
+        if self.fused:
+            previous = (self.member(name).previous for name in self.ensemble)
+            units[case_id] = tuple(unit_id(p, case_id, None) for p in previous if p)
+        elif self.combines:
             units[case_id] = tuple(unit_id(name, case_id, None) for name in self.ensemble)
         return units
 
     def work_case(self, unit: str, files: tuple[str, ...], verify: bool) -> WorkCase:
         """What a worker needs to run one unit: which model, where its input and output are."""
         member, case_id = split_unit(unit)
+        if member is None and self.fused:
+            fused = tuple((name, self._previous_output(name, case_id)) for name in self.ensemble)
+            combine = self._combine(case_id)
+            return WorkCase(unit, files, verify_existing=verify, name=case_id, combine=combine, fused=fused)
         if member is None and self.combines:
             return WorkCase(unit, files, verify_existing=verify, name=case_id, combine=self._combine(case_id))
         member = member or self.final_member()
-        previous = self.member(member).previous
-        prev_stage_file = self.member_outputs(previous, case_id)[-1] if previous else None
+        prev_stage_file = self._previous_output(member, case_id)
         if unit == case_id:  # the final output, into OUT with the run's settings
             return WorkCase(unit, files, prev_stage_file, verify, name=case_id, member=member)
         return WorkCase(
@@ -120,11 +132,20 @@ class StagePlan:
             save_probabilities=self.member_saves_probabilities(member),
         )
 
+    def _previous_output(self, member: str, case_id: str) -> str | None:
+        """The segmentation of a cascade member's previous stage, which its preprocessing reads."""
+        previous = self.member(member).previous
+        return self.member_outputs(previous, case_id)[-1] if previous else None
+
     def _combine(self, case_id: str) -> Combine:
         first = self.member(self.ensemble[0])
         ensemble = len(self.ensemble) > 1
         # an ensemble averages the members' .npz (listed first); a single member is postprocessed
-        inputs = tuple(self.member_outputs(name, case_id)[0 if ensemble else -1] for name in self.ensemble)
+        inputs = (
+            ()
+            if self.fused
+            else tuple(self.member_outputs(name, case_id)[0 if ensemble else -1] for name in self.ensemble)
+        )
         pp = self.postprocessing
         return Combine(
             inputs,
@@ -304,7 +325,7 @@ def describe_stages(plan: StagePlan) -> str:
         steps.append(f"{m.previous} -> {m.name}" if m.previous else m.name)
     text = " + ".join(s for s in steps if not any(o.startswith(f"{s} -> ") for o in steps))
     if len(plan.ensemble) > 1:
-        text += " -> ensemble"
+        text += " -> ensemble" + (" (averaged in the worker: --profile fast)" if plan.fused else "")
     if plan.postprocessing:
         text += f" -> postprocessing ({os.path.basename(plan.postprocessing.pkl)})"
     return text

@@ -50,9 +50,9 @@ class CaseFeed:
         """The multi-stage combinations it holds: they need no preprocessing helper, so they
         start at once instead of waiting behind the next case's preprocessing."""
         self.poll()
-        found = [c for c in self.cases if c.combine is not None]
+        found = [c for c in self.cases if c.only_combines]
         if found:
-            self.cases = deque(c for c in self.cases if c.combine is None)
+            self.cases = deque(c for c in self.cases if not c.only_combines)
         return found
 
     def has_cases(self) -> bool:

@@ -304,3 +304,56 @@ def fake_final(inputs: Path, case_id: str) -> bytes:
 
     prediction = expected_output([str(inputs / f"{case_id}_0000.nii.gz")])
     return combined_output([prediction + f"@{m}".encode() for m in MEMBERS], postprocessed=True)
+
+
+def nnunet(env: dict, *args: str) -> None:
+    """One of nnU-Net's commands; nnUNetv2_predict with torch held to the workers' one thread."""
+    import make_stage_models
+
+    if args[0] == "nnUNetv2_predict":
+        command = [sys.executable, "-c", make_stage_models.ONE_THREAD_PREDICT, *args[1:], "--disable_progress_bar"]
+    else:
+        command = [str(BIN / args[0]), *args[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="session")
+def manual(stages) -> Path:
+    """What nnU-Net's own commands make of the stage inputs, run by hand as its instructions say:
+    the 2d + 3d_fullres ensemble postprocessed, and the cascade."""
+    inputs, env, paths = stages["inputs"], stages["env"], stages
+    manual = stages["base"] / "manual"
+    common = ("-i", str(inputs), "-d", "998", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+    for member in MEMBERS:
+        nnunet(env, "nnUNetv2_predict", *common, "-c", member, "--save_probabilities", "-o", str(manual / member))
+    nnunet(
+        env, "nnUNetv2_ensemble", "-i", *(str(manual / m) for m in MEMBERS), "-o", str(manual / "ensemble"), "-np", "1"
+    )
+    nnunet(
+        env,
+        "nnUNetv2_apply_postprocessing",
+        "-i",
+        str(manual / "ensemble"),
+        "-o",
+        str(manual / "postprocessed"),
+        "-pp_pkl_file",
+        paths["postprocessing_pkl"],
+        "-plans_json",
+        paths["plans_json"],
+        "-np",
+        "1",
+    )
+    nnunet(env, "nnUNetv2_predict", *common, "-c", "3d_lowres", "-o", str(manual / "lowres"))
+    nnunet(
+        env,
+        "nnUNetv2_predict",
+        *common,
+        "-c",
+        "3d_cascade_fullres",
+        "-prev_stage_predictions",
+        str(manual / "lowres"),
+        "-o",
+        str(manual / "cascade"),
+    )
+    return manual

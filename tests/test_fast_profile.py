@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import ROOT, cli, fake_env, run_args
+from conftest import MEMBERS, ROOT, STAGE_CASES, cli, fake_env, fake_final, run_args
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_tiny_model as tiny  # noqa: E402
@@ -116,6 +116,68 @@ def test_fast_profile_saves_nnunet_shaped_probabilities(small, fast_out, tmp_pat
             assert (out / f"{case_id}.pkl").is_file()
 
 
+def _best(stages: dict, inputs: Path, out: Path, *extra: str) -> list[str]:
+    """`run --best`: the 2d + 3d_fullres ensemble and its postprocessing, the fast profile."""
+    args = ["run", "-i", str(inputs), "-o", str(out), "-d", "998", "--best", "--profile", "fast"]
+    return [*args, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1", "--workers", "2", *extra]
+
+
+def _stage_files(out: Path) -> list[Path]:
+    return [p for p in (out / ".nnunet-launch" / "stages").rglob("*") if p.is_file()]
+
+
+def test_fast_profile_averages_an_ensemble_in_the_worker_without_member_files(stages, manual, tmp_path, monkeypatch):
+    """Each case's final unit predicts both members and averages them (on the GPU in a GPU
+    worker; in the worker here through the test hook, and in an export helper as a CPU worker
+    does), then postprocesses: no member unit, no .npz in between, and the result agrees with
+    nnU-Net's own chain (predict --save_probabilities per member, ensemble, apply_postprocessing)."""
+    from launcher.nnunet import DEVICE_EXPORT_TEST_ENV
+
+    monkeypatch.setenv("nnUNet_results", stages["env"]["nnUNet_results"])
+    helper, in_worker = tmp_path / "helper", tmp_path / "in-worker"
+    result = cli(*_best(stages, stages["inputs"], helper, "--keep-stages"), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "ensemble (averaged in the worker: --profile fast)" in result.stdout
+    args = _best(stages, stages["inputs"], in_worker, "--save_probabilities")
+    result = cli(*args, env={DEVICE_EXPORT_TEST_ENV: "worker"}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for out in (helper, in_worker):
+        assert _stage_files(out) == []  # kept stages would show member files: there were none
+        summary = json.loads((out / ".nnunet-launch" / "summary.json").read_text())
+        assert list(summary["stages"]) == ["final"] and summary["done"] == STAGE_CASES
+    for i in range(STAGE_CASES):
+        name = f"case_{i:03d}.nii.gz"
+        chain, fast = _seg(manual / "postprocessed" / name), _seg(helper / name)
+        assert np.mean(chain == fast) >= MIN_EQUAL_VOXELS, name
+        dice = _dice_per_label(chain, fast)
+        assert dice and min(dice.values()) >= MIN_DICE, (name, dice)
+        assert np.array_equal(_seg(in_worker / name), fast), name
+        with np.load(in_worker / name.replace(".nii.gz", ".npz")) as npz:  # the ensemble's average
+            probabilities = npz["probabilities"]
+        assert probabilities.shape == (3, *fast.shape) and np.allclose(probabilities.sum(0), 1, atol=1e-4)
+    logs = "".join(p.read_text() for p in (helper / ".nnunet-launch" / "logs").glob("*part*.log"))
+    assert "ensemble averaged in a helper on the CPU" in logs
+
+
+def test_a_fused_ensemble_is_one_unit_per_case_with_the_combinations_result(stages, tmp_path, monkeypatch):
+    """The stand-in backend: the fused unit's output is what the combination of the members'
+    files would hold, and the journal has one unit per case (the members' work counted in it)."""
+    import gzip
+
+    monkeypatch.setenv("nnUNet_results", stages["env"]["nnUNet_results"])
+    out = tmp_path / "out"
+    plan = cli(*["plan", *_best(stages, stages["inputs"], out)[1:], "--json"])
+    assert plan.returncode == 0, plan.stderr
+    units = [c for part in json.loads(plan.stdout)["parts"] for c in part["cases"]]
+    assert sorted(units) == [f"case_{i:03d}" for i in range(STAGE_CASES)]
+    result = cli(*_best(stages, stages["inputs"], out), env=fake_env(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr
+    for i in range(STAGE_CASES):
+        with gzip.open(out / f"case_{i:03d}.nii.gz") as f:
+            assert f.read() == fake_final(stages["inputs"], f"case_{i:03d}")
+    assert len(MEMBERS) == 2 and _stage_files(out) == []
+
+
 def test_a_run_of_one_profile_is_not_resumed_with_the_other(cases, tmp_path):
     out = tmp_path / "out"
     env = fake_env(tmp_path)
@@ -190,6 +252,51 @@ def test_resampling_settings_follow_the_configuration():
     configuration.configuration["resampling_fn_probabilities"] = "resample_torch_fornnunet"
     configuration.configuration["resampling_fn_probabilities_kwargs"] = {"is_seg": False, "force_separate_z": False}
     assert fast_profile.resampling_settings(configuration) == {"force_separate_z": False}
+
+
+def _two_members(chunk_channels: int, monkeypatch, labels=None, regions_order=None, num_channels=12):
+    """Two members of an ensemble at different spacings (as 2d and 3d_fullres may be), one case."""
+    members = []
+    for seed, spacing in ((5, (2.0, 2.0, 2.0)), (6, (1.5, 2.0, 2.0))):
+        configuration, plans, label_manager = _managers(spacing, labels, regions_order)
+        shape = [round(s * 2.0 / sp) for s, sp in zip((10, 12, 14), spacing, strict=True)]
+        logits = torch.randn(num_channels, *shape, generator=torch.Generator().manual_seed(seed)).half()
+        properties = {"spacing": [2.2, 1.4, 1.4], "shape_after_cropping_and_before_resampling": [9, 17, 20]}
+        members.append((logits, properties, configuration, plans))
+    monkeypatch.setattr(fast_profile, "CHUNK_BYTES", 4 * 9 * 17 * 20 * 2 * chunk_channels)
+    return members, label_manager
+
+
+def _averaged(members, label_manager):
+    from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
+
+    total = 0
+    for logits, properties, configuration, plans in members:
+        current, target = fast_profile._spacings(properties, configuration, plans)
+        settings = fast_profile.resampling_settings(configuration)
+        out_shape = properties["shape_after_cropping_and_before_resampling"]
+        resampled = resample_torch_fornnunet(
+            logits, out_shape, current, target, is_seg=False, num_threads=1, **settings
+        )
+        total = total + label_manager.apply_inference_nonlin(resampled.float())
+    return total / len(members)
+
+
+def test_chunked_ensemble_average_equals_nnunets_average_of_probabilities(monkeypatch):
+    members, label_manager = _two_members(3, monkeypatch, {"background": 0, **{f"l{i}": i for i in range(1, 12)}})
+    expected = _averaged(members, label_manager)
+    segmentation, _ = fast_profile.segment_ensemble(members, label_manager, False, 1)
+    assert np.array_equal(segmentation, label_manager.convert_probabilities_to_segmentation(expected).numpy())
+    full, probabilities = fast_profile.segment_ensemble(members, label_manager, True, 1)
+    assert np.allclose(probabilities, expected.numpy(), atol=1e-6) and np.array_equal(full, segmentation)
+
+
+def test_chunked_ensemble_of_regions_equals_nnunets_average(monkeypatch):
+    labels = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+    members, label_manager = _two_members(1, monkeypatch, labels, [1, 2, 3], num_channels=3)
+    expected = label_manager.convert_probabilities_to_segmentation(_averaged(members, label_manager))
+    segmentation, _ = fast_profile.segment_ensemble(members, label_manager, False, 1)
+    assert np.array_equal(segmentation, np.asarray(expected))
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,11 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import make_stage_models  # scripts/ is on sys.path (conftest)
 import pytest
 
-from conftest import BIN, MEMBERS, STAGE_CASES, cli, copy_outputs_mtimes, fake_env, fake_final, status_json
+from conftest import MEMBERS, STAGE_CASES, cli, copy_outputs_mtimes, fake_env, fake_final, status_json
 
 NUM_CASES = STAGE_CASES
 FAST = ("-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
@@ -26,56 +23,6 @@ FAST = ("-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
 def results_of_the_stage_models(stages, monkeypatch):
     """`-d 998` in every launcher run of this module finds the stage models."""
     monkeypatch.setenv("nnUNet_results", stages["env"]["nnUNet_results"])
-
-
-def nnunet(env: dict, *args: str) -> None:
-    """One of nnU-Net's commands; nnUNetv2_predict with torch held to the workers' one thread."""
-    if args[0] == "nnUNetv2_predict":
-        command = [sys.executable, "-c", make_stage_models.ONE_THREAD_PREDICT, *args[1:], "--disable_progress_bar"]
-    else:
-        command = [str(BIN / args[0]), *args[1:]]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-
-
-@pytest.fixture(scope="session")
-def manual(stages) -> Path:
-    """What nnU-Net's own commands make of the inputs, run by hand as its instructions say."""
-    inputs, env, paths = stages["inputs"], stages["env"], stages
-    manual = stages["base"] / "manual"
-    common = ("-i", str(inputs), "-d", "998", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
-    for member in MEMBERS:
-        nnunet(env, "nnUNetv2_predict", *common, "-c", member, "--save_probabilities", "-o", str(manual / member))
-    nnunet(
-        env, "nnUNetv2_ensemble", "-i", *(str(manual / m) for m in MEMBERS), "-o", str(manual / "ensemble"), "-np", "1"
-    )
-    nnunet(
-        env,
-        "nnUNetv2_apply_postprocessing",
-        "-i",
-        str(manual / "ensemble"),
-        "-o",
-        str(manual / "postprocessed"),
-        "-pp_pkl_file",
-        paths["postprocessing_pkl"],
-        "-plans_json",
-        paths["plans_json"],
-        "-np",
-        "1",
-    )
-    nnunet(env, "nnUNetv2_predict", *common, "-c", "3d_lowres", "-o", str(manual / "lowres"))
-    nnunet(
-        env,
-        "nnUNetv2_predict",
-        *common,
-        "-c",
-        "3d_cascade_fullres",
-        "-prev_stage_predictions",
-        str(manual / "lowres"),
-        "-o",
-        str(manual / "cascade"),
-    )
-    return manual
 
 
 def ensemble_args(stages: dict, out: Path, *extra: str) -> list[str]:
