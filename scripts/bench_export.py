@@ -364,6 +364,11 @@ def main() -> None:
                 exact, fast = runs["exact"].get(key), runs["fast"].get(key)
                 ratio = round(fast / exact, 2) if exact and fast else None
                 results["summary"][f"launcher_fast_vs_exact_{key}"] = ratio
+            if "plain_nnunet" in runs:  # the GPU goal: cases per hour per GPU against plain nnU-Net
+                plain, fast = runs["plain_nnunet"].get("cases_per_hour"), runs["fast"].get("cases_per_hour")
+                results["summary"]["launcher_fast_vs_plain_cases_per_hour"] = (
+                    round(fast / plain, 2) if plain and fast else None
+                )
             save()
     finally:
         results["total_s"] = round(time.perf_counter() - start, 1)
