@@ -320,3 +320,21 @@ def test_bad_multi_stage_input_is_one_line_and_exit_2(stages, tmp_path):
     shutil.rmtree(dataset / "nnUNetTrainer__nnUNetPlans__3d_lowres")
     message = refused(stages, tmp_path, "-c", "3d_cascade_fullres", "-f", "0", results=results)
     assert "cascade stage and needs its previous stage '3d_lowres'" in message
+
+
+def test_a_rerun_without_the_postprocessing_or_a_member_is_refused_naming_the_difference(stages, many, tmp_path):
+    """Fields only the first run's identity has (its postprocessing, its ensemble) are differences
+    too: one line, exit 2, never an internal error."""
+    out = tmp_path / "out"
+    env = fake_env(tmp_path)
+    assert cli(*fake_stage_args(stages, many, out), env=env, timeout=300).returncode == 0
+    without_pp = fake_stage_args(stages, many, out)
+    at = without_pp.index("-pp_pkl_file")
+    del without_pp[at : at + 4]  # -pp_pkl_file PKL -plans_json JSON
+    one_member = [a for a in without_pp if a != "3d_fullres"]
+    for args in (without_pp, one_member):
+        for command in ("run", "plan"):
+            result = cli(command, *args[1:], env=env)
+            assert result.returncode == 2, result.stderr
+            assert "holds a run with a different" in result.stderr and "Traceback" not in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
