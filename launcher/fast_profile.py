@@ -13,6 +13,8 @@ nnU-Net is measured by scripts/bench_export.py and published in the README); the
 - Prediction on a GPU: the folds' results summed on the device when it has room (nnU-Net moves each
   fold's to the host), and the mirrored passes of test-time augmentation batched into one forward
   until the device runs out of memory for that (then one pass at a time, as nnU-Net does).
+- Ensembles: the members' probabilities averaged where their logits are, chunk by chunk, with no
+  member files in between (nnUNetv2_ensemble averages the members' .npz).
 
 Imports nnunetv2 and torch: only workers and their helpers load it (through launcher.nnunet).
 """
@@ -104,35 +106,15 @@ def segment(
     """The case's segmentation (cropped, in the network's axis order) and, if asked, its
     probabilities (float32), from logits where they are (a device tensor, or host memory)."""
     logits = _tensor(logits)
-    device, out_shape = logits.device, _out_shape(properties)
-    resample = _resampler(properties, configuration_manager, plans_manager, threads, device)
+    resample = _resampler(properties, configuration_manager, plans_manager, threads, logits.device)
     if save_probabilities:
-        probabilities = label_manager.apply_inference_nonlin(resample(logits))
-        if label_manager.has_regions:
-            segmentation = _regions(probabilities > 0.5, label_manager.regions_class_order, out_shape, device)
-        else:
-            segmentation = probabilities.argmax(0)
-        return _to_host(segmentation, label_manager), probabilities.cpu().numpy()
-
-    chunk = _channels_per_chunk(logits.shape[0], logits.shape[1:], out_shape)
-    if label_manager.has_regions:  # sigmoid(x) > 0.5 is x > 0; later regions overwrite earlier ones
-        order = label_manager.regions_class_order
-        segmentation = torch.zeros(out_shape, dtype=torch.int16, device=device)
-        for start in range(0, logits.shape[0], chunk):
-            part = resample(logits[start : start + chunk]) > 0
-            for i in range(part.shape[0]):
-                segmentation[part[i]] = order[start + i]
-        return _to_host(segmentation, label_manager), None
-    best = segmentation = None
-    for start in range(0, logits.shape[0], chunk):
-        values, indices = resample(logits[start : start + chunk]).max(0)  # the first of equal maxima
-        if best is None:
-            best, segmentation = values, indices
-        else:  # strictly greater: a tie keeps the earlier channel, as one argmax over all would
-            better = values > best
-            best = torch.where(better, values, best)
-            segmentation = torch.where(better, indices + start, segmentation)
-    return _to_host(segmentation, label_manager), None
+        return _segment_probabilities(label_manager.apply_inference_nonlin(resample(logits)), label_manager)
+    chunk = _channels_per_chunk(logits.shape[0], logits.shape[1:], _out_shape(properties))
+    resampled = ((start, resample(logits[start : start + chunk])) for start in range(0, logits.shape[0], chunk))
+    if label_manager.has_regions:  # sigmoid(x) > 0.5 is x > 0
+        masks = ((start, part > 0) for start, part in resampled)
+        return _to_host(_regions(masks, label_manager.regions_class_order), label_manager), None
+    return _to_host(_argmax(resampled), label_manager), None
 
 
 @torch.inference_mode()
@@ -146,54 +128,81 @@ def segment_ensemble(
     exponentials per voxel, and a second averages the probabilities chunk by chunk into a running
     argmax. The members' logits stay where they are (all on one device)."""
     resamplers = [
-        (_tensor(logits), _resampler(props, configuration, plans, threads, _tensor(logits).device))
-        for logits, props, configuration, plans in members
+        (logits, _resampler(props, configuration, plans, threads, logits.device))
+        for logits, props, configuration, plans in ((_tensor(m[0]), *m[1:]) for m in members)
     ]
-    device, out_shape, count = resamplers[0][0].device, _out_shape(members[0][1]), len(members)
-    num_channels = resamplers[0][0].shape[0]
+    count, num_channels = len(members), resamplers[0][0].shape[0]
     if save_probabilities:
-        probabilities = sum(label_manager.apply_inference_nonlin(resample(logits)) for logits, resample in resamplers)
-        probabilities /= count
-        if label_manager.has_regions:
-            segmentation = _regions(probabilities > 0.5, label_manager.regions_class_order, out_shape, device)
-        else:
-            segmentation = probabilities.argmax(0)
-        return _to_host(segmentation, label_manager), probabilities.cpu().numpy()
-
+        total = sum(label_manager.apply_inference_nonlin(resample(logits)) for logits, resample in resamplers)
+        return _segment_probabilities(total / count, label_manager)
+    out_shape = _out_shape(members[0][1])
     chunk = min(_channels_per_chunk(num_channels, logits.shape[1:], out_shape) for logits, _ in resamplers)
-    chunks = range(0, num_channels, chunk)
+    starts = range(0, num_channels, chunk)
     if label_manager.has_regions:  # a sigmoid per channel: one pass
-        order = label_manager.regions_class_order
-        segmentation = torch.zeros(out_shape, dtype=torch.int16, device=device)
-        for start in chunks:
-            mean = sum(torch.sigmoid(resample(logits[start : start + chunk])) for logits, resample in resamplers)
-            for i, above in enumerate(mean / count > 0.5):
-                segmentation[above] = order[start + i]
-        return _to_host(segmentation, label_manager), None
+        means = (
+            (start, sum(torch.sigmoid(resample(logits[start : start + chunk])) for logits, resample in resamplers))
+            for start in starts
+        )
+        masks = ((start, total / count > 0.5) for start, total in means)
+        return _to_host(_regions(masks, label_manager.regions_class_order), label_manager), None
     softmax = []  # per member: (maximum, sum of exp(x - maximum)) over the channels, per voxel
     for logits, resample in resamplers:
         top = total = None
-        for start in chunks:
+        for start in starts:
             part = resample(logits[start : start + chunk])
             new_top = part.max(0).values if top is None else torch.maximum(top, part.max(0).values)
             scaled = torch.exp(part - new_top).sum(0)
             total = scaled if total is None else total * torch.exp(top - new_top) + scaled
             top = new_top
         softmax.append((top, total))
-    best = segmentation = None
-    for start in chunks:
-        mean = sum(
-            torch.exp(resample(logits[start : start + chunk]) - top) / total
-            for (logits, resample), (top, total) in zip(resamplers, softmax, strict=True)
+    means = (
+        (
+            start,
+            sum(
+                torch.exp(resample(logits[start : start + chunk]) - top) / total
+                for (logits, resample), (top, total) in zip(resamplers, softmax, strict=True)
+            )
+            / count,
         )
-        values, indices = (mean / count).max(0)
+        for start in starts
+    )
+    return _to_host(_argmax(means), label_manager), None
+
+
+def _segment_probabilities(probabilities: torch.Tensor, label_manager) -> tuple[np.ndarray, np.ndarray]:
+    if label_manager.has_regions:
+        segmentation = _regions([(0, probabilities > 0.5)], label_manager.regions_class_order)
+    else:
+        segmentation = probabilities.argmax(0)
+    return _to_host(segmentation, label_manager), probabilities.cpu().numpy()
+
+
+def _argmax(chunks) -> torch.Tensor:
+    """One argmax over every channel, from (first channel, values) chunks of them in order: a
+    later chunk wins a voxel only when strictly greater, so a tie keeps the earlier channel, as one
+    argmax over all would (torch returns the first of equal maxima within a chunk)."""
+    best = segmentation = None
+    for start, part in chunks:
+        values, indices = part.max(0)
         if best is None:
-            best, segmentation = values, indices
+            best, segmentation = values, indices + start
         else:
             better = values > best
             best = torch.where(better, values, best)
             segmentation = torch.where(better, indices + start, segmentation)
-    return _to_host(segmentation, label_manager), None
+    return segmentation
+
+
+def _regions(chunks, order) -> torch.Tensor:
+    """nnU-Net's region labels from (first channel, masks) chunks in order: each region's label
+    where its mask holds, later regions over earlier ones."""
+    segmentation = None
+    for start, masks in chunks:
+        if segmentation is None:
+            segmentation = torch.zeros(masks.shape[1:], dtype=torch.int16, device=masks.device)
+        for i, mask in enumerate(masks):
+            segmentation[mask] = order[start + i]
+    return segmentation
 
 
 def _tensor(logits) -> torch.Tensor:
@@ -217,13 +226,6 @@ def _resampler(properties: dict, configuration_manager, plans_manager, threads: 
         return result.float()  # unchanged (a shape that needs no resampling) stays in half otherwise
 
     return resample
-
-
-def _regions(masks: torch.Tensor, order, shape, device) -> torch.Tensor:
-    segmentation = torch.zeros(shape, dtype=torch.int16, device=device)
-    for i, label in enumerate(order):
-        segmentation[masks[i]] = label
-    return segmentation
 
 
 def _label_dtype(label_manager):
