@@ -311,7 +311,7 @@ def summarize(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=6)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("-device", "--device", dest="device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--workers", type=int, default=1, help="launcher workers with --device cpu")
     parser.add_argument("--json-out", help="also write the results here (rewritten as they come)")
     parser.add_argument("--work-dir", help="models, cases and outputs (default: a temp folder, removed)")

@@ -514,15 +514,7 @@ class Check:
         return detail
 
     def export(self, timeout: float) -> dict:
-        result_file = self.results / "bench_export.json"
-        cmd = self.python(str(REPO / "scripts" / "bench_export.py"), "--cases", str(self.args.export_cases))
-        cmd += ["--deadline-s", str(int(timeout - 20)), "--json-out", str(result_file), "--device", self.args.device]
-        cmd += ["--work-dir", str(self.work / "export")]
-        r = self.run(cmd, timeout, "export")
-        detail = json.loads(result_file.read_text()) if result_file.exists() else {}
-        detail["gpu_processes_after"] = self.gpu_apps(wait_s=15)
-        if r["rc"] != 0:
-            raise StepFailed(f"bench_export.py: exit {r['rc']}" + (" (timed out)" if r["timed_out"] else ""), **detail)
+        detail = self._benchmark("bench_export", "export", timeout - 20, ["--cases", str(self.args.export_cases)])
         summary, where = detail.get("summary", {}), "fast_cuda" if self.cuda else "fast_cpu"
         low = [
             f"{key} {summary.get(key)} < {floor}"
@@ -538,21 +530,25 @@ class Check:
         return detail
 
     def bench(self, timeout: float) -> dict:
-        result_file = self.results / "bench_gpu.json"
-        cmd = self.python(str(REPO / "scripts" / "bench_gpu.py"), "--cases", str(self.args.bench_cases))
-        cmd += ["--deadline-s", str(int(timeout - 10)), "--json-out", str(result_file), "-device", self.args.device]
-        cmd += ["--work-dir", str(self.work / "bench")]
-        r = self.run(cmd, timeout, "bench")
-        detail = json.loads(result_file.read_text()) if result_file.exists() else {}
-        detail["gpu_processes_after"] = self.gpu_apps(wait_s=15)
-        if r["rc"] != 0:
-            raise StepFailed(f"bench_gpu.py: exit {r['rc']}" + (" (timed out)" if r["timed_out"] else ""), **detail)
+        detail = self._benchmark("bench_gpu", "bench", timeout - 10, ["--cases", str(self.args.bench_cases)])
         failed = [name for name, v in detail.get("runs", {}).items() if v.get("status") != "done"]
         if failed:
             raise StepFailed(f"not measured or failed: {', '.join(failed)}", **detail)
         return detail
 
     # --- helpers ----------------------------------------------------------------------------
+    def _benchmark(self, script: str, step: str, deadline: float, args: list[str]) -> dict:
+        """scripts/<script>.py with its own deadline inside the step's; its JSON is the detail."""
+        result_file = self.results / f"{script}.json"
+        cmd = self.python(str(REPO / "scripts" / f"{script}.py"), *args, "--deadline-s", str(int(deadline)))
+        cmd += ["--json-out", str(result_file), "--work-dir", str(self.work / step), "-device", self.args.device]
+        r = self.run(cmd, deadline + 10, step)
+        detail = json.loads(result_file.read_text()) if result_file.exists() else {}
+        detail["gpu_processes_after"] = self.gpu_apps(wait_s=15)
+        if r["rc"] != 0:
+            raise StepFailed(f"{script}.py: exit {r['rc']}" + (" (timed out)" if r["timed_out"] else ""), **detail)
+        return detail
+
     def _need_tiny(self) -> None:
         if not self.tiny:
             raise StepFailed("no tiny model (the tiny step did not pass)")
