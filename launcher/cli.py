@@ -109,7 +109,7 @@ PREDICT_OPTIONS = [
         ("--hang-timeout", "hang_timeout"),
         dict(
             type=float,
-            help="seconds a case may show no progress before its worker counts as hung [default: 10x the "
+            help="seconds (finite, > 0) a case may show no progress before its worker counts as hung [default: 10x the "
             "slowest finished case scaled by size, at least 300; 900 before any case finished]",
         ),
     ),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -194,8 +195,9 @@ def _check_range(config: RunConfig) -> None:
         raise LauncherError("-num_parts/-part_id cannot be combined with a SLURM array's node share")
     if config.node is not None and not 0 <= config.node < config.nodes:
         raise LauncherError(f"--node must be in 0..{config.nodes - 1}, got {config.node}")
-    if config.hang_timeout is not None and config.hang_timeout <= 0:
-        raise LauncherError(f"--hang-timeout must be > 0 seconds, got {config.hang_timeout}")
+    # nan compares false with everything: "<= 0" alone let it through and the watchdog never fired
+    if config.hang_timeout is not None and not (math.isfinite(config.hang_timeout) and config.hang_timeout > 0):
+        raise LauncherError(f"--hang-timeout must be a finite number of seconds > 0, got {config.hang_timeout}")
     if config.device not in ("cuda", "cpu"):
         raise LauncherError(f"-device must be cuda or cpu, got {config.device!r}")
     if config.schedule not in ("static", "dynamic"):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import pickle
 
 import numpy as np
 import torch
@@ -33,6 +32,8 @@ from batchgenerators.utilities.file_and_folder_operations import save_pickle
 from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing
 from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from launcher.stages import load_postprocessing
 
 # bytes of float32 resampled logits per chunk of channels: bounds the export's memory whatever the
 # number of labels (nnU-Net's export holds every channel in float64 at once)
@@ -270,8 +271,7 @@ def write_segmentation(
 def _postprocess(segmentation: np.ndarray, pp_pkl: str, plans_json: str):
     with open(plans_json) as f:
         writer = PlansManager(json.load(f)).image_reader_writer_class()
-    with open(pp_pkl, "rb") as f:
-        pp_fns, pp_fn_kwargs = pickle.load(f)
+    pp_fns, pp_fn_kwargs = load_postprocessing(pp_pkl)
     return apply_postprocessing(segmentation, pp_fns, pp_fn_kwargs), writer
 
 

@@ -25,6 +25,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from launcher import fast_profile
 from launcher.headers import gzip_stream_intact
 from launcher.spec import Combine, PredictSettings, UnreadableInput
+from launcher.stages import load_postprocessing
 
 # Tests only: "worker" makes a CPU worker of the fast profile export in its own process, as a GPU
 # worker does on its GPU; "oom" also makes that export run out of memory, as a device too small
@@ -124,8 +125,7 @@ def _combine(combine: Combine, output_base: str, file_ending: str, save_probabil
     if combine.pp_pkl is not None:
         with open(combine.pp_plans_json) as f:
             rw = PlansManager(json.load(f)).image_reader_writer_class()
-        with open(combine.pp_pkl, "rb") as f:
-            pp_fns, pp_fn_kwargs = pickle.load(f)
+        pp_fns, pp_fn_kwargs = load_postprocessing(combine.pp_pkl)
         load_postprocess_save(segmentation, output_base + file_ending, rw, pp_fns, pp_fn_kwargs)
 
 

@@ -198,11 +198,46 @@ class _Reference:
         raise LauncherError(f"{self.module}.{self.name}: a postprocessing file may only name functions")
 
 
-class _RecordingUnpickler(pickle.Unpickler):
+# What nnU-Net's postprocessing.pkl holds: its functions (named, never called while unpickling) and
+# keyword arguments, which may be numpy scalars (np.int64 pickles as a dtype and scalar(); arrays
+# as _reconstruct). Anything else a pickle can name may run code (numpy.load of a second pickle,
+# os.system, ...): refused.
+POSTPROCESSING_MODULE = "nnunetv2.postprocessing"
+NUMPY_CONSTRUCTORS = {
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("scalar", "_reconstruct")),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only NUMPY_CONSTRUCTORS and, as _Reference (or as the function itself when
+    `resolve`), the functions of nnunetv2.postprocessing."""
+
+    def __init__(self, file, resolve: bool = False):
+        super().__init__(file)
+        self.resolve = resolve
+
     def find_class(self, module, name):
-        if module == "numpy" or module.startswith("numpy."):  # the kwargs hold numpy scalars
+        if (module, name) in NUMPY_CONSTRUCTORS:
             return super().find_class(module, name)
-        return _Reference(module, name)
+        if module == POSTPROCESSING_MODULE or module.startswith(POSTPROCESSING_MODULE + "."):
+            return super().find_class(module, name) if self.resolve else _Reference(module, name)
+        raise _NotAllowed(f"{module}.{name}")
+
+
+class _NotAllowed(Exception):
+    pass
+
+
+def load_postprocessing(pkl: str) -> tuple[list, list]:
+    """nnU-Net's (functions, kwargs) from a postprocessing.pkl, in a worker: checked as
+    read_postprocessing checks it (nothing is called while unpickling), then loaded with the same
+    restrictions and the functions imported."""
+    with open(pkl, "rb") as f:
+        content = f.read()
+    _check_postprocessing(pkl, content)
+    return _RestrictedUnpickler(io.BytesIO(content), resolve=True).load()
 
 
 def _defines(module: str, name: str) -> bool:
@@ -227,9 +262,28 @@ def read_postprocessing(pkl: str, plans_json: str, dataset_json: str) -> Postpro
     try:
         with open(pkl, "rb") as f:
             content = f.read()
-        value = _RecordingUnpickler(io.BytesIO(content)).load()
     except OSError as exc:
         raise LauncherError(f"-pp_pkl_file {pkl!r}: {exc.strerror}") from None
+    _check_postprocessing(pkl, content)
+    for path, flag in ((plans_json, "-plans_json"), (dataset_json, "-dataset_json")):
+        if not os.path.isfile(path):
+            raise LauncherError(f"{flag} {path!r} does not exist")
+    return Postprocessing(
+        os.path.abspath(pkl),
+        os.path.abspath(plans_json),
+        os.path.abspath(dataset_json),
+        hashlib.sha256(content).hexdigest(),
+    )
+
+
+def _check_postprocessing(pkl: str, content: bytes) -> None:
+    try:
+        value = _RestrictedUnpickler(io.BytesIO(content)).load()
+    except _NotAllowed as exc:
+        raise LauncherError(
+            f"-pp_pkl_file {pkl!r} names {exc}; a postprocessing file may name only nnU-Net's postprocessing "
+            "functions (nnunetv2.postprocessing) and numpy scalars"
+        ) from None
     except Exception as exc:
         raise LauncherError(f"-pp_pkl_file {pkl!r} is not a pickle ({type(exc).__name__}: {exc})") from None
     ok = isinstance(value, (tuple, list)) and len(value) == 2
@@ -244,15 +298,6 @@ def read_postprocessing(pkl: str, plans_json: str, dataset_json: str) -> Postpro
     for f in functions:
         if not _defines(f.module, f.name):
             raise LauncherError(f"-pp_pkl_file {pkl!r} names {f.module}.{f.name}, which is not installed")
-    for path, flag in ((plans_json, "-plans_json"), (dataset_json, "-dataset_json")):
-        if not os.path.isfile(path):
-            raise LauncherError(f"{flag} {path!r} does not exist")
-    return Postprocessing(
-        os.path.abspath(pkl),
-        os.path.abspath(plans_json),
-        os.path.abspath(dataset_json),
-        hashlib.sha256(content).hexdigest(),
-    )
 
 
 def member_names(specs: list[tuple[str, str, str]]) -> list[str]:

@@ -92,6 +92,17 @@ ROWS = [
     ("negative restarts", lambda w: _base(w) + ["--max-restarts", "-2"], {}, "--max-restarts must be"),
     ("bad device", lambda w: _base(w, **{"-device": "tpu"}), {}, "'tpu' is not one of 'cuda', 'cpu'"),
     ("bad schedule", lambda w: _base(w) + ["--schedule", "fifo"], {}, "'fifo' is not one of 'dynamic', 'static'"),
+    ("hang timeout nan", lambda w: _base(w) + ["--hang-timeout", "nan"], {}, "--hang-timeout must be a finite"),
+    ("hang timeout inf", lambda w: _base(w) + ["--hang-timeout", "inf"], {}, "--hang-timeout must be a finite"),
+    (
+        "hang timeout nan in a config file",
+        lambda w: (
+            (w["tmp"] / "c.toml").write_text("hang_timeout = nan\n")
+            and _base(w) + ["--config", str(w["tmp"] / "c.toml")]
+        ),
+        {},
+        "--hang-timeout must be a finite number of seconds > 0, got nan",
+    ),
     ("bad profile", lambda w: _base(w) + ["--profile", "turbo"], {}, "'turbo' is not one of 'exact', 'fast'"),
     (
         "bad profile in a config file",

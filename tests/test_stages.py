@@ -338,3 +338,64 @@ def test_a_rerun_without_the_postprocessing_or_a_member_is_refused_naming_the_di
             assert result.returncode == 2, result.stderr
             assert "holds a run with a different" in result.stderr and "Traceback" not in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1
+
+
+class _Call:
+    """Pickles as a call of `function` with `args` (what a hostile pickle's REDUCE does)."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def test_a_postprocessing_pickle_that_would_run_code_is_refused_before_anything_runs(stages, tmp_path):
+    """numpy.load of a second pickle (allow_pickle=True) used to pass the check and run that
+    pickle's command, even in `plan`. Only nnU-Net's postprocessing functions and numpy scalar
+    constructors may be named; the workers load the file with the same restrictions."""
+    import numpy as np
+
+    from launcher.stages import load_postprocessing
+
+    marker = tmp_path / "ran"
+    payload = tmp_path / "payload.pkl"
+    payload.write_bytes(pickle.dumps(_Call(os.system, f"touch {marker}")))
+    hostile = {
+        "numpy.load": _Call(np.load, str(payload), None, True),
+        "os.system": _Call(os.system, f"touch {marker}"),
+        "builtins.eval": _Call(eval, f"open({str(marker)!r}, 'w')"),
+    }
+    with open(stages["postprocessing_pkl"], "rb") as f:
+        functions, kwargs = pickle.load(f)
+    for name, call in hostile.items():
+        for placement in (([*functions, call], kwargs), (functions, [{"labels_or_regions": call}])):
+            pkl = tmp_path / f"{name}.pkl"
+            pkl.write_bytes(pickle.dumps(placement))
+            for command in ("plan", "run"):
+                result = cli(
+                    command,
+                    "-i",
+                    str(stages["inputs"]),
+                    "-o",
+                    str(tmp_path / "out"),
+                    "-d",
+                    "998",
+                    "-c",
+                    *MEMBERS,
+                    "-f",
+                    "0",
+                    "-pp_pkl_file",
+                    str(pkl),
+                    "-device",
+                    "cpu",
+                )
+                assert result.returncode == 2, (name, result.stderr)
+                assert "may name only nnU-Net's postprocessing functions" in result.stderr, result.stderr
+                assert len(result.stderr.strip().splitlines()) == 1
+            with pytest.raises(Exception, match="postprocessing"):
+                load_postprocessing(str(pkl))
+            assert not marker.exists(), name
+    # nnU-Net's own file (a function and a numpy scalar) still loads, its function imported
+    loaded_functions, loaded_kwargs = load_postprocessing(stages["postprocessing_pkl"])
+    assert loaded_functions == functions and loaded_kwargs == kwargs
