@@ -119,7 +119,8 @@ def _refuse_other_run(config: RunConfig, previous: dict | None) -> None:
     previous = {**IDENTITY_DEFAULTS, **previous} if previous is not None else None
     if previous is not None and previous != identity and not config.fresh:
         # keys of either side: a member set or a postprocessing may be in one and not the other
-        key = next(k for k in sorted({*identity, *previous}) if previous.get(k) != identity.get(k))
+        keys = [*identity, *(k for k in previous if k not in identity)]
+        key = next(k for k in keys if previous.get(k) != identity.get(k))
         raise LauncherError(
             f"{config.output_folder!r} holds a run with a different {key} ({previous.get(key)!r}, now "
             f"{identity.get(key)!r}); use another output folder, or --fresh to discard it"
