@@ -75,6 +75,7 @@ RESERVED_SBATCH_KEYS = {
     "job-name": None,
     "dependency": None,
     "wrap": None,
+    "workdir": None,  # an old name of --chdir
 }
 
 
@@ -127,12 +128,14 @@ def check_sbatch_arg(arg: str) -> None:
             f"--sbatch-arg {arg!r} must be one --key[=value] token without spaces, quotes, backslashes "
             "or '#' (e.g. --sbatch-arg=--mem=64G; repeat --sbatch-arg for several)"
         )
-    key = match.group(1)
-    if key in RESERVED_SBATCH_KEYS:
-        own = RESERVED_SBATCH_KEYS[key]
+    # sbatch (getopt_long) takes any unambiguous prefix of an option: --arr is --array
+    reserved = next((k for k in RESERVED_SBATCH_KEYS if k.startswith(match.group(1))), None)
+    if reserved is not None:
+        own = RESERVED_SBATCH_KEYS[reserved]
         raise LauncherError(
             f"--sbatch-arg {arg!r}: "
-            + (f"use nnunet-launch's {own} instead" if own else f"nnunet-launch sets --{key} itself")
+            + (f"use nnunet-launch's {own} instead" if own else f"nnunet-launch sets --{reserved} itself")
+            + ("" if reserved == match.group(1) else f" (sbatch reads --{match.group(1)} as --{reserved})")
         )
 
 
