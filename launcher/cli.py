@@ -392,7 +392,7 @@ def plan(as_json, **values):
     """Dry run: what `run` would do with the same arguments (the parts, their GPUs and cases,
     what OUT already holds); it refuses what `run` refuses; starts nothing, writes nothing."""
     from launcher.planning import make_plan
-    from launcher.runner import inspect_out, stage_facts
+    from launcher.runner import FRESH_NAMES_SHOWN, describe_fresh, inspect_out, stage_facts
     from launcher.stages import describe_stages
 
     config = build_config(values)
@@ -405,6 +405,7 @@ def plan(as_json, **values):
         "to_do": to_do,
         "failed_tried_again": len(view.failed),
         "fresh_would_delete": len(view.fresh_would_delete),
+        "fresh_would_delete_files": view.fresh_would_delete,
         "assignment": "estimate" if the_plan.schedule == "dynamic" else "exact",
         **({"stages": stage_facts(the_plan, view)} if the_plan.stages else {}),
     }
@@ -423,7 +424,8 @@ def plan(as_json, **values):
         + (f" ({len(view.failed)} that failed before are tried again)" if view.failed else "")
     )
     if config.fresh:
-        click.echo(f"--fresh would delete {len(view.fresh_would_delete)} output file(s) and the launcher's state")
+        listed = "plan --json" if len(view.fresh_would_delete) > FRESH_NAMES_SHOWN else None
+        click.echo(f"--fresh would delete {describe_fresh(view.fresh_would_delete, listed)} and the launcher's state")
     click.echo(
         f"{the_plan.num_parts} part(s); per worker {the_plan.threads} torch thread(s), "
         f"npp={the_plan.npp}, nps={the_plan.nps}"

@@ -25,6 +25,7 @@ from launcher.outputs import (
     stages_dir,
     tmp_dir,
     write_run_metadata,
+    write_text_atomically,
 )
 from launcher.planning import Plan, checkpoint_bytes, make_plan, memory_warning
 from launcher.progress import Reporter, wants_live_view
@@ -309,10 +310,30 @@ def _fresh_targets(config: RunConfig, plan: Plan, journaled_done: set[str]) -> l
     return sorted(n for n in names if os.path.isfile(os.path.join(out, n)))
 
 
+FRESH_NAMES_SHOWN = 20
+
+
+def describe_fresh(names: list[str], listed_in: str | None) -> str:
+    """What --fresh deletes, by name: the first few, and where all of them are listed."""
+    if not names:
+        return "no output file"
+    more = f", ... and {len(names) - FRESH_NAMES_SHOWN} more" if len(names) > FRESH_NAMES_SHOWN else ""
+    where = f" (all of them listed in {listed_in})" if listed_in else ""
+    return f"{len(names)} output file(s): {', '.join(names[:FRESH_NAMES_SHOWN])}{more}{where}"
+
+
 def _discard_previous(config: RunConfig, journal: Journal, plan: Plan) -> None:
     out = config.output_folder
+    targets = _fresh_targets(config, plan, set(journal.cases_in_state(DONE)))
+    listed_in = None
+    if targets:  # a record of what was deleted, before anything is
+        logs = logs_dir(run_state_dir(config))
+        os.makedirs(logs, exist_ok=True)
+        listed_in = os.path.join(logs, f"fresh-deleted-{time.strftime('%Y%m%d-%H%M%S')}.txt")
+        write_text_atomically(listed_in, "".join(f"{name}\n" for name in targets), tmp_dir(run_state_dir(config)))
+    print(f"nnunet-launch: --fresh: deleting {describe_fresh(targets, listed_in)} in {out}", flush=True)
     removed = 0
-    for name in _fresh_targets(config, plan, set(journal.cases_in_state(DONE))):
+    for name in targets:
         try:
             os.remove(os.path.join(out, name))
             removed += 1

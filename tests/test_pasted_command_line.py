@@ -55,6 +55,9 @@ def test_plan_tells_what_run_would_do_on_an_existing_output_folder(tiny, tmp_pat
     assert plan["model_folder"] == str(tiny["model"]) and plan["assignment"] == "estimate"
     fresh = json.loads(cli("plan", *run_args(tiny, out, "--workers", "2", "--fresh")[1:], "--json").stdout)
     assert fresh["fresh_would_delete"] == 11 and fresh["done"] == 0
+    assert fresh["fresh_would_delete_files"] == [f"{c}.nii.gz" for c in sorted(cases[1:])]
+    text = cli("plan", *run_args(tiny, out, "--workers", "2", "--fresh")[1:]).stdout
+    assert f"--fresh would delete 11 output file(s): {cases[1]}.nii.gz, " in text
     text = cli("plan", *run_args(tiny, out, "--workers", "2")[1:]).stdout
     assert "11 already done in the output folder, 1 to predict" in text and "is an estimate" in text
     assert sorted(p.name for p in out.glob("case_*")) == sorted(f"{c}.nii.gz" for c in cases[1:]), "plan wrote nothing"

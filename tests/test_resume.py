@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import assert_same_predictions, cli, copy_outputs_mtimes, run_args
 from launcher.errors import LauncherError
@@ -42,6 +43,11 @@ def test_continue_prediction_keeps_complete_outputs_and_predicts_truncated_and_m
     fresh = cli(*run_args(tiny, out, "--workers", "2", "--fresh"), timeout=300)
     assert fresh.returncode == 0, fresh.stderr
     assert "--fresh: discarded the previous run's state and 12 output file(s)" in fresh.stdout
+    # ... after naming them, with the full list kept in the logs
+    named = next(line for line in fresh.stdout.splitlines() if "--fresh: deleting 12 output file(s): " in line)
+    assert "case_000.nii.gz, case_001.nii.gz" in named
+    listed = named.split("all of them listed in ")[1].split(")")[0]
+    assert Path(listed).read_text().split() == sorted(f"case_{i:03d}.nii.gz" for i in range(12))
     assert all(after[n] < m for n, m in copy_outputs_mtimes(out).items() if n.startswith("case_"))
     assert_same_predictions(out, reference)
 
