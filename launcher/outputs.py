@@ -62,6 +62,12 @@ def case_outputs(case_id: str, file_ending: str, save_probabilities: bool) -> li
     return names + [case_id + file_ending]
 
 
+def outputs_present(names_in_out: set[str], case_id: str, file_ending: str, save_probabilities: bool) -> bool:
+    """Every file of the case is in OUT, by name (`names_in_out`: one listing of OUT, so that a
+    check of thousands of cases costs one directory read)."""
+    return all(name in names_in_out for name in case_outputs(case_id, file_ending, save_probabilities))
+
+
 def move_into_place(src_dir: str, out: str, names: list[str]) -> None:
     for name in names:
         os.replace(os.path.join(src_dir, name), os.path.join(out, name))

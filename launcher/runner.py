@@ -22,6 +22,7 @@ from launcher.outputs import (
     journal_path,
     lock_path,
     logs_dir,
+    outputs_present,
     stages_dir,
     tmp_dir,
     write_run_metadata,
@@ -54,7 +55,7 @@ def run(config: RunConfig, argv: list[str]) -> int:
     try:
         journal = Journal.open(journal_path(state))
         try:
-            return _supervise(config, plan, journal, view.strays, argv)
+            return _supervise(config, plan, journal, view, argv)
         finally:
             journal.close()
     finally:
@@ -66,6 +67,7 @@ class OutView:
     """What OUT holds for this run, read without writing anything (run and plan share it)."""
 
     strays: list[str]  # planned cases whose segmentation is in OUT (journaled or not)
+    complete: set[str]  # ... whose every output is there (with probabilities: .npz and .pkl too)
     done: set[str]  # journaled done, with the output present
     units_done: set[str]  # journaled done (a multi-stage run's units, see stages.py)
     failed: set[str]  # failed in the last run: tried again
@@ -76,7 +78,7 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
     """Refuse what `run` must refuse (exit 2, nothing written): predictions not made by the
     launcher without --continue_prediction/--fresh, or a run with other output-changing settings
     without --fresh. Reads the journal read-only."""
-    strays = _existing_outputs(config, plan)
+    strays, complete = _existing_outputs(config, plan)
     path = journal_path(run_state_dir(config))
     if not os.path.isfile(path):
         if strays and not (config.continue_prediction or config.fresh):
@@ -85,7 +87,8 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
                 f"nnunet-launch (e.g. {strays[0]!r}); add --continue_prediction to keep the "
                 "ones that decode completely, or --fresh to predict everything again"
             )
-        return OutView(strays, set(), set(), set(), _fresh_targets(config, plan, set()) if config.fresh else [])
+        fresh = _fresh_targets(config, plan, set()) if config.fresh else []
+        return OutView(strays, complete, set(), set(), set(), fresh)
     journal = Journal.open_readonly(path)
     try:
         previous, (states, _) = journal.identity(), journal.states()
@@ -94,13 +97,12 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
     _refuse_other_run(config, previous)
     journaled_done = {c for c, s in states.items() if s == DONE}
     fresh = _fresh_targets(config, plan, journaled_done) if config.fresh else []
-    present = set(strays)
-    done = {c for c in journaled_done if c in present and c in plan.cases}
+    done = {c for c in journaled_done if c in complete and c in plan.cases}
     failed = {c for c, s in states.items() if s == FAILED and c in plan.cases}
     if config.fresh:
-        return OutView(strays, set(), set(), set(), fresh)
-    units_done = journaled_done - _vanished(plan, journaled_done, present)
-    return OutView(strays, done, units_done, failed, fresh)
+        return OutView(strays, complete, set(), set(), set(), fresh)
+    units_done = journaled_done - _vanished(plan, journaled_done, complete)
+    return OutView(strays, complete, done, units_done, failed, fresh)
 
 
 def stage_facts(plan: Plan, view: OutView) -> dict:
@@ -128,14 +130,15 @@ def _refuse_other_run(config: RunConfig, previous: dict | None) -> None:
         )
 
 
-def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str], argv: list[str]) -> int:
+def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, argv: list[str]) -> int:
     out = config.output_folder
+    strays, complete = view.strays, view.complete
     identity = output_identity(config)
     previous = journal.identity()
     _refuse_other_run(config, previous)  # again under the lock: another run may have changed OUT
     if config.fresh and (previous is not None or strays):
         _discard_previous(config, journal, plan)
-        strays = []
+        strays, complete = [], set()
     started = time.time()
     state = run_state_dir(config)
     clear_tmp(tmp_dir(state))
@@ -147,7 +150,7 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, strays: list[str
     write_run_metadata(out, tmp_dir(state), config.model.folder, _predict_args(config, plan) if predicted else None)
     states, attempts = journal.states()
     done = {c for c, s in states.items() if s == DONE}
-    vanished = sorted(_vanished(plan, done, set(strays)))
+    vanished = sorted(_vanished(plan, done, complete))
     if vanished:  # journaled done, but someone removed the output since: predict it again
         journal.reopen_cases(vanished)
         states, attempts = journal.states()
@@ -291,14 +294,16 @@ def resume_argv(argv: list[str]) -> list[str]:
     return [a for a in argv if a != "--fresh"]
 
 
-def _existing_outputs(config: RunConfig, plan: Plan) -> list[str]:
-    """Cases whose segmentation is already in OUT (journaled or not)."""
+def _existing_outputs(config: RunConfig, plan: Plan) -> tuple[list[str], set[str]]:
+    """The cases whose segmentation is already in OUT (journaled or not), and of those the ones
+    whose every output is (a deleted .npz or .pkl makes a finished case unfinished)."""
     ending = config.model.file_ending
     out = config.output_folder
     if not os.path.isdir(out):
-        return []
+        return [], set()
     present = set(os.listdir(out))
-    return sorted(c for c in plan.cases if c + ending in present)
+    strays = sorted(c for c in plan.cases if c + ending in present)
+    return strays, {c for c in strays if outputs_present(present, c, ending, config.save_probabilities)}
 
 
 def _fresh_targets(config: RunConfig, plan: Plan, journaled_done: set[str]) -> list[str]:

@@ -332,3 +332,24 @@ def test_a_small_set_keeps_every_worker_busy_while_cases_wait_unstarted(tiny, tm
     slow_part = next(p for p, done in by_part.items() if "case_000" in done)
     assert len(by_part[slow_part]) <= 2, f"the slow worker kept at most the case it had started: {by_part}"
     assert len(by_part[1 - slow_part]) >= 4
+
+
+def test_a_deleted_probabilities_file_makes_its_case_unfinished_on_resume(cases, tmp_path):
+    """With --save_probabilities a case's outputs are its .npz and .pkl too: one deleted after
+    the run is predicted again by the same command (else verify would ask for it forever)."""
+    out = tmp_path / "out"
+    env = fake_env(tmp_path)
+    args = run_args(cases, out, "--workers", "2", "--save_probabilities")
+    assert cli(*args, env=env, timeout=300).returncode == 0
+    (out / "case_003.npz").unlink()
+    (out / "case_007.pkl").unlink()
+    before = copy_outputs_mtimes(out)
+    plan = json.loads(cli("plan", *args[1:], "--json", env=env).stdout)
+    assert (plan["done"], plan["to_do"]) == (len(cases["ids"]) - 2, 2)
+    again = cli(*args, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (out / "case_003.npz").is_file() and (out / "case_007.pkl").is_file()
+    after = copy_outputs_mtimes(out)
+    assert {n for n in before if after[n] != before[n]} == {
+        f"case_{i:03d}{e}" for i in (3, 7) for e in (".nii.gz", ".npz", ".pkl")
+    } - {"case_003.npz", "case_007.pkl"}
