@@ -543,25 +543,57 @@ def _available(folder: str, checkpoint: str) -> str:
     return f"checkpoints found: {', '.join(others) or 'none'}"
 
 
-def output_identity(config: RunConfig) -> dict[str, Any]:
-    """What decides the outputs' content: a resumed run must match it exactly."""
+@dataclass(frozen=True)
+class RunIdentity:
+    """What decides the outputs' content: a resumed run must match it field for field. Every
+    field is always there (None when unused); a journal written before a field existed reads as
+    that field's default. The one place that says what "the same run" means."""
+
+    model_folder: str
+    configuration: str | None
+    folds: tuple[str, ...]
+    checkpoint: str
+    input_folder: str
+    step_size: float
+    disable_tta: bool
+    save_probabilities: bool
+    prev_stage_predictions: str | None = None
+    profile: str = "exact"
+    # multi-stage runs (stages.StagePlan.identity)
+    members: tuple[str, ...] | None = None
+    ensemble: tuple[str, ...] | None = None
+    postprocessing: str | None = None
+    postprocessing_plans: str | None = None
+    final_stage: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, stored: dict[str, Any]) -> RunIdentity:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known}
+        return cls(**values)
+
+    def diff(self, other: RunIdentity) -> list[str]:
+        """The fields that differ, in the schema's order."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def output_identity(config: RunConfig) -> RunIdentity:
     stages = config.stages.identity() if config.stages else {}
-    return {
-        **stages,
-        "model_folder": config.model.folder,
-        "configuration": config.model.configuration,
-        "folds": list(config.model.folds),
-        "checkpoint": config.checkpoint,
-        "input_folder": os.path.realpath(config.input_folder),
-        "step_size": config.step_size,
-        "disable_tta": config.disable_tta,
-        "save_probabilities": config.save_probabilities,
-        "prev_stage_predictions": (
+    return RunIdentity(
+        model_folder=config.model.folder,
+        configuration=config.model.configuration,
+        folds=tuple(config.model.folds),
+        checkpoint=config.checkpoint,
+        input_folder=os.path.realpath(config.input_folder),
+        step_size=config.step_size,
+        disable_tta=config.disable_tta,
+        save_probabilities=config.save_probabilities,
+        prev_stage_predictions=(
             os.path.realpath(config.prev_stage_predictions) if config.prev_stage_predictions else None
         ),
-        "profile": config.profile,
-    }
-
-
-# what a journal written before a field of the identity existed meant by its absence
-IDENTITY_DEFAULTS = {"profile": "exact"}
+        profile=config.profile,
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in stages.items()},
+    )

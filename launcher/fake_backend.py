@@ -31,7 +31,7 @@ import os
 import signal
 import time
 
-from launcher.spec import Combine, PredictSettings, UnreadableInput
+from launcher.spec import Combine, Failure, PredictSettings, UnreadableInput
 
 BACKEND_ENV = "NNUNET_LAUNCH_TEST_BACKEND"
 FAULTS_ENV = "NNUNET_LAUNCH_TEST_FAULTS"
@@ -159,10 +159,10 @@ class FakeBackend:
         return data
 
     @staticmethod
-    def prediction_error_kind(exc: BaseException) -> str:
+    def prediction_error_kind(exc: BaseException) -> Failure:
         if isinstance(exc, FakeOutOfMemory):
-            return "oom"
-        return "device" if "CUDA error" in str(exc) else "retry"
+            return Failure.OOM
+        return Failure.DEVICE if "CUDA error" in str(exc) else Failure.RETRY
 
     def export_job(self, content: bytes, properties: dict, output_base: str, save_probabilities: bool) -> tuple:
         return _export, (content, properties, output_base, self.file_ending, save_probabilities)

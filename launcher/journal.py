@@ -287,7 +287,7 @@ class Journal:
         """A multi-stage run's units per stage and state (see stages.py: a member's unit id is
         "<member>/<case>", the final unit's the case id), and which stage is the cases' final one."""
         identity = self.identity() or {}
-        if "members" not in identity:
+        if not identity.get("members"):  # a single-stage run (None, or absent in older journals)
             return {}
         final = identity["final_stage"]
         counts: dict[str, dict[str, int]] = {}

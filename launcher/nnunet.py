@@ -24,7 +24,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from launcher import fast_profile
 from launcher.headers import gzip_stream_intact
-from launcher.spec import Combine, PredictSettings, UnreadableInput
+from launcher.spec import Combine, Failure, PredictSettings, UnreadableInput
 from launcher.stages import load_postprocessing
 
 # Tests only: "worker" makes a CPU worker of the fast profile export in its own process, as a GPU
@@ -225,18 +225,18 @@ class NnunetBackend:
             self.on_step = None
 
     @staticmethod
-    def prediction_error_kind(exc: BaseException) -> str:
+    def prediction_error_kind(exc: BaseException) -> Failure:
         """nnU-Net 2.8.1 already catches a RuntimeError of the on-device sliding window and redoes
         it with the results on the CPU (predict_sliding_window_return_logits), so out of memory
         that reaches us happened on that fallback too: retrying in this process would repeat it.
-        A fresh worker ("oom") starts with all of its GPU memory free. Any other CUDA error
-        leaves the context unusable ("device")."""
+        A fresh worker (OOM) starts with all of its GPU memory free. Any other CUDA error leaves
+        the context unusable (DEVICE)."""
         if isinstance(exc, torch.cuda.OutOfMemoryError):
-            return "oom"
+            return Failure.OOM
         text = str(exc).lower()
         if isinstance(exc, RuntimeError) and any(marker in text for marker in CUDA_CONTEXT_ERRORS):
-            return "device"
-        return "retry"
+            return Failure.DEVICE
+        return Failure.RETRY
 
     def export_job(self, logits, properties, output_base: str, save_probabilities: bool) -> tuple:
         """(function, arguments) for an export helper. Exact: nnU-Net's own export. Fast: the torch

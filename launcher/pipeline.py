@@ -21,20 +21,12 @@ from collections.abc import Callable
 
 from launcher.headers import gzip_stream_intact
 from launcher.outputs import case_outputs, move_into_place
-from launcher.spec import PredictSettings, UnreadableInput, WorkCase
+from launcher.spec import Failure, PredictSettings, UnreadableInput, WorkCase, WorkerEnds, describe_signal
 
 POLL_S = 0.05
 STEP_REPORT_EVERY_S = 1.0
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class WorkerEnds(Exception):
-    """The worker must end now; `kind` is a spec.FATAL_KINDS entry."""
-
-    def __init__(self, message: str, kind: str, stage: str | None = None):
-        super().__init__(message)
-        self.kind, self.stage = kind, stage  # stage: the one the dead helper served
 
 
 def describe(exc: BaseException) -> str:
@@ -106,10 +98,10 @@ class CasePipeline:
             try:
                 started, prepared = pending.get()
             except UnreadableInput as exc:
-                self._case_error(case, str(exc), "permanent", exc)
+                self._case_error(case, str(exc), Failure.PERMANENT, exc)
                 continue
             except Exception as exc:
-                self._case_error(case, f"preprocessing failed: {describe(exc)}", "retry", exc)
+                self._case_error(case, f"preprocessing failed: {describe(exc)}", Failure.RETRY, exc)
                 continue
             self._predict_and_export(case, started, prepared)
         self._wait(lambda: not self.exporting)
@@ -165,10 +157,10 @@ class CasePipeline:
             return True
         return False
 
-    def _case_error(self, case: WorkCase, error: str, kind: str, exc: BaseException) -> None:
+    def _case_error(self, case: WorkCase, error: str, kind: Failure, exc: BaseException) -> None:
         """Report one failed attempt; the case's traceback goes to this worker's log."""
         if is_disk_full(exc):
-            kind = "disk_full"
+            kind = Failure.DISK_FULL
         print(f"\ncase {case.id}: {error}", flush=True)
         traceback.print_exception(exc)
         self.emit(("case_error", case.id, error, kind))
@@ -204,12 +196,14 @@ class CasePipeline:
                 export = backend.export_job(predictions[0][1], predictions[0][2], output_base, save)
         except Exception as exc:
             kind = backend.prediction_error_kind(exc)
-            if kind == "device":  # the CUDA context is unusable: nothing more can run in this process
+            if kind is Failure.DEVICE:  # the CUDA context is unusable: nothing more can run in this process
                 traceback.print_exception(exc)
-                raise WorkerEnds(f"CUDA error while predicting {case.id}: {describe(exc)}", "device") from exc
+                raise WorkerEnds(f"CUDA error while predicting {case.id}: {describe(exc)}", Failure.DEVICE) from exc
             self._case_error(case, f"prediction failed: {describe(exc)}", kind, exc)
-            if kind == "oom":
-                raise WorkerEnds("CUDA out of memory: the worker restarts to free its GPU memory", "restart") from exc
+            if kind is Failure.OOM:
+                raise WorkerEnds(
+                    "CUDA out of memory: the worker restarts to free its GPU memory", Failure.RESTART
+                ) from exc
             return
         used = list(dict.fromkeys(b for b, _, _ in predictions))
         del predictions  # a GPU's memory is free for the next case once its export has what it needs
@@ -238,13 +232,13 @@ class CasePipeline:
             if dead:
                 code = dead[0].exitcode
                 if code is not None and -code in STOP_SIGNALS:  # SLURM/systemd signal every process
-                    raise WorkerEnds(f"a helper process was stopped ({signal.Signals(-code).name})", "interrupted")
-                oom = "; killed, likely by the OOM killer" if code == -signal.SIGKILL else ""
-                raise WorkerEnds(
-                    f"an nnU-Net {self.pool_processes[dead[0]]} helper died (exit code {code}{oom})",
-                    "helper",
-                    self.pool_processes[dead[0]],
-                )
+                    raise WorkerEnds(
+                        f"a helper process was stopped ({signal.Signals(-code).name})", Failure.INTERRUPTED
+                    )
+                how = describe_signal(-code) if code is not None and code < 0 else f"exit code {code}"
+                stage = self.pool_processes[dead[0]]
+                # the supervisor tells an outside SIGKILL from the OOM killer's (the cgroup counts it)
+                raise WorkerEnds(f"an nnU-Net {stage} helper died ({how})", Failure.HELPER, stage, code)
             time.sleep(POLL_S)
 
     def _collect_exports(self) -> None:
@@ -257,7 +251,7 @@ class CasePipeline:
                 job.get()
                 move_into_place(self._scratch(case), case.out_dir or self.out_dir, self._outputs(case))
             except Exception as exc:
-                self._case_error(case, f"export failed: {describe(exc)}", "retry", exc)
+                self._case_error(case, f"export failed: {describe(exc)}", Failure.RETRY, exc)
                 continue
             print(f"done with {case.id}: moved into place", flush=True)
             self.emit(("done", case.id, round(time.time() - started, 3), False))

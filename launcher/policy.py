@@ -4,7 +4,10 @@ supervisor acts on the answers."""
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
+
+from launcher.spec import Failure
 
 # Watchdog. Before any case has finished there is nothing to scale by: a generous start-up value.
 STARTUP_STALL_S = 900.0
@@ -40,6 +43,60 @@ def stall_timeout(explicit: float | None, work: float, seconds_per_work: float |
     if not seconds_per_work:
         return STARTUP_STALL_S
     return max(STALL_FLOOR_S, STALL_FACTOR * seconds_per_work * work)
+
+
+# --- what each failure means: one table --------------------------------------------------------
+CASE, BLAME, EVIDENCE, NOBODY = "its case", "blame()", "evidence", "nobody"
+ALWAYS, UNEXPLAINED, NEVER = "always", "when no case explains it", "never"
+
+
+@dataclass(frozen=True)
+class Rule:
+    charge: str  # CASE: the attempt's case; BLAME: blame() among the worker's cases (certain only
+    # alone, else the suspect is retried alone); EVIDENCE: the case only once device errors
+    # follow it (DeviceHealth.device_error); NOBODY: every case back to the queue
+    suspect_device: str  # ALWAYS, UNEXPLAINED (no case blamed or suspected), NEVER
+    fresh_worker: bool  # the worker's process ends (a new one starts for its part)
+    retry_alone: bool  # the case's next attempt gets a worker to itself
+    final: bool = False  # a retry cannot change it: the case fails now
+    stops_run: bool = False  # nobody's fault here: the run stops, the next run resumes
+    counts_restart: bool = True  # counts toward --max-restarts (a part gives up after too many)
+    rests_host: bool = False  # every part on this host waits before its next worker
+
+
+FAILURE_RULES: dict[Failure, Rule] = {
+    Failure.RETRY: Rule(CASE, NEVER, fresh_worker=False, retry_alone=False, counts_restart=False),
+    Failure.PERMANENT: Rule(CASE, NEVER, fresh_worker=False, retry_alone=False, final=True, counts_restart=False),
+    Failure.DISK_FULL: Rule(NOBODY, NEVER, fresh_worker=False, retry_alone=False, stops_run=True, counts_restart=False),
+    # CUDA out of memory after nnU-Net's own fallback: a fresh worker has all its GPU memory
+    Failure.OOM: Rule(CASE, NEVER, fresh_worker=True, retry_alone=True, counts_restart=False),
+    Failure.CRASH: Rule(BLAME, UNEXPLAINED, fresh_worker=True, retry_alone=True),
+    Failure.HELPER: Rule(BLAME, UNEXPLAINED, fresh_worker=True, retry_alone=True),
+    Failure.HUNG: Rule(BLAME, UNEXPLAINED, fresh_worker=True, retry_alone=True),
+    # a CUDA error names the device; the case is charged only when its errors follow it
+    Failure.DEVICE: Rule(EVIDENCE, ALWAYS, fresh_worker=True, retry_alone=False),
+    # the host ran out of memory: the case in flight may be why (retried alone), a GPU is not
+    Failure.HOST_OOM: Rule(BLAME, NEVER, fresh_worker=True, retry_alone=True, rests_host=True),
+    # an outside hand (an admin, a user-space OOM daemon, a test) names no device and uses up no
+    # restarts; a case that keeps being in flight at such kills is retried alone, charged only alone
+    Failure.KILLED: Rule(BLAME, NEVER, fresh_worker=True, retry_alone=True, counts_restart=False),
+    Failure.RESTART: Rule(NOBODY, NEVER, fresh_worker=True, retry_alone=False, counts_restart=False),
+    Failure.INTERRUPTED: Rule(NOBODY, NEVER, fresh_worker=True, retry_alone=False, counts_restart=False),
+}
+
+
+def death_kind(fatal: Failure | None, exitcode: int | None, oom_killed: bool, hung: bool, helper_code=None) -> Failure:
+    """What a worker's death was: the watchdog's kill, what the worker said before it ended (a
+    helper's SIGKILL read like the worker's own), else what its exit says."""
+    if hung:
+        return Failure.HUNG
+    if fatal is Failure.HELPER and helper_code is not None:
+        exitcode, fatal = helper_code, None if helper_code == -signal.SIGKILL else fatal
+    if fatal is not None:
+        return fatal
+    if exitcode == -signal.SIGKILL:
+        return Failure.HOST_OOM if oom_killed else Failure.KILLED
+    return Failure.CRASH
 
 
 @dataclass(frozen=True)
@@ -82,6 +139,50 @@ def blame(in_flight: list[InFlight], solo: bool, helper_stage: str | None = None
     return Blame(None, suspect.case_id, released)
 
 
+@dataclass(frozen=True)
+class DeathVerdict:
+    """What a worker's death means, by FAILURE_RULES: the supervisor carries it out."""
+
+    charged: str | None  # charged an attempt (`final`: it fails now)
+    final: bool
+    suspect: str | None  # retried, alone when `alone`
+    alone: bool
+    deferred: str | None  # back to the queue behind every other case (a device error's case)
+    released: tuple[str, ...]  # back to the queue, innocent
+    suspect_device: bool
+    counts_restart: bool
+    rests_host: bool
+
+
+def judge_death(
+    kind: Failure, in_flight: list[InFlight], solo: bool, device: str, health: DeviceHealth, helper_stage=None
+) -> DeathVerdict:
+    """A death of `kind` on `device`, with these cases on the worker (`solo`: it held only one)."""
+    rule = FAILURE_RULES[kind]
+    verdict = Blame(None, None, tuple(c.case_id for c in in_flight))
+    if rule.charge != NOBODY:
+        verdict = blame(in_flight, solo, helper_stage if kind is Failure.HELPER else None)
+    final, deferred = False, None
+    if rule.charge == EVIDENCE and (case := verdict.charged or verdict.suspect):
+        if health.device_error(case, device):  # its errors follow it: the case's, not the device's
+            verdict, final = Blame(case, None, verdict.released), True
+        else:  # the device is suspected, and its slot takes other cases first
+            verdict, deferred = Blame(None, None, verdict.released), case
+    unexplained = verdict.charged is None and verdict.suspect is None and deferred is None
+    return DeathVerdict(
+        charged=verdict.charged,
+        final=final,
+        suspect=verdict.suspect,
+        alone=rule.retry_alone,
+        deferred=deferred,
+        released=verdict.released,
+        suspect_device=(rule.suspect_device == ALWAYS and not final)
+        or (rule.suspect_device == UNEXPLAINED and unexplained),
+        counts_restart=verdict.charged is None and rule.counts_restart,
+        rests_host=rule.rests_host,
+    )
+
+
 @dataclass
 class DeviceHealth:
     """A device is suspected for deaths no case explains (start-up, model load, CUDA errors), or
@@ -91,10 +192,23 @@ class DeviceHealth:
     faults: dict[str, int] = field(default_factory=dict)
     isolated_deaths: dict[str, set[str]] = field(default_factory=dict)
     rest_until: dict[str, float] = field(default_factory=dict)
+    finished: dict[str, int] = field(default_factory=dict)  # cases finished per device
+    device_errors: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # case -> (device, finished)
 
     def case_finished(self, device: str) -> None:
         self.faults.pop(device, None)
         self.isolated_deaths.pop(device, None)
+        self.finished[device] = self.finished.get(device, 0) + 1
+
+    def device_error(self, case_id: str, device: str) -> bool:
+        """A CUDA error while `case_id` was predicted on `device`. True when the case, not the
+        device, is why: its errors happened on two devices, or twice on one device that finished
+        another case in between."""
+        seen = self.device_errors.setdefault(case_id, [])
+        now_finished = self.finished.get(device, 0)
+        proven = any(d != device or n < now_finished for d, n in seen)
+        seen.append((device, now_finished))
+        return proven
 
     def death(self, device: str, charged_case: str | None, device_fault: bool, now: float) -> float:
         """Record a death on `device`; returns how long the device now rests (0: not suspected)."""

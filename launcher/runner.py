@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from launcher.config import IDENTITY_DEFAULTS, RunConfig, output_identity, run_state_dir
+from launcher.config import RunConfig, RunIdentity, output_identity, run_state_dir
 from launcher.errors import LauncherError
 from launcher.journal import DONE, FAILED, Journal, JournalWriteError, OutLock
 from launcher.outputs import (
@@ -118,22 +118,23 @@ def stage_facts(plan: Plan, view: OutView) -> dict:
 
 
 def _refuse_other_run(config: RunConfig, previous: dict | None) -> None:
-    identity = output_identity(config)
-    previous = {**IDENTITY_DEFAULTS, **previous} if previous is not None else None
-    if previous is not None and previous != identity and not config.fresh:
-        # keys of either side: a member set or a postprocessing may be in one and not the other
-        keys = [*identity, *(k for k in previous if k not in identity)]
-        key = next(k for k in keys if previous.get(k) != identity.get(k))
+    """OUT holds another run's outputs: refused, naming every field that differs."""
+    if previous is None or config.fresh:
+        return
+    old, new = RunIdentity.from_json(previous), output_identity(config)
+    changed = old.diff(new)
+    if changed:
+        what = "; ".join(f"{name} ({getattr(old, name)!r}, now {getattr(new, name)!r})" for name in changed)
         raise LauncherError(
-            f"{config.output_folder!r} holds a run with a different {key} ({previous.get(key)!r}, now "
-            f"{identity.get(key)!r}); use another output folder, or --fresh to discard it"
+            f"{config.output_folder!r} holds a run with a different {what}; use another output folder, "
+            "or --fresh to discard it"
         )
 
 
 def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, argv: list[str]) -> int:
     out = config.output_folder
     strays, complete = view.strays, view.complete
-    identity = output_identity(config)
+    identity = output_identity(config).to_json()
     previous = journal.identity()
     _refuse_other_run(config, previous)  # again under the lock: another run may have changed OUT
     if config.fresh and (previous is not None or strays):

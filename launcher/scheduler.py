@@ -168,6 +168,7 @@ class CaseBook:
         self.done = {c for c, s in states.items() if s == DONE}
         self.failed = {c: "" for c, s in states.items() if s == FAILED}
         self.flights: dict[str, Flight] = {}
+        self.deferred: set[str] = set()  # queued behind every other case until taken again
         # work not done yet (queued and in flight): the fair share of a worker near the end
         self.remaining_work = sum(w for c, w in work.items() if c not in self.done and c not in self.failed)
         self.queues: dict[int | None, LargestFirstQueue] = {}
@@ -195,8 +196,9 @@ class CaseBook:
         return 1 + max((self._depth(n) for n in self.needs.get(unit, ())), default=-1)
 
     def _rank(self, unit: str) -> tuple:
-        """Later stages first, then the largest case, a case's units together."""
-        return (-self.depth.get(unit, 0), -self.work[unit], split_unit(unit)[1]) if self.needs else ()
+        """Deferred cases last; later stages first, then the largest case, a case's units together."""
+        stages = (-self.depth.get(unit, 0), -self.work[unit], split_unit(unit)[1]) if self.needs else ()
+        return (unit in self.deferred, *stages)
 
     # --- where cases are -----------------------------------------------------------------
     def key(self, case_id: str) -> int | None:
@@ -248,6 +250,7 @@ class CaseBook:
         case_id = queue.take() if queue else None
         if case_id is None:
             return None, []
+        self.deferred.discard(case_id)
         self.flights[case_id] = Flight(worker, HELD, now, now)
         return case_id, [(case_id, {"state": RUNNING, "part": part, "stage": HELD})]
 
@@ -315,13 +318,15 @@ class CaseBook:
             updates += self._fail_dependents(dependent, now)
         return updates
 
-    def release(self, case_ids: Iterable[str], solo: bool = False) -> list[Update]:
+    def release(self, case_ids: Iterable[str], solo: bool = False, defer: bool = False) -> list[Update]:
         """Back to the queue without charging the attempt (interrupted, queued behind a crash,
-        or suspected: then `solo`, to be retried alone)."""
+        or suspected: then `solo`, to be retried alone; or `defer`red behind every other case)."""
         updates = []
         for case_id in case_ids:
             if self.flights.pop(case_id, None) is None:
                 continue
+            if defer:
+                self.deferred.add(case_id)
             self._queue(case_id, solo)
             updates.append((case_id, {"state": PENDING, "stage": None, "attempts": self.charged[case_id]}))
         return updates

@@ -8,10 +8,11 @@ Worker -> supervisor messages (tuples, first item the kind):
   ("step", case, done, total)           sliding-window steps of the predicting case (progress)
   ("done", case, seconds, verified)     output moved into place (verified: an existing one kept);
                                         seconds from the start of its preprocessing
-  ("case_error", case, error, kind)     one attempt failed; kind is one of ERROR_KINDS
+  ("case_error", case, error, kind)     one attempt failed; kind: a Failure (RETRY .. OOM)
   ("note", case, text)                  something worth a log line
-  ("fatal", error, kind, stage)         the worker ends itself; kind is one of FATAL_KINDS; stage:
-                                        the one a dead helper served ("helper"), else None
+  ("fatal", error, kind, stage, code)   the worker ends itself; kind: a Failure (CRASH .. KILLED);
+                                        stage and code: the stage a dead helper served and its exit
+                                        code (HELPER), else None
   ("given_back", [case...])             cases it had not started, returned on request
   ("finished",)                         the feed is exhausted, every case handed back
 Supervisor -> worker: ("cases", [WorkCase...]), ("give_back", [case...]) and ("no_more",).
@@ -19,18 +20,41 @@ Supervisor -> worker: ("cases", [WorkCase...]), ("give_back", [case...]) and ("n
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
+from enum import Enum
 
 STAGES = ("preprocess", "predict", "export")
 
-# case_error kinds: "retry" (may pass next time), "permanent" (cannot change on a retry: the scan
-# is unreadable), "disk_full" (not the case's fault: the run stops), "oom" (CUDA out of memory even
-# after nnU-Net's own fallback: retry alone in a fresh worker, whose GPU memory is all free)
-ERROR_KINDS = ("retry", "permanent", "disk_full", "oom")
-# fatal kinds: "crash" (an ordinary failure of the worker), "helper" (an nnU-Net helper process
-# died: blame its case), "device" (a CUDA error that leaves the context unusable), "restart" (the
-# worker ends itself on purpose after an "oom" case error), "interrupted" (a stop signal reached it)
-FATAL_KINDS = ("crash", "helper", "device", "restart", "interrupted")
+
+class Failure(str, Enum):
+    """Every way an attempt or a worker fails: what a worker reports (`case_error` kinds, the
+    attempt failed and the worker goes on; `fatal` kinds, the worker ends itself) and what the
+    supervisor reads from a death without a message. What each means for the case, the device and
+    the worker is one table, policy.FAILURE_RULES. A str, so it crosses the pipe as its value."""
+
+    # case_error: one attempt of a case failed
+    RETRY = "retry"  # may pass next time
+    PERMANENT = "permanent"  # cannot change on a retry: the scan is unreadable
+    DISK_FULL = "disk_full"  # not the case's fault: the run stops, the next one resumes
+    OOM = "oom"  # CUDA out of memory even after nnU-Net's own fallback (then the worker RESTARTs)
+    # fatal, or a death read by the supervisor: the worker ended
+    CRASH = "crash"  # an exception, or a crash signal (SIGSEGV, SIGABRT, ...)
+    HELPER = "helper"  # an nnU-Net helper process died (not by an outside SIGKILL)
+    DEVICE = "device"  # a CUDA error that leaves the context unusable
+    RESTART = "restart"  # it ended itself on purpose after an OOM case error
+    INTERRUPTED = "interrupted"  # a stop signal reached it
+    KILLED = "killed"  # SIGKILL from outside (no OOM kill counted): evidence against nothing
+    HOST_OOM = "host_oom"  # the kernel's OOM killer: the host's memory, not a GPU
+    HUNG = "hung"  # killed by the watchdog: no progress for its stall timeout
+
+
+def describe_signal(signum: int) -> str:
+    try:
+        return f"killed by {signal.Signals(signum).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"killed by signal {signum}"
+
 
 # Exit code of a worker that was stopped by SIGTERM/SIGINT (an interruption, charged to nobody).
 WORKER_EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as a shell reports it
@@ -110,3 +134,11 @@ class WorkerSpec:
 class UnreadableInput(Exception):
     """A case's scan cannot be read (truncated, corrupt, channels that differ): a retry cannot
     change that. Raised in a preprocessing helper; pickled back to the worker."""
+
+
+class WorkerEnds(Exception):
+    """The worker must end now; `kind`: a spec.Failure a worker reports as fatal."""
+
+    def __init__(self, message: str, kind: Failure, stage: str | None = None, code: int | None = None):
+        super().__init__(message)
+        self.kind, self.stage, self.code = kind, stage, code  # a dead helper's stage and exit code

@@ -18,16 +18,21 @@ from launcher.journal import Journal, JournalWriteError
 from launcher.outputs import clear_tmp, logs_dir, tmp_dir
 from launcher.planning import Plan, prev_stage_file
 from launcher.policy import (
+    DEVICE_REST_BASE_S,
+    DEVICE_REST_MAX_S,
+    FAILURE_RULES,
     WORKER_STARTUP_GRACE_S,
-    Blame,
+    DeathVerdict,
     DeviceHealth,
     InFlight,
-    blame,
+    backoff,
+    death_kind,
+    judge_death,
     restart_delay,
     stall_timeout,
 )
 from launcher.scheduler import FAILED, HELD, CaseBook, Slot
-from launcher.spec import WORKER_EXIT_INTERRUPTED, PredictSettings, WorkCase, WorkerSpec
+from launcher.spec import WORKER_EXIT_INTERRUPTED, Failure, PredictSettings, WorkCase, WorkerSpec, describe_signal
 from launcher.stages import IntermediateFiles, split_unit
 from launcher.worker import worker_main
 
@@ -66,7 +71,7 @@ class WorkerHandle:
     no_more_sent: bool = False
     ready: bool = False
     finished: bool = False
-    fatal: tuple[str, str, str | None] | None = None  # (message, kind, the dead helper's stage)
+    fatal: tuple | None = None  # (message, kind, the dead helper's stage, its exit code)
     hung: str | None = None
     hung_at: float = 0.0
 
@@ -74,6 +79,7 @@ class WorkerHandle:
 @dataclass
 class PartState:
     deaths_since_finished: int = 0  # deaths no case is certainly to blame for, since a case was done
+    uncounted_since_finished: int = 0  # deaths that do not count toward --max-restarts (outside kills)
     not_before: float = 0.0  # restart back-off
     gave_up: bool = False
     attempts: int = 0
@@ -101,13 +107,8 @@ def oom_kill_count() -> int | None:
 
 def describe_exit(exitcode: int | None, oom_killed: bool = False) -> str:
     if exitcode is not None and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:  # a real-time signal has no name
-            name = f"signal {-exitcode}"
-        if oom_killed:
-            return f"killed by the kernel's OOM killer ({name})"
-        return f"killed by {name}"
+        how = describe_signal(-exitcode)
+        return f"killed by the kernel's OOM killer ({how.removeprefix('killed by ')})" if oom_killed else how
     return f"exit code {exitcode}"
 
 
@@ -122,6 +123,7 @@ class Supervisor:
         self.workers: dict[int, WorkerHandle] = {}  # by slot (its part id)
         self.parts = {s.part_id: PartState() for s in plan.slots}
         self.health = DeviceHealth()
+        self.host_rests = 0  # times the host ran out of memory (each rest is longer)
         self.serials = 0
         self.unwritten: list = []  # the book's updates not yet in the journal (see _write)
         self.last_watchdog = self.last_flush = 0.0
@@ -483,7 +485,7 @@ class Supervisor:
         elif kind == "finished":
             handle.finished = True
         elif kind == "fatal":
-            handle.fatal = (message[1], message[2], message[3])
+            handle.fatal = message[1:5]
 
     def _on_case_done(self, handle: WorkerHandle, case_id: str, seconds: float | None, verified: bool) -> None:
         flight = self.book.flights.get(case_id)
@@ -493,7 +495,9 @@ class Supervisor:
             self.intermediates.unit_done(case_id)
         if not verified:  # a kept output took no work: it says nothing about the device or the part
             self.health.case_finished(handle.slot.device_key)
-            self.parts[handle.slot.part_id].deaths_since_finished = 0
+            state = self.parts[handle.slot.part_id]
+            state.deaths_since_finished = state.uncounted_since_finished = 0
+            self.host_rests = 0
         if seconds and flight is not None and flight.stage != HELD and not self._combination(case_id):
             rate = seconds / max(self.book.work.get(case_id, 1.0), 1.0)
             self.seconds_per_work = max(self.seconds_per_work or 0.0, rate)
@@ -502,19 +506,18 @@ class Supervisor:
         self.log(f"[part {handle.part} {handle.slot.label}] done {case_id} ({how}) {progress}")
 
     def _on_case_error(self, handle: WorkerHandle, case_id: str, error: str, kind: str) -> None:
-        log = self.parts[handle.slot.part_id].log_path
-        if kind == "disk_full":  # not the case's fault: stop, and the next run predicts it
+        log, rule = self.parts[handle.slot.part_id].log_path, FAILURE_RULES[Failure(kind)]
+        if rule.stops_run:  # not the case's fault (a full disk): stop, and the next run predicts it
             self._write(self.book.release([case_id]))
             self.outcome.stop_reason = self.outcome.stop_reason or f"{error} (while writing {case_id})"
             return
-        final = kind == "permanent"
         retries = self.config.case_retries
-        self._write(self.book.charge(case_id, error, final, retries, solo=kind == "oom", now=time.time()))
+        self._write(self.book.charge(case_id, error, rule.final, retries, solo=rule.retry_alone, now=time.time()))
         self._event("case_error", handle.part, case_id, error)
         if self.book.place(case_id) == FAILED:
-            verdict = "failed: a retry cannot change this" if final else "failed for good"
+            verdict = "failed: a retry cannot change this" if rule.final else "failed for good"
         else:
-            verdict = "will retry" + (" alone in a new worker" if kind == "oom" else "")
+            verdict = "will retry" + (" alone in a new worker" if rule.fresh_worker else "")
         self.log(f"[part {handle.part}] case {case_id}: {error} ({verdict}; log: {log})")
 
     # --- deaths ----------------------------------------------------------------------------
@@ -529,42 +532,53 @@ class Supervisor:
             self._write(self.book.release(in_flight))  # none expected: it said it had finished
             self.journal.part_worker(handle.slot.part_id, None, "finished")
             return
-        if self._interrupted(handle):
+        kind = self._death_kind(handle)
+        if kind is Failure.INTERRUPTED:
             self._write(self.book.release(in_flight, solo=handle.solo))
             self.parts[handle.slot.part_id].not_before = time.monotonic() + INTERRUPTED_RESPAWN_DELAY_S
             self.log(f"[part {handle.part}] worker stopped by a stop signal; nothing charged")
             return
-        kind = handle.fatal[1] if handle.fatal else "crash"
-        if kind == "restart":  # it ended itself to free GPU memory; its case was already charged
+        if kind is Failure.RESTART:  # it ended itself to free GPU memory; its case was already charged
             self._write(self.book.release(in_flight))
             return
         self._on_worker_died(handle, in_flight, kind)
 
-    def _interrupted(self, handle: WorkerHandle) -> bool:
+    def _death_kind(self, handle: WorkerHandle) -> Failure:
         code = handle.process.exitcode
-        signalled = code is not None and (code == WORKER_EXIT_INTERRUPTED or -code in STOP_SIGNALS)
-        return bool(self.stop_signals) or signalled or (handle.fatal or ("", "", None))[1] == "interrupted"
+        if self.stop_signals or (code is not None and (code == WORKER_EXIT_INTERRUPTED or -code in STOP_SIGNALS)):
+            return Failure.INTERRUPTED
+        fatal = Failure(handle.fatal[1]) if handle.fatal else None
+        helper_code = handle.fatal[3] if handle.fatal else None
+        return death_kind(fatal, code, _oom_killed(handle), handle.hung is not None, helper_code)
 
-    def _on_worker_died(self, handle: WorkerHandle, in_flight: list[str], kind: str) -> None:
+    def _on_worker_died(self, handle: WorkerHandle, in_flight: list[str], kind: Failure) -> None:
+        """policy.judge_death says whom the death is charged to and whether the device rests."""
         now, slot, state = time.monotonic(), handle.slot, self.parts[handle.slot.part_id]
         reason = handle.hung or _death_reason(handle)
         flights = [InFlight(c, self.book.flights[c].stage, self.book.flights[c].since) for c in in_flight]
-        verdict = blame(flights, handle.solo, helper_stage=handle.fatal[2] if kind == "helper" else None)
-        if kind == "device" and verdict.charged:  # the GPU's fault, not the case's: suspect it only
-            verdict = Blame(None, verdict.charged, verdict.released)
+        helper_stage = handle.fatal[2] if handle.fatal else None
+        verdict = judge_death(kind, flights, handle.solo, slot.device_key, self.health, helper_stage)
+        if verdict.final:
+            reason = f"{reason}; its CUDA errors follow it (another device, or after a finished case)"
         if verdict.charged:
             error = f"worker died while on it, alone: {reason}"
-            self._write(self.book.charge(verdict.charged, error, False, self.config.case_retries, True, time.time()))
+            retries = self.config.case_retries
+            self._write(self.book.charge(verdict.charged, error, verdict.final, retries, True, time.time()))
         if verdict.suspect:
-            self._write(self.book.release([verdict.suspect], solo=True))
+            self._write(self.book.release([verdict.suspect], solo=verdict.alone))
+        if verdict.deferred:
+            self._write(self.book.release([verdict.deferred], defer=True))
         self._write(self.book.release(verdict.released, solo=handle.solo and not verdict.charged))
-        no_case = verdict.charged is None and verdict.suspect is None
-        rest = self.health.death(slot.device_key, verdict.charged, no_case or kind == "device", now)
+        rest = self.health.death(slot.device_key, verdict.charged, verdict.suspect_device, now)
         restarts = self.journal.part_restarted(slot.part_id)
         self._event("worker_died", handle.part, verdict.charged or verdict.suspect, f"on {slot.label}: {reason}")
-        if verdict.charged is None:  # a death charged to a case is budgeted by --case-retries
+        if verdict.counts_restart:  # a case's deaths are budgeted by --case-retries
             state.deaths_since_finished += 1
-        whose = self._whose_fault(verdict)
+        elif verdict.charged is None:  # still slows the restarts down: a killer that keeps killing
+            state.uncounted_since_finished += 1
+        if verdict.rests_host:
+            self._rest_host(now, reason)
+        whose = self._whose_fault(verdict, kind)
         if rest:
             self._report_resting_device(slot, handle.part, reason, rest)
         if state.deaths_since_finished > self.config.max_restarts:
@@ -574,7 +588,8 @@ class Supervisor:
                 f"finishing a case (--max-restarts {self.config.max_restarts}; last: {reason})",
             )
             return
-        state.not_before = now + restart_delay(state.deaths_since_finished)
+        deaths = state.deaths_since_finished + state.uncounted_since_finished
+        state.not_before = max(state.not_before, now + restart_delay(deaths))
         delay = state.not_before - now
         when = f" in {delay:.0f} s" if delay >= 1 else ""
         counted = (
@@ -584,13 +599,26 @@ class Supervisor:
         )
         self.log(f"[part {handle.part}] worker died ({reason}){whose}; restart {restarts}{when}{counted}")
 
-    def _whose_fault(self, verdict) -> str:
+    def _whose_fault(self, verdict: DeathVerdict, kind: Failure) -> str:
         if verdict.charged:
             left = "failed for good" if self.book.place(verdict.charged) == FAILED else "charged one attempt"
             return f"; {verdict.charged} was alone on it: {left}"
         if verdict.suspect:
-            return f"; {verdict.suspect} is suspected and will be retried alone"
+            return f"; {verdict.suspect} is suspected and will be retried" + (" alone" if verdict.alone else "")
+        if verdict.deferred:
+            return f"; the device is suspected; {verdict.deferred} goes back to the queue behind the other cases"
+        if not verdict.suspect_device:
+            return f" ({kind.value}): nothing charged, the device not suspected"
         return "; no case was running: counted against the device"
+
+    def _rest_host(self, now: float, reason: str) -> None:
+        """The host ran out of memory: every part waits before its next worker (the more often, the
+        longer), so that memory frees up; no GPU is suspected."""
+        self.host_rests += 1
+        until = now + backoff(self.host_rests, DEVICE_REST_BASE_S, DEVICE_REST_MAX_S)
+        for part in self.parts.values():
+            part.not_before = max(part.not_before, until)
+        self.log(f"nnunet-launch: the host ran out of memory ({reason}); every part waits {until - now:.0f} s")
 
     def _report_resting_device(self, slot: Slot, part: int, reason: str, rest: float) -> None:
         health = gpus.health_report(slot.gpu_uuid) if slot.gpu_uuid else ""
@@ -693,9 +721,14 @@ def _slowest_rate(done_seconds: dict[str, float], work: dict[str, float]) -> flo
     return max(rates, default=None)
 
 
-def _death_reason(handle: WorkerHandle) -> str:
+def _oom_killed(handle: WorkerHandle) -> bool:
+    """Whether the kernel's OOM killer killed a process since the worker started (cgroup v2)."""
     now = oom_kill_count()
-    oom = handle.oom_kills_at_start is not None and now is not None and now > handle.oom_kills_at_start
+    return handle.oom_kills_at_start is not None and now is not None and now > handle.oom_kills_at_start
+
+
+def _death_reason(handle: WorkerHandle) -> str:
+    oom = _oom_killed(handle)
     if handle.fatal:
         return handle.fatal[0] + ("; the kernel's OOM killer killed a process meanwhile" if oom else "")
     return describe_exit(handle.process.exitcode, oom)

@@ -14,7 +14,7 @@ import time
 import traceback
 from collections import deque
 
-from launcher.spec import WORKER_EXIT_INTERRUPTED, WorkCase, WorkerSpec
+from launcher.spec import WORKER_EXIT_INTERRUPTED, Failure, WorkCase, WorkerEnds, WorkerSpec
 
 PR_SET_PDEATHSIG = 1
 # Tests only: device keys (GPU UUIDs, or cpu-slot-K) whose workers crash at start, like a sick GPU.
@@ -74,7 +74,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     if spec.device_key in os.environ.get(FAULTY_DEVICES_ENV, "").split(","):
         os.kill(os.getpid(), signal.SIGSEGV)
     try:
-        from launcher.pipeline import CasePipeline, WorkerEnds
+        from launcher.pipeline import CasePipeline
 
         os.makedirs(spec.tmp_dir, exist_ok=True)
         pipeline = CasePipeline(_backends(spec), spec.settings, spec.out_dir, spec.tmp_dir)
@@ -83,14 +83,14 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         pipeline.close()
         conn.send(("finished",))
     except BaseException as exc:
-        kind = exc.kind if isinstance(exc, WorkerEnds) else "crash"
-        stage = exc.stage if isinstance(exc, WorkerEnds) else None
-        if kind == "interrupted":
+        ends = exc if isinstance(exc, WorkerEnds) else WorkerEnds(f"{type(exc).__name__}: {exc}", Failure.CRASH)
+        kind = ends.kind
+        if kind is Failure.INTERRUPTED:
             os._exit(WORKER_EXIT_INTERRUPTED)
         traceback.print_exc()
         sys.stdout.flush()
         try:
-            conn.send(("fatal", f"{type(exc).__name__}: {exc}" if kind == "crash" else str(exc), kind, stage))
+            conn.send(("fatal", str(ends), kind.value, ends.stage, ends.code))
         finally:
             os._exit(1)
 

@@ -353,3 +353,48 @@ def test_a_deleted_probabilities_file_makes_its_case_unfinished_on_resume(cases,
     assert {n for n in before if after[n] != before[n]} == {
         f"case_{i:03d}{e}" for i in (3, 7) for e in (".nii.gz", ".npz", ".pkl")
     } - {"case_003.npz", "case_007.pkl"}
+
+
+def test_a_case_that_always_raises_cuda_errors_fails_alone_and_every_other_case_is_predicted(cases, tmp_path):
+    """A CUDA error first suspects the device (it rests, the case goes behind the others); once
+    the device finished another case and the error comes back with the same case, the case is
+    why: it fails, and the healthy cases were all predicted (before: 0 of 24, the part gave up)."""
+    out = tmp_path / "out"
+    result = _run(cases, out, fake_env(tmp_path, {"case_005": "cuda_error"}), "--workers", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert_fake_outputs(out, cases["inputs"], [c for c in cases["ids"] if c != "case_005"])
+    assert "case_005 goes back to the queue behind the other cases" in result.stdout
+    assert "its CUDA errors follow it" in result.stdout and "gave up" not in result.stdout
+    status = status_json(out)
+    assert [f["case"] for f in status["failed_cases"]] == ["case_005"]
+    assert status["done"] + status["failed"] == status["total"] == 24
+    assert sum(p["done"] + p.get("failed", 0) for p in status["parts"]) == 24, "the part line adds up"
+
+
+def test_an_outside_sigkill_of_a_starting_worker_charges_nothing_and_suspects_no_device(cases, tmp_path, launch):
+    """SIGKILL without an OOM kill counted names no device: with no case started, nothing is
+    charged, no device rests, and such kills never use up --max-restarts (before: the device
+    rested 5, 10, 20 ... s after each, and the part gave up)."""
+    out = tmp_path / "out"
+    run = launch(
+        run_args(cases, out, "--workers", "1", "--max-restarts", "1"), env=fake_env(tmp_path, case_seconds=0.2)
+    )
+    killed: set[int] = set()
+    deadline = time.monotonic() + 120
+    while len(killed) < 3 and time.monotonic() < deadline and run.proc.poll() is None:
+        for child in psutil.Process(run.proc.pid).children():
+            try:
+                is_worker = "spawn_main" in " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            if is_worker and child.pid not in killed:  # as soon as it exists: none of its cases started
+                os.kill(child.pid, signal.SIGKILL)
+                killed.add(child.pid)
+        time.sleep(0.05)
+    code, stdout, stderr = run.wait(timeout=180)
+    assert len(killed) == 3, stdout
+    assert code == 0, stdout + stderr
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+    assert stdout.count("(killed): nothing charged, the device not suspected") == 3, stdout
+    assert "suspected (" not in stdout and "gave up" not in stdout
+    assert all(row["attempts"] == "1" for row in case_rows(out).values())

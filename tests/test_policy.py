@@ -90,3 +90,82 @@ def test_prediction_errors_out_of_memory_restarts_a_worker_other_cuda_errors_end
     assert kind(RuntimeError("CUDA error: unspecified launch failure")) == "device"
     assert kind(RuntimeError("Encountered inf in predicted array. Aborting...")) == "retry"
     assert kind(ValueError("shapes do not match")) == "retry"
+
+
+# --- the failure-kind table (policy.FAILURE_RULES), row by row ---------------------------------
+def _judge(kind, flights, solo=False, health=None, device="gpu-a"):
+    from launcher.policy import DeviceHealth, judge_death
+
+    return judge_death(kind, flights, solo, device, health or DeviceHealth(), helper_stage="preprocess")
+
+
+def test_every_failure_kind_has_one_rule_and_each_death_kind_is_judged_by_it():
+    from launcher.policy import FAILURE_RULES
+    from launcher.spec import Failure
+
+    assert set(FAILURE_RULES) == set(Failure)
+    predicting = [InFlight("p", "predict", 1.0), InFlight("q", "held", 2.0)]
+    alone = [InFlight("p", "predict", 1.0)]
+    nothing_started = [InFlight("q", "held", 2.0)]
+    expected = {  # kind: (charged alone, suspect with others, device suspected when no case ran, counts)
+        Failure.CRASH: ("p", "p", True, True),
+        Failure.HELPER: ("p", "p", True, True),
+        Failure.HUNG: ("p", "p", True, True),
+        Failure.HOST_OOM: ("p", "p", False, True),
+        Failure.DEVICE: (None, None, True, True),  # first CUDA error: the case is deferred, the device rests
+        Failure.KILLED: ("p", "p", False, False),  # an outside hand: never the device, no restart used up
+        Failure.RESTART: (None, None, False, False),
+        Failure.INTERRUPTED: (None, None, False, False),
+    }
+    for kind, (charged, suspect, device, counts) in expected.items():
+        one = _judge(kind, alone, solo=True)
+        assert (one.charged, one.final) == (charged, False), kind
+        other = _judge(kind, predicting)
+        assert other.suspect == suspect and other.charged is None and "q" in other.released, kind
+        assert other.alone == (suspect is not None), kind
+        empty = _judge(kind, nothing_started)
+        assert empty.suspect_device == device and empty.released == ("q",), kind
+        assert empty.counts_restart == counts and empty.rests_host == (kind is Failure.HOST_OOM), kind
+    case_errors = {Failure.RETRY: (False, False), Failure.PERMANENT: (True, False), Failure.OOM: (False, True)}
+    for kind, (final, alone) in case_errors.items():
+        rule = FAILURE_RULES[kind]
+        assert (rule.final, rule.retry_alone, rule.suspect_device) == (final, alone, "never"), kind
+    assert FAILURE_RULES[Failure.DISK_FULL].stops_run and not FAILURE_RULES[Failure.DISK_FULL].final
+    assert set(expected) | set(case_errors) | {Failure.DISK_FULL} == set(Failure), "a test for every row"
+
+
+def test_a_case_whose_cuda_errors_follow_it_is_charged_and_the_device_is_then_not_suspected():
+    from launcher.policy import DeviceHealth
+    from launcher.spec import Failure
+
+    alone = [InFlight("p", "predict", 1.0)]
+    health = DeviceHealth()
+    first = _judge(Failure.DEVICE, alone, solo=True, health=health)
+    assert (first.deferred, first.charged, first.suspect_device) == ("p", None, True)
+    again = _judge(Failure.DEVICE, alone, solo=True, health=health)  # no finished case in between
+    assert again.deferred == "p" and again.charged is None, "the device may still be why"
+    health.case_finished("gpu-a")  # the device finished another case: it works
+    proven = _judge(Failure.DEVICE, alone, solo=True, health=health)
+    assert (proven.charged, proven.final, proven.suspect_device) == ("p", True, False)
+    elsewhere = DeviceHealth()
+    _judge(Failure.DEVICE, alone, health=elsewhere, device="gpu-a")
+    moved = _judge(Failure.DEVICE, alone, health=elsewhere, device="gpu-b")
+    assert (moved.charged, moved.final) == ("p", True), "errors on two devices: the case's"
+
+
+def test_death_kinds_tell_an_outside_sigkill_from_the_oom_killer_and_a_crash():
+    import signal
+
+    from launcher.policy import death_kind
+    from launcher.spec import Failure
+
+    assert death_kind(None, -signal.SIGKILL, oom_killed=False, hung=False) is Failure.KILLED
+    assert death_kind(None, -signal.SIGKILL, oom_killed=True, hung=False) is Failure.HOST_OOM
+    assert death_kind(None, -signal.SIGSEGV, oom_killed=False, hung=False) is Failure.CRASH
+    assert death_kind(None, 1, oom_killed=False, hung=False) is Failure.CRASH
+    assert death_kind(None, -signal.SIGKILL, oom_killed=False, hung=True) is Failure.HUNG, "the watchdog's own kill"
+    assert death_kind(Failure.DEVICE, 1, oom_killed=False, hung=False) is Failure.DEVICE
+    helper = Failure.HELPER
+    assert death_kind(helper, 1, False, False, helper_code=-signal.SIGKILL) is Failure.KILLED
+    assert death_kind(helper, 1, True, False, helper_code=-signal.SIGKILL) is Failure.HOST_OOM
+    assert death_kind(helper, 1, False, False, helper_code=-signal.SIGSEGV) is Failure.HELPER

@@ -82,3 +82,17 @@ def test_lock_is_refused_while_held_and_free_once_its_holder_died(tmp_path):
     lock = OutLock(path)
     lock.acquire()
     lock.release()
+
+
+def test_the_run_identity_is_one_schema_every_field_present_and_one_diff():
+    from launcher.config import RunIdentity
+
+    single = RunIdentity("/m", "3d_fullres", ("0",), "checkpoint_final.pth", "/in", 0.5, False, False)
+    stored = single.to_json()
+    assert set(stored) == set(RunIdentity.__dataclass_fields__), "every field, None when unused"
+    assert RunIdentity.from_json(stored) == single
+    older = {k: v for k, v in stored.items() if k not in ("profile", "members", "final_stage")}
+    assert RunIdentity.from_json(older) == single, "a journal from before a field existed: its default"
+    ensemble = RunIdentity.from_json({**stored, "members": ["2d=/a", "3d_fullres=/b"], "ensemble": ["2d"]})
+    assert single.diff(ensemble) == ["members", "ensemble"] and ensemble.diff(single) == ["members", "ensemble"]
+    assert single.diff(RunIdentity.from_json({**stored, "profile": "fast", "folds": ["1"]})) == ["folds", "profile"]
