@@ -571,7 +571,8 @@ class Supervisor:
         self._write(self.book.release(verdict.released, solo=handle.solo and not verdict.charged))
         rest = self.health.death(slot.device_key, verdict.charged, verdict.suspect_device, now)
         restarts = self.journal.part_restarted(slot.part_id)
-        self._event("worker_died", handle.part, verdict.charged or verdict.suspect, f"on {slot.label}: {reason}")
+        who = _slot_name(handle)  # deaths, restarts and giving up are the slot's, also on another part's cases
+        self._event("worker_died", slot.part_id, verdict.charged or verdict.suspect, f"on {slot.label}: {reason}")
         if verdict.counts_restart:  # a case's deaths are budgeted by --case-retries
             state.deaths_since_finished += 1
         elif verdict.charged is None:  # still slows the restarts down: a killer that keeps killing
@@ -580,11 +581,11 @@ class Supervisor:
             self._rest_host(now, reason)
         whose = self._whose_fault(verdict, kind)
         if rest:
-            self._report_resting_device(slot, handle.part, reason, rest)
+            self._report_resting_device(slot, slot.part_id, reason, rest)
         if state.deaths_since_finished > self.config.max_restarts:
             self._give_up(
                 slot.part_id,
-                f"part {handle.part} gave up: its worker died {state.deaths_since_finished} times without "
+                f"{who} gave up: its worker died {state.deaths_since_finished} times without "
                 f"finishing a case (--max-restarts {self.config.max_restarts}; last: {reason})",
             )
             return
@@ -597,7 +598,7 @@ class Supervisor:
             if verdict.charged
             else f" ({state.deaths_since_finished}/{self.config.max_restarts} since the last finished case)"
         )
-        self.log(f"[part {handle.part}] worker died ({reason}){whose}; restart {restarts}{when}{counted}")
+        self.log(f"[{who}] worker died ({reason}){whose}; restart {restarts}{when}{counted}")
 
     def _whose_fault(self, verdict: DeathVerdict, kind: Failure) -> str:
         if verdict.charged:
@@ -719,6 +720,12 @@ def _slowest_rate(done_seconds: dict[str, float], work: dict[str, float]) -> flo
     """Seconds per unit of work of the slowest case already done (a resumed run's watchdog)."""
     rates = [s / max(work.get(c, 1.0), 1.0) for c, s in done_seconds.items() if s and c in work]
     return max(rates, default=None)
+
+
+def _slot_name(handle: WorkerHandle) -> str:
+    """A slot that took over a part that gave up (static schedule) runs another part's cases."""
+    own = handle.slot.part_id
+    return f"part {own}" + (f", on part {handle.part}'s cases" if handle.part != own else "")
 
 
 def _oom_killed(handle: WorkerHandle) -> bool:

@@ -398,3 +398,14 @@ def test_an_outside_sigkill_of_a_starting_worker_charges_nothing_and_suspects_no
     assert stdout.count("(killed): nothing charged, the device not suspected") == 3, stdout
     assert "suspected (" not in stdout and "gave up" not in stdout
     assert all(row["attempts"] == "1" for row in case_rows(out).values())
+
+
+def test_a_slot_that_took_over_a_part_logs_its_own_deaths_under_its_own_part(cases, tmp_path):
+    """Static schedule: part 0's device always fails, and while it rests slot 1 takes over its
+    cases; a death there is slot 1's (its restarts, its --max-restarts), and says so."""
+    out = tmp_path / "out"
+    env = {**fake_env(tmp_path, {"case_010": "crash:1"}), FAULTY_DEVICES_ENV: "cpu-slot-0"}
+    result = _run(cases, out, env, "--workers", "2", "--schedule", "static", "--max-restarts", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+    assert "[part 1, on part 0's cases] worker died (killed by SIGSEGV)" in result.stdout, result.stdout
