@@ -21,6 +21,7 @@ import zlib
 from dataclasses import dataclass
 
 HEAD_BYTES = 4096  # compressed bytes read to inflate a NIfTI header (a few hundred suffice)
+READ_BYTES = 1 << 22  # the integrity check reads and inflates this much at a time
 TEXT_HEADER_BYTES = 8192
 _DIMS_MHA = re.compile(rb"^\s*DimSize\s*=\s*([\d\s]+)$", re.MULTILINE)
 _DIMS_NRRD = re.compile(rb"^sizes:\s*([\d\s]+)$", re.MULTILINE)
@@ -108,11 +109,15 @@ def _simpleitk(path: str) -> Header | None:
 
 def gzip_size_mismatch(path: str, header: Header | None) -> bool:
     """True when a gzip-compressed NIfTI's trailer disagrees with the size its header implies:
-    the file is truncated or corrupt (no decompression: one seek to the last 4 bytes)."""
+    the file is truncated or corrupt (no decompression: one seek to the last 4 bytes). A BGZF file
+    (bgzip: many gzip members, the last one's trailer sizes only itself) is not judged here: its
+    full check is the preprocessing helper's, which reads the file anyway."""
     if header is None or header.data_bytes is None or not path.lower().endswith(".gz"):
         return False
     try:
         with open(path, "rb") as f:
+            if is_bgzf(f.read(18)):
+                return False
             f.seek(-4, os.SEEK_END)
             (isize,) = struct.unpack("<I", f.read(4))
     except (OSError, struct.error):
@@ -120,15 +125,38 @@ def gzip_size_mismatch(path: str, header: Header | None) -> bool:
     return isize != header.data_bytes % 2**32
 
 
-def gzip_stream_intact(path: str) -> str | None:
-    """None when the whole gzip stream decodes with its CRC and length checks, else why not.
-    A second decompression: done in the preprocessing helper, which reads the file anyway."""
-    import gzip
+def is_bgzf(head: bytes) -> bool:
+    """The first gzip member's header carries BGZF's "BC" extra field (bgzip, htslib)."""
+    if len(head) < 18 or head[:3] != b"\x1f\x8b\x08" or not head[3] & 4:  # FEXTRA
+        return False
+    return head[12:14] == b"BC"
 
+
+def gzip_stream_intact(path: str) -> str | None:
+    """None when every gzip member decodes with its CRC and length checks, else why not. Bytes
+    after the last complete member that do not start another member are ignored, as zlib's
+    gzread (SimpleITK's reader, nnU-Net's default) ignores them. A second decompression: done in
+    the preprocessing helper, which reads the file anyway."""
     try:
-        with gzip.open(path, "rb") as f:
-            while f.read(1 << 22):
-                pass
-    except (OSError, EOFError, zlib.error) as exc:
+        with open(path, "rb") as f:
+            buffer, decoder, members = b"", None, 0
+            while True:
+                if decoder is None:  # between members: another one, trailing bytes, or the end
+                    buffer += f.read(READ_BYTES) if len(buffer) < 2 else b""
+                    if not buffer:
+                        return None if members else "empty"
+                    if not buffer.startswith(b"\x1f\x8b"):
+                        return None if members else "not a gzip stream"
+                    decoder = zlib.decompressobj(wbits=31)  # 31: gzip, its CRC and length checked
+                data, buffer = buffer or f.read(READ_BYTES), b""
+                if not data:
+                    return "EOFError: the stream ends inside a member (truncated)"
+                while data and not decoder.eof:
+                    decoder.decompress(data, READ_BYTES)
+                    data = decoder.unconsumed_tail
+                if decoder.eof:
+                    buffer, decoder, members = decoder.unused_data, None, members + 1
+    except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
-    return None
+    except zlib.error as exc:
+        return f"corrupt: {exc}"
