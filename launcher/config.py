@@ -165,10 +165,10 @@ def build(cli_values: dict[str, Any], config_file: str | None) -> RunConfig:
 
 
 def run_state_dir(config: RunConfig) -> str:
-    """OUT/.nnunet-launch, or node-k for a SLURM array's node k or for -part_id k: each share has
-    its own journal and lock, so shares can run at once on several machines into one OUT."""
-    share = config.node if config.node is not None else (config.part_id if config.num_parts > 1 else None)
-    return state_dir(config.output_folder, share)
+    """OUT/.nnunet-launch, or node-k for a SLURM array's node k, or part-k for -part_id k: each
+    share has its own journal and lock, so shares can run at once on several machines into one OUT."""
+    part = config.part_id if config.num_parts > 1 else None
+    return state_dir(config.output_folder, config.node, None if config.node is not None else part)
 
 
 def _check_range(config: RunConfig) -> None:

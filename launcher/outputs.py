@@ -15,19 +15,29 @@ import shutil
 STATE_DIR = ".nnunet-launch"
 
 
-def state_dir(out: str, node: int | None = None) -> str:
+def state_dir(out: str, node: int | None = None, part: int | None = None) -> str:
+    """OUT/.nnunet-launch for a plain run; node-k for a SLURM array's node k; part-k for an
+    nnU-Net-style `-num_parts N -part_id k` run (their own namespaces: both may share one OUT)."""
     base = os.path.join(out, STATE_DIR)
-    return base if node is None else os.path.join(base, f"node-{node}")
+    if node is not None:
+        return os.path.join(base, f"node-{node}")
+    return base if part is None else os.path.join(base, f"part-{part}")
+
+
+def numbered_state_dirs(out: str, prefix: str) -> list[tuple[int, str]]:
+    """(k, folder) of every `<prefix>k` state folder (prefix "node-" or "part-"), in order."""
+    base = os.path.join(out, STATE_DIR)
+    found = []
+    for name in os.listdir(base) if os.path.isdir(base) else []:
+        number = name[len(prefix) :]
+        if name.startswith(prefix) and number.isdigit() and os.path.isdir(os.path.join(base, name)):
+            found.append((int(number), os.path.join(base, name)))
+    return sorted(found)
 
 
 def node_state_dirs(out: str) -> list[str]:
     """The state folders of a SLURM array's nodes, in node order."""
-    base = os.path.join(out, STATE_DIR)
-    found = []
-    for name in os.listdir(base) if os.path.isdir(base) else []:
-        if name.startswith("node-") and name[5:].isdigit() and os.path.isdir(os.path.join(base, name)):
-            found.append((int(name[5:]), os.path.join(base, name)))
-    return [path for _, path in sorted(found)]
+    return [path for _, path in numbered_state_dirs(out, "node-")]
 
 
 def slurm_dir(out: str) -> str:

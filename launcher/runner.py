@@ -15,15 +15,17 @@ import psutil
 
 from launcher.config import RunConfig, RunIdentity, output_identity, run_state_dir
 from launcher.errors import LauncherError
-from launcher.journal import DONE, FAILED, Journal, JournalWriteError, OutLock
+from launcher.journal import DONE, FAILED, Journal, JournalWriteError, OutLock, lock_holder
 from launcher.outputs import (
     case_outputs,
     clear_tmp,
     journal_path,
     lock_path,
     logs_dir,
+    numbered_state_dirs,
     outputs_present,
     stages_dir,
+    state_dir,
     tmp_dir,
     write_run_metadata,
     write_text_atomically,
@@ -53,6 +55,7 @@ def run(config: RunConfig, argv: list[str]) -> int:
     lock = OutLock(lock_path(state))
     lock.acquire()
     try:
+        _refuse_running_neighbour(config, state)
         journal = Journal.open(journal_path(state))
         try:
             return _supervise(config, plan, journal, view, argv)
@@ -78,6 +81,7 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
     """Refuse what `run` must refuse (exit 2, nothing written): predictions not made by the
     launcher without --continue_prediction/--fresh, or a run with other output-changing settings
     without --fresh. Reads the journal read-only."""
+    _refuse_running_neighbour(config, run_state_dir(config))
     strays, complete = _existing_outputs(config, plan)
     path = journal_path(run_state_dir(config))
     if not os.path.isfile(path):
@@ -115,6 +119,24 @@ def stage_facts(plan: Plan, view: OutView) -> dict:
             counts["total"] += 1
             counts["done"] += final_done or unit in view.units_done
     return {"stages": describe_stages(plan.stages), "per_stage": per_stage}
+
+
+def _refuse_running_neighbour(config: RunConfig, state: str) -> None:
+    """A plain run and `-part_id k` runs predict the same cases into one OUT: they do not run at
+    once (SLURM nodes own their shares and are not concerned)."""
+    if config.node is not None:
+        return
+    out = config.output_folder
+    plain = state_dir(out)
+    others = [path for _, path in numbered_state_dirs(out, "part-")] if state == plain else [plain]
+    for other in others:
+        pid = lock_holder(lock_path(other))
+        if pid is not None:
+            what = "a plain run" if other == plain else f"-part_id {other.rsplit('-', 1)[1]}"
+            raise LauncherError(
+                f"{what} of this output folder is running (pid {pid}); a plain run and -num_parts/-part_id "
+                "runs on one output folder take turns"
+            )
 
 
 def _refuse_other_run(config: RunConfig, previous: dict | None) -> None:

@@ -34,7 +34,7 @@ import time
 
 from launcher.errors import LauncherError
 from launcher.journal import Journal, lock_info, on_network_filesystem, this_host
-from launcher.outputs import journal_path, lock_path, node_state_dirs, state_dir, tmp_dir, write_text_atomically
+from launcher.outputs import journal_path, lock_path, numbered_state_dirs, state_dir, tmp_dir, write_text_atomically
 from launcher.report import EXIT_MEANING
 
 COUNTS = ("total", "done", "failed", "running", "pending")
@@ -125,31 +125,67 @@ def _state_status(state: str, with_rows: bool = True) -> tuple[dict, list[dict]]
     return info, rows
 
 
+def run_states(out: str) -> list[tuple[str, int | None, str]]:
+    """Every run's state on OUT as (name, SLURM node or None, folder): the plain run's (when it has
+    a journal), each SLURM node's, each `-part_id k` run's."""
+    plain = [("run", None, state_dir(out))] if os.path.isfile(journal_path(state_dir(out))) else []
+    nodes = [(f"node {k}", k, path) for k, path in numbered_state_dirs(out, "node-")]
+    parts = [(f"-part_id {k}", None, path) for k, path in numbered_state_dirs(out, "part-")]
+    return plain + nodes + parts
+
+
 def status_and_cases(out: str, with_rows: bool = True) -> tuple[dict, list[dict]]:
-    """The run on OUT, or every node's run of a SLURM array merged (per node, per part, totals);
-    with each case's row when `with_rows` (the report needs them, `status` does not)."""
-    nodes = node_state_dirs(out)
-    if not nodes:
+    """What OUT holds, read from its runs' journals, with each case's row when `with_rows` (the
+    report needs them). A SLURM array's nodes, or -part_id runs alone, are shares of one split:
+    merged (per run, per part, totals). A plain run with -part_id runs beside it predicted the same
+    cases: the plain run is shown, the others listed under "other_runs" (adding them up would count
+    cases twice)."""
+    states = run_states(out)
+    nodes = [s for s in states if s[1] is not None]
+    plain = [s for s in states if s[0] == "run"]
+    shown = nodes or (plain if plain and _has_cases(plain[0][2]) else [s for s in states if s not in plain])
+    if not shown:
         return _state_status(state_dir(out), with_rows)
+    if len(shown) == 1 and shown[0][1] is None:
+        info, rows = _state_status(shown[0][2], with_rows)
+    else:
+        info, rows = _merged(shown, with_rows)
+    others = [_counts(state[0], state[2]) for state in states if state not in shown]
+    others = [o for o in others if o["total"]]  # not a journal --fresh emptied
+    if others:
+        info["other_runs"] = others
+    return info, rows
+
+
+def _has_cases(state: str) -> bool:
+    return bool(_state_status(state, False)[0]["total"])
+
+
+def _counts(name: str, state: str) -> dict:
+    info = _state_status(state, False)[0]
+    return {"run": name, **{k: info[k] for k in COUNTS}, "launcher_running": info["launcher_running"]}
+
+
+def _merged(states: list[tuple[str, int | None, str]], with_rows: bool) -> tuple[dict, list[dict]]:
     merged: dict = dict.fromkeys(COUNTS, 0)
     merged.update(parts=[], failed_cases=[], nodes=[], last_run=None)
     all_rows = []
-    for path in nodes:
-        node = int(os.path.basename(path)[len("node-") :])
+    for name, node, path in states:
         info, rows = _state_status(path, with_rows)
+        where = {"node": node, "run": name}
         for key in COUNTS:
             merged[key] += info[key]
-        merged["parts"] += [{**p, "node": node} for p in info["parts"]]
-        merged["failed_cases"] += [{**f, "node": node} for f in info["failed_cases"]]
+        merged["parts"] += [{**p, **where} for p in info["parts"]]
+        merged["failed_cases"] += [{**f, **where} for f in info["failed_cases"]]
         merged["nodes"].append(
             {
-                "node": node,
+                **where,
                 **{k: info[k] for k in COUNTS},
                 **{k: info.get(k) for k in ("launcher_running", "launcher_pid", "launcher_host", "source")},
                 **({"snapshot_age_s": info["snapshot_age_s"]} if "snapshot_age_s" in info else {}),
             }
         )
-        all_rows += [{**r, "node": node} for r in rows]
+        all_rows += [{**r, **where} for r in rows]
         for stage, counts in info.get("stages", {}).items():
             for key, count in counts.items():
                 merged.setdefault("stages", {}).setdefault(stage, {})
@@ -205,7 +241,7 @@ def render_status(info: dict) -> str:
         lines.append(f"  stage {stage}: {counts.get('done', 0)}/{sum(counts.values())} case(s) done{failed}")
     for n in info.get("nodes", []):
         counts = f"{n['done']}/{n['total']} done, {n['failed']} failed"
-        lines.append(f"  node {n['node']}: {counts}, launcher {_launcher_state(n)}")
+        lines.append(f"  {n['run']}: {counts}, launcher {_launcher_state(n)}")
     for p in info["parts"]:
         eta = f", ETA {p['eta_s']:.0f} s" if p["eta_s"] is not None and info["launcher_running"] else ""
         rate = f", {p['rate_per_min']}/min" if p["rate_per_min"] else ""
@@ -217,4 +253,6 @@ def render_status(info: dict) -> str:
         )
     for f in info["failed_cases"]:
         lines.append(f"  FAILED {f['case']}: {f['error']}")
+    for other in info.get("other_runs", []):  # shown apart: they predicted some of the same cases
+        lines.append(f"  also on this output folder, {other['run']}: {other['done']}/{other['total']} done")
     return "\n".join(lines)

@@ -76,3 +76,29 @@ def test_version_choices_and_warnings_a_new_user_needs(tiny, tmp_path):
     assert (
         "--workers 64 on" in result.stderr and "64 workers for 12 case(s): 52 will have nothing to do" in result.stderr
     )
+
+
+def test_a_part_run_beside_a_plain_run_has_its_own_state_and_they_take_turns(tiny, tmp_path):
+    """-part_id runs keep their state in part-k (SLURM nodes use node-k): `status` keeps showing
+    the plain run's cases and lists the part run apart; a part run waits for a running plain run."""
+    from launcher.journal import OutLock
+    from launcher.outputs import lock_path, state_dir
+
+    out = tmp_path / "out"
+    env = fake_env(tmp_path)
+    assert cli(*run_args(tiny, out, "--workers", "2"), env=env).returncode == 0
+    part = run_args(tiny, out, "--workers", "2", "-num_parts", "2", "-part_id", "0", "--continue_prediction")
+    assert cli(*part, env=env).returncode == 0
+    assert (out / ".nnunet-launch" / "part-0" / "journal.sqlite").is_file()
+    status = json.loads(cli("status", str(out), "--json").stdout)
+    assert (status["done"], status["total"]) == (12, 12), "the plain run's cases, not the part's 6"
+    assert [(o["run"], o["done"]) for o in status["other_runs"]] == [("-part_id 0", 6)]
+    assert "also on this output folder, -part_id 0: 6/6 done" in cli("status", str(out)).stdout
+
+    plain_lock = OutLock(lock_path(state_dir(str(out))))
+    plain_lock.acquire()
+    try:
+        refused = cli(*part, env=env)
+    finally:
+        plain_lock.release()
+    assert refused.returncode == 2 and "a plain run of this output folder is running" in refused.stderr
