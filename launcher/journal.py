@@ -161,6 +161,11 @@ class Journal:
             sql, args = sql + " AND part=?", args + [part]
         return [row[0] for row in self.db.execute(sql + " ORDER BY id", args)]
 
+    def started_cases(self) -> set[str]:
+        """Cases a worker of this OUT ever started (`started` is set at an attempt's first stage and
+        never cleared): only their outputs may be the launcher's without a journaled "done"."""
+        return {row[0] for row in self.db.execute("SELECT id FROM cases WHERE started IS NOT NULL")}
+
     def states(self) -> tuple[dict[str, str], dict[str, int]]:
         """({case: state}, {case: attempts}) for the case book at the start of a run."""
         rows = self.db.execute("SELECT id, state, attempts FROM cases").fetchall()

@@ -85,21 +85,19 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
     strays, complete = _existing_outputs(config, plan)
     path = journal_path(run_state_dir(config))
     if not os.path.isfile(path):
-        if strays and not (config.continue_prediction or config.fresh):
-            raise LauncherError(
-                f"output folder already holds {len(strays)} prediction(s) not made by "
-                f"nnunet-launch (e.g. {strays[0]!r}); add --continue_prediction to keep the "
-                "ones that decode completely, or --fresh to predict everything again"
-            )
+        _refuse_foreign(config, strays)
         fresh = _fresh_targets(config, plan, set()) if config.fresh else []
         return OutView(strays, complete, set(), set(), set(), fresh)
     journal = Journal.open_readonly(path)
     try:
-        previous, (states, _) = journal.identity(), journal.states()
+        previous, (states, _), started = journal.identity(), journal.states(), journal.started_cases()
     finally:
         journal.close()
     _refuse_other_run(config, previous)
     journaled_done = {c for c, s in states.items() if s == DONE}
+    # an output the launcher may have placed: its case was started (a run that stopped between the
+    # move and journaling "done" left it so); any other is another tool's, as on a first run
+    _refuse_foreign(config, [c for c in strays if c not in journaled_done and c not in started])
     fresh = _fresh_targets(config, plan, journaled_done) if config.fresh else []
     done = {c for c in journaled_done if c in complete and c in plan.cases}
     failed = {c for c, s in states.items() if s == FAILED and c in plan.cases}
@@ -107,6 +105,15 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
         return OutView(strays, complete, set(), set(), set(), fresh)
     units_done = journaled_done - _vanished(plan, journaled_done, complete)
     return OutView(strays, complete, done, units_done, failed, fresh)
+
+
+def _refuse_foreign(config: RunConfig, foreign: list[str]) -> None:
+    if foreign and not (config.continue_prediction or config.fresh):
+        raise LauncherError(
+            f"output folder already holds {len(foreign)} prediction(s) not made by "
+            f"nnunet-launch (e.g. {foreign[0]!r}); add --continue_prediction to keep the "
+            "ones that decode completely, or --fresh to predict everything again"
+        )
 
 
 def stage_facts(plan: Plan, view: OutView) -> dict:

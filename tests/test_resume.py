@@ -96,3 +96,25 @@ def test_the_run_identity_is_one_schema_every_field_present_and_one_diff():
     ensemble = RunIdentity.from_json({**stored, "members": ["2d=/a", "3d_fullres=/b"], "ensemble": ["2d"]})
     assert single.diff(ensemble) == ["members", "ensemble"] and ensemble.diff(single) == ["members", "ensemble"]
     assert single.diff(RunIdentity.from_json({**stored, "profile": "fast", "folds": ["1"]})) == ["folds", "profile"]
+
+
+def test_another_tools_output_for_a_new_case_is_refused_after_a_finished_run_as_on_a_first_run(tiny, tmp_path):
+    """Once a journal exists, an output in OUT for a case the launcher never started is another
+    tool's: refused (exit 2, nothing changed) unless --continue_prediction keeps it if it decodes."""
+    import gzip
+
+    from conftest import fake_env, linked_cases
+
+    data = linked_cases(tiny, tmp_path / "inputs", 6)
+    out = tmp_path / "out"
+    env = fake_env(tmp_path)
+    assert cli(*run_args(data, out, "--workers", "2"), env=env).returncode == 0
+    os.link(data["inputs"] / "case_000_0000.nii.gz", data["inputs"] / "case_new_0000.nii.gz")
+    (out / "case_new.nii.gz").write_bytes(gzip.compress(b"written by another tool"))
+    before = copy_outputs_mtimes(out)
+    refused = cli(*run_args(data, out, "--workers", "2"), env=env)
+    assert refused.returncode == 2 and "1 prediction(s) not made by nnunet-launch (e.g. 'case_new')" in refused.stderr
+    assert copy_outputs_mtimes(out) == before
+    kept = cli(*run_args(data, out, "--workers", "2", "--continue_prediction"), env=env)
+    assert kept.returncode == 0, kept.stderr
+    assert "done case_new (kept (existing output verified))" in kept.stdout
