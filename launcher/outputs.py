@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 
+from launcher.headers import gzip_stream_intact
+
 STATE_DIR = ".nnunet-launch"
 
 
@@ -70,6 +72,18 @@ def case_outputs(case_id: str, file_ending: str, save_probabilities: bool) -> li
     nnU-Net's --continue_prediction looks for, so it is moved into place last."""
     names = [case_id + ".npz", case_id + ".pkl"] if save_probabilities else []
     return names + [case_id + file_ending]
+
+
+def output_complete(path: str) -> bool:
+    """The one rule for "this output file is whole": present, not empty, and for gzip files a
+    stream whose length and CRC check out (a truncated .nii.gz reads without an error in
+    SimpleITK, with wrong voxels). Used by resume (an output in place but not journaled) and verify."""
+    try:
+        if os.path.getsize(path) == 0:
+            return False
+    except OSError:
+        return False
+    return not path.endswith(".gz") or gzip_stream_intact(path) is None
 
 
 def outputs_present(names_in_out: set[str], case_id: str, file_ending: str, save_probabilities: bool) -> bool:

@@ -19,8 +19,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 
-from launcher.headers import gzip_stream_intact
-from launcher.outputs import case_outputs, move_into_place
+from launcher.outputs import case_outputs, move_into_place, output_complete
 from launcher.spec import Failure, PredictSettings, UnreadableInput, WorkCase, WorkerEnds, describe_signal
 
 POLL_S = 0.05
@@ -258,12 +257,11 @@ class CasePipeline:
         self.exporting = still
 
     def _existing_output_decodes(self, case: WorkCase) -> bool:
+        """Every output of the case is whole (outputs.output_complete) and its reader reads it."""
         try:
             for name in self._outputs(case):
                 path = os.path.join(case.out_dir or self.out_dir, name)
-                # SimpleITK returns wrong voxels from a truncated .gz without an error; the gzip
-                # stream's length and CRC check catch it
-                if path.endswith(".gz") and gzip_stream_intact(path) is not None:
+                if not output_complete(path):
                     return False
                 self.backend.read_output(path)
             return True

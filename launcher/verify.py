@@ -12,24 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from launcher.cases import discover
 from launcher.config import RunConfig
-from launcher.headers import gzip_stream_intact
-from launcher.outputs import case_outputs, node_state_dirs, state_dir
+from launcher.outputs import case_outputs, node_state_dirs, output_complete, state_dir
 from launcher.planning import available_cores
 from launcher.report import write_report_files
 from launcher.scheduler import static_parts
 from launcher.slurm import resubmit_command, verify_command
 from launcher.status import status_and_cases
-
-
-def output_complete(path: str) -> bool:
-    """Present, not empty, and for gzip files a stream whose length and CRC check out (a
-    truncated .nii.gz reads without error in SimpleITK, with wrong voxels)."""
-    try:
-        if os.path.getsize(path) == 0:
-            return False
-    except OSError:
-        return False
-    return not path.endswith(".gz") or gzip_stream_intact(path) is None
 
 
 def _incomplete(out: str, ids: list[str], names_of) -> list[str]:
