@@ -372,24 +372,10 @@ def test_a_postprocessing_pickle_that_would_run_code_is_refused_before_anything_
         for placement in (([*functions, call], kwargs), (functions, [{"labels_or_regions": call}])):
             pkl = tmp_path / f"{name}.pkl"
             pkl.write_bytes(pickle.dumps(placement))
+            args = ensemble_args(stages, tmp_path / "out")
+            args[args.index(stages["postprocessing_pkl"])] = str(pkl)
             for command in ("plan", "run"):
-                result = cli(
-                    command,
-                    "-i",
-                    str(stages["inputs"]),
-                    "-o",
-                    str(tmp_path / "out"),
-                    "-d",
-                    "998",
-                    "-c",
-                    *MEMBERS,
-                    "-f",
-                    "0",
-                    "-pp_pkl_file",
-                    str(pkl),
-                    "-device",
-                    "cpu",
-                )
+                result = cli(command, *args[1:])
                 assert result.returncode == 2, (name, result.stderr)
                 assert "may name only nnU-Net's postprocessing functions" in result.stderr, result.stderr
                 assert len(result.stderr.strip().splitlines()) == 1
