@@ -34,7 +34,7 @@ def discover(input_folder: str, file_ending: str, num_channels: int) -> list[Cas
 def discover_with_skipped(input_folder: str, file_ending: str, num_channels: int) -> tuple[list[Case], list[str]]:
     """discover(), plus the names of the files nnU-Net would skip silently (another ending)."""
     if not os.path.isdir(input_folder):
-        raise LauncherError(f"input folder {input_folder!r} does not exist")
+        raise LauncherError(missing_folder("input folder", input_folder, "-i takes the folder of scans"))
     with os.scandir(input_folder) as entries:
         listing = [(e.name, e.is_file(), e.is_dir()) for e in entries]
     names = sorted(n for n, is_file, _ in listing if is_file and n.endswith(file_ending))
@@ -82,3 +82,10 @@ def _has_scans(folder: str, file_ending: str) -> bool:
             return any(e.name.endswith(file_ending) for e in entries)
     except OSError:
         return False
+
+
+def missing_folder(what: str, path: str, hint: str) -> str:
+    """Why `path` is no folder: absent, or a file where a folder was wanted."""
+    if os.path.exists(path):
+        return f"{what} {path!r} is a file, not a folder; {hint}"
+    return f"{what} {path!r} does not exist"

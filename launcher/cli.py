@@ -459,12 +459,10 @@ def gpus(as_json):
 
     try:
         found = inventory.inventory()
-    except inventory.NvmlUnavailable as exc:
-        if as_json:  # a script asking for the GPUs of a machine without any gets an empty list
-            print(f"nnunet-launch: {exc}", file=sys.stderr)
-            click.echo("[]")
-            return
-        raise LauncherError(f"{exc}; {inventory.CPU_HINT}") from None
+    except inventory.NvmlUnavailable as exc:  # a machine without GPUs: an answer, not an error
+        print(f"nnunet-launch: {exc}; {inventory.CPU_HINT}", file=sys.stderr)
+        click.echo("[]" if as_json else "no GPU found")
+        return
     if as_json:
         click.echo(json.dumps([g.to_json() for g in found], indent=2))
         return
@@ -502,7 +500,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as exc:
-        _fail(exc.format_message(), verbose)
+        hint = ""
+        if isinstance(exc, click.exceptions.NoSuchOption) and exc.option_name == "--dry-run":
+            hint = "; `nnunet-launch plan` with the same arguments is the dry run"
+        _fail(exc.format_message() + hint, verbose)
     except KeyboardInterrupt:
         sys.exit(130)
     except (JournalWriteError, OSError) as exc:

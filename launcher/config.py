@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from launcher.cases import missing_folder
 from launcher.errors import LauncherError
 from launcher.outputs import stages_dir, state_dir
 from launcher.stages import Member, StagePlan, member_names, read_postprocessing
@@ -216,7 +217,7 @@ def validate(config: RunConfig, given: set[str] | None = None) -> None:
     inp = os.path.realpath(config.input_folder)
     out = os.path.realpath(config.output_folder)
     if not os.path.isdir(inp):
-        raise LauncherError(f"input folder {config.input_folder!r} does not exist")
+        raise LauncherError(missing_folder("input folder", config.input_folder, "-i takes the folder of scans"))
     if out == inp or out.startswith(inp + os.sep):
         raise LauncherError(
             f"output folder {config.output_folder!r} is inside the input folder; choose a folder outside it"
@@ -233,6 +234,11 @@ def validate(config: RunConfig, given: set[str] | None = None) -> None:
         config.model = single  # one model, as nnUNetv2_predict runs it
         if config.model.previous_stage:
             _check_prev_stage(config)
+        elif config.prev_stage_predictions:  # nnU-Net would ignore it without a word
+            raise LauncherError(
+                f"-prev_stage_predictions is for a cascade stage; configuration {config.model.configuration!r} "
+                "has no previous stage: leave it out"
+            )
         return
     config.model, config.stages = _stage_plan(config, specs)
 
@@ -421,7 +427,8 @@ def _check_prev_stage(config: RunConfig) -> None:
             "so that the launcher predicts that stage too"
         )
     if not os.path.isdir(config.prev_stage_predictions):
-        raise LauncherError(f"-prev_stage_predictions folder {config.prev_stage_predictions!r} does not exist")
+        where = config.prev_stage_predictions
+        raise LauncherError(missing_folder("-prev_stage_predictions folder", where, "it takes the folder of outputs"))
 
 
 def resolve_model_folder(config: RunConfig) -> str:

@@ -50,6 +50,19 @@ def _base(w, **change):
 ROWS = [
     ("input missing", lambda w: _base(w, **{"-i": w["tmp"] / "nope"}), {}, "does not exist"),
     (
+        "input is a file",
+        lambda w: _base(w, **{"-i": w["inputs"] / "case_000_0000.nii.gz"}),
+        {},
+        "is a file, not a folder; -i takes the folder of scans",
+    ),
+    (
+        "previous stage for a model without one",
+        lambda w: _base(w) + ["-prev_stage_predictions", str(w["tmp"])],
+        {},
+        "configuration '3d_fullres' has no previous stage",
+    ),
+    ("dry run flag", lambda w: _base(w) + ["--dry-run"], {}, "`nnunet-launch plan` with the same arguments"),
+    (
         "input empty",
         lambda w: (w["tmp"] / "empty").mkdir() or _base(w, **{"-i": w["tmp"] / "empty"}),
         {},
