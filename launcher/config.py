@@ -442,7 +442,11 @@ def resolve_model_folder(config: RunConfig) -> str:
     name = f"{config.trainer}__{config.plans}__{config.configuration}"
     folder = os.path.join(dataset_folder, name)
     if not os.path.isdir(folder):
-        found = sorted(os.listdir(dataset_folder))
+        found = sorted(  # model folders only: not ensembles/, inference_information.json, ...
+            d
+            for d in os.listdir(dataset_folder)
+            if d.count("__") == 2 and os.path.isdir(os.path.join(dataset_folder, d))
+        )
         raise LauncherError(
             f"no model {name!r} in {dataset_folder!r} (trainer__plans__configuration "
             f"found: {', '.join(found) or 'none'})"

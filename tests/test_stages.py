@@ -293,7 +293,9 @@ def refused(stages: dict, tmp_path: Path, *args: str, results: Path | None = Non
 
 def test_bad_multi_stage_input_is_one_line_and_exit_2(stages, tmp_path):
     assert "fold 1" in refused(stages, tmp_path, "-c", *MEMBERS, "-f", "0", "1")
-    assert "no model" in refused(stages, tmp_path, "-c", "2d", "3d_nope", "-f", "0")
+    message = refused(stages, tmp_path, "-c", "2d", "3d_nope", "-f", "0")
+    assert "no model" in message and "nnUNetTrainer__nnUNetPlans__3d_fullres" in message
+    assert "ensembles" not in message and "inference_information.json" not in message, "model folders only"
     assert "belong to -pp_pkl_file" in refused(stages, tmp_path, "-c", "2d", "-f", "0", "-plans_json", "x.json")
     assert "uses --schedule dynamic" in refused(stages, tmp_path, "-c", *MEMBERS, "-f", "0", "--schedule", "static")
     assert "-tr takes one value or one per configuration" in refused(
