@@ -356,16 +356,12 @@ def predict_logits(predictor, data: torch.Tensor, notes: list[str]) -> torch.Ten
         del logits
         last = fold == len(predictor.list_of_parameters) - 1
         free = free_device_bytes(prediction.device)
-        if not last and free is not None and free < 2 * _nbytes(prediction) + DEVICE_SLACK_BYTES:
+        if not last and free is not None and free < 2 * prediction.nbytes + DEVICE_SLACK_BYTES:
             notes.append(f"folds summed on the host from fold {fold}: {free / 2**20:.0f} MiB free on the device")
             prediction = prediction.cpu()
     if len(predictor.list_of_parameters) > 1:
         prediction /= len(predictor.list_of_parameters)
     return prediction
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 class BatchedMirroring:

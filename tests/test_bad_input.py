@@ -46,6 +46,13 @@ def _base(w, **change):
     return [str(x) for k, v in args.items() if v is not None for x in (k, v)]
 
 
+def _with_config(w, text: str) -> list[str]:
+    """The base arguments with --config of a TOML file holding `text`."""
+    config = w["tmp"] / "c.toml"
+    config.write_text(text)
+    return _base(w) + ["--config", str(config)]
+
+
 # (id, how to break the world, extra args, env, words the message must contain)
 ROWS = [
     ("input missing", lambda w: _base(w, **{"-i": w["tmp"] / "nope"}), {}, "does not exist"),
@@ -109,20 +116,14 @@ ROWS = [
     ("hang timeout inf", lambda w: _base(w) + ["--hang-timeout", "inf"], {}, "--hang-timeout must be a finite"),
     (
         "hang timeout nan in a config file",
-        lambda w: (
-            (w["tmp"] / "c.toml").write_text("hang_timeout = nan\n")
-            and _base(w) + ["--config", str(w["tmp"] / "c.toml")]
-        ),
+        lambda w: _with_config(w, "hang_timeout = nan\n"),
         {},
         "--hang-timeout must be a finite number of seconds > 0, got nan",
     ),
     ("bad profile", lambda w: _base(w) + ["--profile", "turbo"], {}, "'turbo' is not one of 'exact', 'fast'"),
     (
         "bad profile in a config file",
-        lambda w: (
-            (w["tmp"] / "c.toml").write_text('profile = "turbo"\n')
-            and _base(w) + ["--config", str(w["tmp"] / "c.toml")]
-        ),
+        lambda w: _with_config(w, 'profile = "turbo"\n'),
         {},
         "--profile must be exact or fast, got 'turbo'",
     ),
@@ -134,9 +135,7 @@ ROWS = [
     ),
     (
         "fresh in a config file",
-        lambda w: (
-            (w["tmp"] / "c.toml").write_text("fresh = true\n") and _base(w) + ["--config", str(w["tmp"] / "c.toml")]
-        ),
+        lambda w: _with_config(w, "fresh = true\n"),
         {},
         "'fresh' cannot be a setting",
     ),
@@ -171,17 +170,13 @@ ROWS = [
     ),
     (
         "config unknown key",
-        lambda w: (
-            (w["tmp"] / "c.toml").write_text("wrokers = 2\n") and _base(w) + ["--config", str(w["tmp"] / "c.toml")]
-        ),
+        lambda w: _with_config(w, "wrokers = 2\n"),
         {},
         "unknown key 'wrokers'",
     ),
     (
         "config not toml",
-        lambda w: (
-            (w["tmp"] / "c.toml").write_text("workers = = 2\n") and _base(w) + ["--config", str(w["tmp"] / "c.toml")]
-        ),
+        lambda w: _with_config(w, "workers = = 2\n"),
         {},
         "not valid TOML",
     ),
