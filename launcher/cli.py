@@ -403,7 +403,7 @@ def plan(as_json, **values):
         "model_folder": config.model.folder,
         "done": len(view.done),
         "to_do": to_do,
-        "failed_tried_again": len(view.failed),
+        "failed_tried_again": view.book.retried,
         "fresh_would_delete": len(view.fresh_would_delete),
         "fresh_would_delete_files": view.fresh_would_delete,
         "assignment": "estimate" if the_plan.schedule == "dynamic" else "exact",
@@ -421,7 +421,7 @@ def plan(as_json, **values):
             click.echo(f"  stage {stage}: {counts['done']}/{counts['total']} case(s) done")
     click.echo(
         f"{len(the_plan.cases)} case(s): {len(view.done)} already done in the output folder, {to_do} to predict"
-        + (f" ({len(view.failed)} that failed before are tried again)" if view.failed else "")
+        + (f" ({view.book.retried} that failed before are tried again)" if view.book.retried else "")
     )
     if config.fresh:
         listed = "plan --json" if len(view.fresh_would_delete) > FRESH_NAMES_SHOWN else None

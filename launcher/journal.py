@@ -18,6 +18,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import psutil
 
@@ -49,7 +50,20 @@ CREATE INDEX IF NOT EXISTS cases_by_state_ended ON cases(state, ended, part, wor
 CASE_COLUMNS = {"state", "part", "stage", "attempts", "gpu", "started", "ended", "seconds", "error"}
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
-HELD = "held"  # running, but still in a worker's local queue
+HELD = "held"  # in flight, but still waiting in the worker's local queue (not started)
+
+
+@dataclass(frozen=True)
+class JournalRow:
+    """A case as the journal last stored it."""
+
+    state: str
+    attempts: int = 0
+    stage: str | None = None
+    part: int | None = None
+    started: float | None = None  # set at an attempt's first stage, never cleared
+
+
 RUN_FIELDS = ("pid", "started", "ended", "exit_code")
 
 
@@ -109,40 +123,22 @@ class Journal:
         row = self.db.execute("SELECT value FROM meta WHERE key='identity'").fetchone()
         return json.loads(row[0]) if row else None
 
-    def start_run(
-        self,
-        identity: dict,
-        parts: list[tuple[int, str, str | None]],
-        case_parts: dict[str, int | None],
-        work: dict[str, float] | None = None,
-    ) -> tuple[int, int]:
-        """Record the identity, this run's parts and cases. Cases a dead run left in flight go
-        back to pending without charging that attempt; failed cases are tried again with a fresh
-        attempt budget (the cause may be fixed). Returns (run id, failed cases tried again)."""
+    def start_run(self, identity: dict, parts: list[tuple[int, str, str | None]], work: dict[str, float | None]) -> int:
+        """Store the identity, this run's parts and its cases (a case no longer planned is
+        dropped; a new one is added as the case book's resume will find it). Where each case
+        goes is the case book's decision (CaseBook.resume), written with `apply`. Returns the run id."""
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('identity', ?)", (json.dumps(identity),))
             db.execute("DELETE FROM parts")
             db.executemany("INSERT INTO parts (part_id, gpu, gpu_uuid) VALUES (?, ?, ?)", parts)
             known = {row[0] for row in db.execute("SELECT id FROM cases")}
-            gone = known - set(case_parts)
-            db.executemany("DELETE FROM cases WHERE id=?", [(c,) for c in gone])
-            # a finished case keeps the part that ran it
-            work = work or {}
+            db.executemany("DELETE FROM cases WHERE id=?", [(c,) for c in known - set(work)])
             db.executemany(
-                "INSERT INTO cases (id, part, work) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "work=excluded.work, part=CASE WHEN cases.state = 'done' THEN cases.part ELSE excluded.part END",
-                [(c, p, work.get(c)) for c, p in case_parts.items()],
+                "INSERT INTO cases (id, work) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET work=excluded.work",
+                list(work.items()),
             )
-            db.execute(
-                "UPDATE cases SET state=?, stage=NULL, attempts=MAX(attempts - (stage IS NOT NULL AND stage != ?), 0) "
-                "WHERE state=?",
-                (PENDING, HELD, RUNNING),
-            )
-            retried = db.execute(
-                "UPDATE cases SET state=?, stage=NULL, attempts=0, error=NULL WHERE state=?", (PENDING, FAILED)
-            ).rowcount
             cursor = db.execute("INSERT INTO runs (pid, started) VALUES (?, ?)", (os.getpid(), time.time()))
-            return cursor.lastrowid, retried
+            return cursor.lastrowid
 
     def end_run(self, run_id: int, exit_code: int) -> None:
         with self._tx() as db:
@@ -161,15 +157,10 @@ class Journal:
             sql, args = sql + " AND part=?", args + [part]
         return [row[0] for row in self.db.execute(sql + " ORDER BY id", args)]
 
-    def started_cases(self) -> set[str]:
-        """Cases a worker of this OUT ever started (`started` is set at an attempt's first stage and
-        never cleared): only their outputs may be the launcher's without a journaled "done"."""
-        return {row[0] for row in self.db.execute("SELECT id FROM cases WHERE started IS NOT NULL")}
-
-    def states(self) -> tuple[dict[str, str], dict[str, int]]:
-        """({case: state}, {case: attempts}) for the case book at the start of a run."""
-        rows = self.db.execute("SELECT id, state, attempts FROM cases").fetchall()
-        return {c: s for c, s, _ in rows}, {c: a for c, _, a in rows}
+    def book_rows(self) -> dict[str, JournalRow]:
+        """Every case as stored, for the case book's resume (and `plan`'s read-only one)."""
+        rows = self.db.execute("SELECT id, state, attempts, stage, part, started FROM cases")
+        return {row[0]: JournalRow(*row[1:]) for row in rows}
 
     def apply(self, updates: list[tuple[str, dict]]) -> None:
         """Write the case book's updates [(case id, {column: value})] in one transaction."""
@@ -180,12 +171,6 @@ class Journal:
                     raise ValueError(f"not a case column: {set(columns) - CASE_COLUMNS}")
                 assignments = ", ".join(f"{c}=?" for c in columns)
                 db.execute(f"UPDATE cases SET {assignments} WHERE id=?", [row[c] for c in columns] + [case_id])
-
-    def reopen_cases(self, case_ids: list[str]) -> None:
-        with self._tx() as db:
-            db.executemany(
-                "UPDATE cases SET state=?, attempts=0, error=NULL WHERE id=?", [(PENDING, c) for c in case_ids]
-            )
 
     def done_seconds(self) -> dict[str, float]:
         return dict(self.db.execute("SELECT id, seconds FROM cases WHERE state=? AND seconds IS NOT NULL", (DONE,)))

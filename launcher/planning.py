@@ -13,6 +13,7 @@ from launcher.config import RunConfig
 from launcher.errors import LauncherError
 from launcher.headers import gzip_size_mismatch, gzip_stream_intact, read_header
 from launcher.scheduler import DYNAMIC_PLAN_LOOKAHEAD, Slot, make_slots, simulate_dynamic, static_parts
+from launcher.spec import PredictSettings, WorkCase
 from launcher.stages import COMBINE_WORK_FRACTION, StagePlan, split_unit
 
 NNUNET_DEFAULT_PROCESSES = 3  # nnUNetv2_predict's -npp / -nps default
@@ -245,3 +246,29 @@ def prev_stage_file(config: RunConfig, case_id: str) -> str | None:
     if not config.prev_stage_predictions:
         return None
     return os.path.join(config.prev_stage_predictions, case_id + config.model.file_ending)
+
+
+def predict_settings(config: RunConfig, plan: Plan) -> PredictSettings:
+    """What every worker of the run predicts with."""
+    return PredictSettings(
+        model_folder=config.model.folder,
+        folds=config.model.folds,
+        checkpoint=config.checkpoint,
+        step_size=config.step_size,
+        disable_tta=config.disable_tta,
+        verbose=config.verbose,
+        save_probabilities=config.save_probabilities,
+        device=config.device,
+        threads=plan.threads,
+        npp=plan.npp,
+        nps=plan.nps,
+        members=tuple((m.name, m.folder) for m in plan.stages.members) if plan.stages else (),
+        profile=config.profile,
+    )
+
+
+def work_case(config: RunConfig, plan: Plan, unit: str, verify: bool) -> WorkCase:
+    """A unit of work as a worker gets it (`verify`: keep its existing output when whole)."""
+    if plan.stages is not None:
+        return plan.stages.work_case(unit, plan.cases[split_unit(unit)[1]].files, verify)
+    return WorkCase(unit, plan.cases[unit].files, prev_stage_file(config, unit), verify)

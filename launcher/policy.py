@@ -222,3 +222,52 @@ class DeviceHealth:
         rest = backoff(self.faults[device], DEVICE_REST_BASE_S, DEVICE_REST_MAX_S)
         self.rest_until[device] = now + rest
         return rest
+
+
+@dataclass
+class SlotState:
+    """A worker slot's restart budget and back-off (kept per slot: a slot that took over another
+    part's cases answers for its own deaths)."""
+
+    deaths_since_finished: int = 0  # deaths no case is certainly to blame for, since a case was done
+    uncounted_since_finished: int = 0  # deaths that do not count toward --max-restarts (outside kills)
+    not_before: float = 0.0  # restart back-off
+    gave_up: bool = False
+    log_path: str | None = None  # its current worker's log
+
+    def case_finished(self) -> None:
+        self.deaths_since_finished = self.uncounted_since_finished = 0
+
+    def death(self, verdict: DeathVerdict, max_restarts: int, now: float) -> bool:
+        """Count a death and set the back-off before the next worker; False: the slot gives up."""
+        if verdict.counts_restart:  # a case's deaths are budgeted by --case-retries
+            self.deaths_since_finished += 1
+        elif verdict.charged is None:  # still slows the restarts down: a killer that keeps killing
+            self.uncounted_since_finished += 1
+        if self.deaths_since_finished > max_restarts:
+            return False
+        deaths = self.deaths_since_finished + self.uncounted_since_finished
+        self.not_before = max(self.not_before, now + restart_delay(deaths))
+        return True
+
+
+def describe_verdict(verdict: DeathVerdict, kind: Failure, failed_for_good: bool) -> str:
+    """Whose fault a death was, for the supervisor's log line."""
+    if verdict.charged:
+        left = "failed for good" if failed_for_good else "charged one attempt"
+        return f"; {verdict.charged} was alone on it: {left}"
+    if verdict.suspect:
+        return f"; {verdict.suspect} is suspected and will be retried" + (" alone" if verdict.alone else "")
+    if verdict.deferred:
+        return f"; the device is suspected; {verdict.deferred} goes back to the queue behind the other cases"
+    if not verdict.suspect_device:
+        return f" ({kind.value}): nothing charged, the device not suspected"
+    return "; no case was running: counted against the device"
+
+
+def describe_watchdog(hang_timeout: float | None) -> str:
+    if hang_timeout is not None:
+        how = f"{hang_timeout:.0f} s (--hang-timeout)"
+    else:
+        how = "10x the slowest finished case, scaled by the case's size, at least 5 min; 15 min before any"
+    return f"nnunet-launch: a case with no progress for {how} is hung"

@@ -15,7 +15,7 @@ import psutil
 
 from launcher.config import RunConfig, RunIdentity, output_identity, run_state_dir
 from launcher.errors import LauncherError
-from launcher.journal import DONE, FAILED, Journal, JournalWriteError, OutLock, lock_holder
+from launcher.journal import DONE, Journal, JournalRow, JournalWriteError, OutLock, lock_holder
 from launcher.outputs import (
     case_outputs,
     clear_tmp,
@@ -33,7 +33,7 @@ from launcher.outputs import (
 from launcher.planning import Plan, checkpoint_bytes, make_plan, memory_warning
 from launcher.progress import Reporter, wants_live_view
 from launcher.report import summary_lines, write_summary
-from launcher.scheduler import CaseBook
+from launcher.scheduler import CaseBook, OutFacts, foreign_outputs
 from launcher.stages import describe_stages, split_unit, stage_of
 from launcher.supervisor import Supervisor
 
@@ -71,10 +71,13 @@ class OutView:
 
     strays: list[str]  # planned cases whose segmentation is in OUT (journaled or not)
     complete: set[str]  # ... whose every output is there (with probabilities: .npz and .pkl too)
-    done: set[str]  # journaled done, with the output present
-    units_done: set[str]  # journaled done (a multi-stage run's units, see stages.py)
-    failed: set[str]  # failed in the last run: tried again
+    book: CaseBook  # the case book this run starts from (CaseBook.resume of the journal, read-only)
     fresh_would_delete: list[str]  # the files --fresh would remove
+
+    @property
+    def done(self) -> set[str]:
+        """Cases whose final output is done and whole in OUT."""
+        return self.book.done & set(self.strays)
 
 
 def inspect_out(config: RunConfig, plan: Plan) -> OutView:
@@ -84,27 +87,33 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
     _refuse_running_neighbour(config, run_state_dir(config))
     strays, complete = _existing_outputs(config, plan)
     path = journal_path(run_state_dir(config))
-    if not os.path.isfile(path):
-        _refuse_foreign(config, strays)
-        fresh = _fresh_targets(config, plan, set()) if config.fresh else []
-        return OutView(strays, complete, set(), set(), set(), fresh)
-    journal = Journal.open_readonly(path)
-    try:
-        previous, (states, _), started = journal.identity(), journal.states(), journal.started_cases()
-    finally:
-        journal.close()
+    previous, rows = None, {}
+    if os.path.isfile(path):
+        journal = Journal.open_readonly(path)
+        try:
+            previous, rows = journal.identity(), journal.book_rows()
+        finally:
+            journal.close()
     _refuse_other_run(config, previous)
-    journaled_done = {c for c, s in states.items() if s == DONE}
-    # an output the launcher may have placed: its case was started (a run that stopped between the
-    # move and journaling "done" left it so); any other is another tool's, as on a first run
-    _refuse_foreign(config, [c for c in strays if c not in journaled_done and c not in started])
+    _refuse_foreign(config, foreign_outputs(rows, strays))
+    journaled_done = {c for c, row in rows.items() if row.state == DONE}
     fresh = _fresh_targets(config, plan, journaled_done) if config.fresh else []
-    done = {c for c in journaled_done if c in complete and c in plan.cases}
-    failed = {c for c, s in states.items() if s == FAILED and c in plan.cases}
     if config.fresh:
-        return OutView(strays, complete, set(), set(), set(), fresh)
-    units_done = journaled_done - _vanished(plan, journaled_done, complete)
-    return OutView(strays, complete, done, units_done, failed, fresh)
+        strays, complete, rows = [], set(), {}
+    return OutView(strays, complete, resume_book(plan, rows, strays, complete), fresh)
+
+
+def resume_book(plan: Plan, rows: dict[str, JournalRow], strays: list[str], complete: set[str]) -> CaseBook:
+    """The case book a run starts from: the journal's rows and OUT's facts (read here, decided by
+    CaseBook.resume)."""
+    journaled_done = {c for c, row in rows.items() if row.state == DONE}
+    facts = OutFacts(
+        present=frozenset(strays),
+        vanished=frozenset(_vanished(plan, journaled_done, complete)),
+        broken={u: why for c, why in plan.broken.items() for u in _units_of(plan, c)},
+    )
+    static = plan.part_of() if plan.schedule == "static" else None
+    return CaseBook.resume(plan.unit_work(), rows, facts, plan.part_of(), static, plan.unit_deps, time.time())
 
 
 def _refuse_foreign(config: RunConfig, foreign: list[str]) -> None:
@@ -124,7 +133,7 @@ def stage_facts(plan: Plan, view: OutView) -> dict:
         for unit in plan.stages.units(case_id):
             counts = per_stage.setdefault(stage_of(unit, plan.stages), {"done": 0, "total": 0})
             counts["total"] += 1
-            counts["done"] += final_done or unit in view.units_done
+            counts["done"] += final_done or unit in view.book.done
     return {"stages": describe_stages(plan.stages), "per_stage": per_stage}
 
 
@@ -173,36 +182,20 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, a
     state = run_state_dir(config)
     clear_tmp(tmp_dir(state))
     parts = [(s.part_id, s.label, s.gpu_uuid) for s in plan.slots]
-    needs = plan.unit_deps
-    run_id, retried = journal.start_run(identity, parts, plan.part_of(), plan.unit_work())
+    run_id = journal.start_run(identity, parts, plan.unit_work())
     # the last step of the manual chain decides which of nnUNetv2_predict's files OUT gets
     predicted = plan.stages is None or not plan.stages.combines
     write_run_metadata(out, tmp_dir(state), config.model.folder, _predict_args(config, plan) if predicted else None)
-    states, attempts = journal.states()
-    done = {c for c, s in states.items() if s == DONE}
-    vanished = sorted(_vanished(plan, done, complete))
-    if vanished:  # journaled done, but someone removed the output since: predict it again
-        journal.reopen_cases(vanished)
-        states, attempts = journal.states()
-        done -= set(vanished)
-    verify = {c for c in strays if c not in done}
-    broken = {u: why for c, why in plan.broken.items() for u in _units_of(plan, c) if u not in done}
-    if broken:  # a cut or corrupt input is never predicted
-        journal.apply(
-            [(c, {"state": FAILED, "stage": None, "error": why, "ended": time.time()}) for c, why in broken.items()]
-        )
-        states = {**states, **dict.fromkeys(broken, FAILED)}
-    static = plan.part_of() if plan.schedule == "static" else None
-    book = CaseBook(plan.unit_work(), states, attempts, static, needs)
+    book = resume_book(plan, journal.book_rows(), strays, complete)
     journal.apply(book.startup_updates)
     os.makedirs(logs_dir(state), exist_ok=True)
     supervisor_log = os.path.join(logs_dir(state), "supervisor.log")
     reporter = Reporter(
         supervisor_log, journal, {s.gpu_uuid: s.label for s in plan.slots if s.gpu_uuid}, wants_live_view()
     )
-    again = f", {retried} failed case(s) of the last run tried again" if retried else ""
+    again = f", {book.retried} failed case(s) of the last run tried again" if book.retried else ""
     reporter.log(
-        f"nnunet-launch: {len(plan.cases)} case(s), {len(done & set(plan.cases))} already done{again}, "
+        f"nnunet-launch: {len(plan.cases)} case(s), {len(book.done & set(plan.cases))} already done{again}, "
         f"{plan.num_parts} part(s) on "
         f"{', '.join(sorted({s.label for s in plan.slots}))}, {plan.schedule} schedule; per worker: "
         f"{plan.threads} torch thread(s), npp={plan.npp}, nps={plan.nps}"
@@ -231,18 +224,18 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, a
     )
     for warning in [*plan.warnings, *([host_memory] if host_memory else [])]:
         reporter.log(f"nnunet-launch: warning: {warning}")
-    for case_id, why in sorted(broken.items()):
+    for case_id, why in sorted((c, why) for c, why in plan.broken.items() if c not in book.done):
         reporter.log(f"nnunet-launch: case {case_id}: {why}; not predicted")
     exit_code = EXIT_INTERNAL_ERROR
     supervisor = None
     try:
-        supervisor = Supervisor(config, plan, journal, book, verify, reporter, run_id)
+        supervisor = Supervisor(config, plan, journal, book, reporter, run_id)
         exit_code = supervisor.run()
     except BaseException:
         reporter.log("nnunet-launch: internal error:\n" + traceback.format_exc().rstrip())
         raise
     finally:
-        intermediates = supervisor.intermediates if supervisor else None
+        intermediates = supervisor.books.intermediates if supervisor else None
         facts = {"intermediate_peak_bytes": intermediates.peak} if intermediates else {}
         _finish(config, journal, reporter, run_id, exit_code, started, argv, facts)
     return exit_code

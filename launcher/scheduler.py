@@ -6,8 +6,9 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from launcher.journal import DONE, FAILED, HELD, PENDING, RUNNING, JournalRow
 from launcher.spec import STAGES
 from launcher.stages import split_unit
 
@@ -125,11 +126,8 @@ def lower_bound(work: dict[str, float], num_slots: int) -> float:
 
 
 # --- the case book ---------------------------------------------------------------------------
-# A case's state, in the journal's words: queued ("pending"), in flight on one worker
-# ("running"), done, or failed.
-PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
-HELD = "held"  # in flight, but still waiting in the worker's local queue (not started)
-
+# A case's state, in the journal's words (journal.py): queued ("pending"), in flight on one
+# worker ("running"), done, or failed.
 Update = tuple[str, dict]  # (case id, journal columns to set)
 
 
@@ -139,6 +137,36 @@ class Flight:
     stage: str  # HELD, then one of STAGES
     since: float  # when it entered that stage
     progress_at: float  # its last sign of progress (stage entry, sliding-window step)
+
+
+@dataclass(frozen=True)
+class OutFacts:
+    """What OUT holds at the start of a run, read by runner.py (the book reads no files)."""
+
+    present: frozenset[str] = frozenset()  # units whose segmentation is in OUT (complete or not)
+    vanished: frozenset[str] = frozenset()  # journaled done, but an output is gone since
+    broken: dict[str, str] = field(default_factory=dict)  # units whose input is cut or corrupt: why
+
+
+def _resumed(case_id: str, row: JournalRow, facts: OutFacts, now: float | None) -> tuple[str, int, dict]:
+    """One case's state and attempts at the start of a run, and the journal columns that change."""
+    if row.state == DONE and case_id not in facts.vanished:
+        return DONE, row.attempts, {}
+    if case_id in facts.broken:  # a cut or corrupt input is never predicted
+        return FAILED, row.attempts, {"state": FAILED, "stage": None, "error": facts.broken[case_id], "ended": now}
+    if row.state == RUNNING:  # the attempt of a dead run did not fail: not counted
+        tries = max(row.attempts - (row.stage not in (None, HELD)), 0)
+        return PENDING, tries, {"state": PENDING, "stage": None, "attempts": tries}
+    if row.state in (FAILED, DONE):  # failed: its cause may be fixed; done: its output vanished
+        return PENDING, 0, {"state": PENDING, "stage": None, "attempts": 0, "error": None}
+    return PENDING, row.attempts, {}
+
+
+def foreign_outputs(rows: dict[str, JournalRow], present: Iterable[str]) -> list[str]:
+    """Outputs in OUT that the launcher cannot have placed: their case was never started by a
+    worker of this OUT (a run that stopped between the atomic move and journaling "done" leaves a
+    started case), nor journaled done. They are another tool's, refused as on a first run."""
+    return sorted(c for c in present if c not in rows or (rows[c].state != DONE and rows[c].started is None))
 
 
 class CaseBook:
@@ -181,6 +209,8 @@ class CaseBook:
         self.depth = {u: self._depth(u) for u in self.needs}
         self.waiting: dict[str, set[str]] = {}
         self.startup_updates: list[Update] = []  # units whose needs failed before this run
+        self.retried = 0  # failed cases of the last run tried again (see resume)
+        self.verify: set[str] = set()  # outputs in OUT to verify and keep (see resume)
         for case_id in work:
             if case_id in self.done or case_id in self.failed:
                 continue
@@ -191,6 +221,40 @@ class CaseBook:
                 self._queue(case_id, solo=False)
         for case_id in [c for c in self.failed if c in self.needed_by]:
             self.startup_updates += self._fail_dependents(case_id, None)
+
+    @classmethod
+    def resume(
+        cls,
+        work: dict[str, float],
+        rows: dict[str, JournalRow],
+        facts: OutFacts,
+        parts: dict[str, int | None],
+        static_part: dict[str, int] | None = None,
+        needs: dict[str, tuple[str, ...]] | None = None,
+        now: float | None = None,
+    ) -> CaseBook:
+        """The book a run starts from: the journal's rows, moved as a new run moves them, and what
+        OUT holds. `startup_updates` make the moves durable:
+        - a case a dead run left in flight is queued again, that attempt not counted;
+        - a failed case is tried again with a fresh attempt budget (its cause may be fixed):
+          `retried` counts them;
+        - a done case whose output vanished is predicted again;
+        - a case whose input is cut or corrupt fails, never predicted;
+        - every case not done takes the plan's part (a done case keeps the part that ran it).
+        `verify`: cases not done whose output is in OUT; their worker keeps it when it is whole."""
+        states, attempts, updates = {}, {}, []
+        for case_id in work:
+            row = rows.get(case_id, JournalRow(PENDING))
+            states[case_id], attempts[case_id], change = _resumed(case_id, row, facts, now)
+            if states[case_id] != DONE and row.part != parts.get(case_id):
+                change["part"] = parts.get(case_id)
+            if change:
+                updates.append((case_id, change))
+        book = cls(work, states, attempts, static_part, needs)
+        book.startup_updates = updates + book.startup_updates
+        book.retried = sum(1 for c in work if c in rows and rows[c].state == FAILED and c not in facts.broken)
+        book.verify = {c for c in facts.present if c in work and states[c] == PENDING}
+        return book
 
     def _depth(self, unit: str) -> int:
         return 1 + max((self._depth(n) for n in self.needs.get(unit, ())), default=-1)
@@ -343,3 +407,120 @@ class CaseBook:
                     updates.append((case_id, {"state": FAILED, "stage": None, "ended": now, "error": error}))
                     updates += self._fail_dependents(case_id, now)
         return updates
+
+
+# --- feeding workers: which cases a worker gets, decided here, sent by the supervisor -----------
+# cases a worker holds queued beyond the ones it works on, so it never waits for the supervisor
+# to learn its next case
+LOOKAHEAD = 2
+NO_WORK = "no work"  # key_for_new_worker: this slot starts no worker now
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A live worker as feeding sees it."""
+
+    serial: int
+    key: int | None  # the book's queue it draws from
+    part: int  # whose cases it runs
+    solo: bool  # it holds a suspected case alone
+
+
+@dataclass
+class TopUp:
+    cases: list[str]  # to send now
+    solo: bool  # the worker holds (or now gets) a suspected case alone
+    updates: list[Update]
+    then: str | None = None  # with no case to send: NO_MORE or ASK_BACK
+
+
+NO_MORE, ASK_BACK = "no_more", "ask_back"
+
+
+def key_for_new_worker(book: CaseBook, own_part: int, running: set[int | None], unavailable: set[int]):
+    """The queue a new worker on a slot draws from, or NO_WORK: its own part (static) or the
+    shared queue (dynamic). In the static schedule a slot whose part is finished takes over a
+    part nobody runs whose own slot is `unavailable` (gave up or rests)."""
+    if book.static_part is None:
+        return None if book.queued(None) else NO_WORK
+    if book.queued(own_part):
+        return own_part
+    for key in sorted(k for k in book.queued_keys() if k not in running):
+        if key in unavailable:
+            return key
+    return NO_WORK
+
+
+def fits(book: CaseBook, held_work: float, key: int | None, workers: int) -> bool:
+    """May a worker holding `held_work` take the next queued case? Always when it holds nothing;
+    else only within a fair share of the work left among `workers` (dynamic schedule), so that
+    near the end no worker sits on cases another, idle one could run."""
+    next_case = book.peek(key, solo=False)
+    if next_case is None:
+        return False
+    if held_work == 0 or book.static_part is not None:
+        return True
+    return held_work + book.work[next_case] <= book.remaining_work / max(1, workers)
+
+
+def _take_within_share(book: CaseBook, feed: Feed, now: float, workers: int, held: int, held_work: float) -> TopUp:
+    top = TopUp([], False, [])
+    while held + len(top.cases) < LOOKAHEAD + 1 and fits(book, held_work, feed.key, workers):
+        case_id, updates = book.take(feed.key, feed.serial, feed.part, solo=False, now=now)
+        top.cases.append(case_id)
+        top.updates += updates
+        held_work += book.work[case_id]
+    return top
+
+
+def _take_solo(book: CaseBook, feed: Feed, now: float) -> TopUp | None:
+    case_id, updates = book.take(feed.key, feed.serial, feed.part, solo=True, now=now)
+    return TopUp([case_id], True, updates) if case_id is not None else None
+
+
+def cases_for_new_worker(book: CaseBook, feed: Feed, now: float, workers: int) -> TopUp:
+    """A suspected case alone, else up to LOOKAHEAD + 1 queued cases within its fair share."""
+    return _take_solo(book, feed, now) or _take_within_share(book, feed, now, workers, 0, 0.0)
+
+
+def top_up(book: CaseBook, feed: Feed, now: float, workers: int) -> TopUp:
+    """Keep a live worker's local queue at LOOKAHEAD cases not started. A worker with nothing
+    takes a suspected case alone first. With nothing to send: NO_MORE when nothing is queued for it
+    and no case could come back to its queue, ASK_BACK when others hold cases they have not started."""
+    mine = book.on_worker(feed.serial)
+    if feed.solo and mine:
+        return TopUp([], True, [])
+    if not mine and (alone := _take_solo(book, feed, now)):
+        return alone
+    held = sum(1 for c in mine if book.flights[c].stage == HELD)
+    # LOOKAHEAD cases not started, beside the one it works on
+    top = _take_within_share(book, feed, now, workers, held + 1, book.held_work(feed.serial))
+    if not top.cases and not mine:
+        top.then = ASK_BACK if _could_come_back(book, feed) else NO_MORE
+    return top
+
+
+def _could_come_back(book: CaseBook, feed: Feed) -> bool:
+    """Cases for this worker's queue may still come back (another worker holds some), or become
+    ready (a multi-stage unit waits for another)."""
+    if book.queued(feed.key) or book.waiting:
+        return True
+    return any(f.worker != feed.serial and book.key(c) == feed.key for c, f in book.flights.items())
+
+
+def give_back_donor(book: CaseBook, idle: Feed, askable: set[int]) -> tuple[int, list[str]] | None:
+    """An idle worker while others hold cases of its queue they have not started: the worker of
+    `askable` to ask to return them (the one holding most), and those cases. A worker holding only
+    cases it has not started is not asked: it starts them itself now."""
+    held: dict[int, list[str]] = {}
+    busy = set()
+    for case_id, flight in book.flights.items():
+        if flight.stage != HELD:
+            busy.add(flight.worker)
+        elif flight.worker != idle.serial and book.key(case_id) == idle.key:
+            held.setdefault(flight.worker, []).append(case_id)
+    donors = [w for w in held if w in busy and w in askable]
+    if not donors:
+        return None
+    donor = max(donors, key=lambda w: len(held[w]))
+    return donor, held[donor]

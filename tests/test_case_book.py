@@ -8,8 +8,8 @@ import sqlite3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.journal import Journal
-from launcher.scheduler import DONE, FAILED, PENDING, CaseBook
+from launcher.journal import HELD, RUNNING, Journal
+from launcher.scheduler import DONE, FAILED, PENDING, CaseBook, OutFacts, foreign_outputs
 
 CASES = [f"c{i}" for i in range(8)]
 WORK = {c: float(i + 1) for i, c in enumerate(CASES)}
@@ -35,7 +35,36 @@ def _journal(tmp_path_factory) -> Journal:
 
 
 def _journal_states(journal: Journal) -> dict[str, str]:
-    return dict(journal.db.execute("SELECT id, state FROM cases"))
+    return {c: row.state for c, row in journal.book_rows().items()}
+
+
+def _apply_event(book: CaseBook, ev: tuple, static: bool) -> list:
+    kind = ev[0]
+    if kind == "take":
+        key = (ev[1] % 2) if static else None
+        return book.take(key, ev[1], ev[1], solo=ev[2], now=1.0)[1]
+    if kind == "stage":
+        return book.enter_stage(ev[1], ev[2], 1.0, "cpu", 1.0)
+    if kind == "finish":
+        return book.finish(ev[1], 1.0, 2.0)
+    if kind == "charge":
+        return book.charge(ev[1], "boom", final=ev[2], retries=1, solo=ev[3], now=2.0)
+    if kind == "release":
+        return book.release([ev[1]], solo=ev[2])
+    if kind == "worker_dies":
+        return book.release(book.on_worker(ev[1]))
+    return book.fail_queued(book.queued_keys(), "gave up", 3.0)
+
+
+def _assert_one_place_each_and_the_journal_agrees(book: CaseBook, journal: Journal) -> None:
+    places = {c: book.place(c) for c in CASES}
+    queued = book.queued(any_key=True)
+    assert queued == sum(1 for p in places.values() if p == PENDING), "each queued case is queued once"
+    assert len(book.flights) + queued + len(book.done) + len(book.failed) == len(CASES)
+    assert not (book.done & set(book.failed)) and not (set(book.flights) & book.done)
+    assert _journal_states(journal) == places, "the journal is the book's durable log"
+    for case_id, flight in book.flights.items():
+        assert flight.worker in range(WORKERS) and case_id in book.on_worker(flight.worker)
 
 
 @settings(max_examples=150, deadline=None)
@@ -45,32 +74,69 @@ def test_random_events_keep_every_case_in_exactly_one_place_and_the_journal_agre
     parts = {c: i % 2 for i, c in enumerate(CASES)} if static else None
     book = CaseBook(WORK, {}, {}, parts)
     for ev in events:
-        kind = ev[0]
-        if kind == "take":
-            key = (ev[1] % 2) if static else None
-            _, updates = book.take(key, ev[1], ev[1], solo=ev[2], now=1.0)
-        elif kind == "stage":
-            updates = book.enter_stage(ev[1], ev[2], 1.0, "cpu", 1.0)
-        elif kind == "finish":
-            updates = book.finish(ev[1], 1.0, 2.0)
-        elif kind == "charge":
-            updates = book.charge(ev[1], "boom", final=ev[2], retries=1, solo=ev[3], now=2.0)
-        elif kind == "release":
-            updates = book.release([ev[1]], solo=ev[2])
-        elif kind == "worker_dies":
-            updates = book.release(book.on_worker(ev[1]))
-        else:
-            updates = book.fail_queued(book.queued_keys(), "gave up", 3.0)
-        journal.apply(updates)
+        journal.apply(_apply_event(book, ev, static))
+        _assert_one_place_each_and_the_journal_agrees(book, journal)
+    journal.close()
 
-        places = {c: book.place(c) for c in CASES}
-        queued = book.queued(any_key=True)
-        assert queued == sum(1 for p in places.values() if p == PENDING), "each queued case is queued once"
-        assert len(book.flights) + queued + len(book.done) + len(book.failed) == len(CASES)
-        assert not (book.done & set(book.failed)) and not (set(book.flights) & book.done)
-        assert _journal_states(journal) == places, "the journal is the book's durable log"
-        for case_id, flight in book.flights.items():
-            assert flight.worker in range(WORKERS) and case_id in book.on_worker(flight.worker)
+
+a_run = st.tuples(
+    st.lists(event, max_size=40),  # what the run does
+    st.integers(0, 60),  # how many of its updates reach the journal before it stops (a kill loses the rest)
+    st.sets(st.sampled_from(CASES), max_size=3),  # outputs someone deletes before the next run
+    st.sets(st.sampled_from(CASES), max_size=3),  # outputs that appear (another tool, a run's last move)
+    st.sets(st.sampled_from(CASES), max_size=2),  # inputs cut or corrupt for the next run (then fixed)
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(runs=st.lists(a_run, min_size=1, max_size=4), static=st.booleans())
+def test_resumed_runs_that_stop_anywhere_keep_every_case_in_one_place_and_follow_the_resume_rules(
+    tmp_path_factory, runs, static
+):
+    """Runs stop at random points (their unflushed updates lost), outputs vanish or appear, inputs
+    break and get fixed: each resume puts every case in exactly one place, the journal agrees,
+    and each case moves as the resume rules say."""
+    journal = Journal.open(str(tmp_path_factory.mktemp("j") / "journal.sqlite"))
+    parts = {c: i % 2 for i, c in enumerate(CASES)}
+    outputs: set[str] = set()
+    for events, flushed, vanish, appear, broken in runs:
+        journal.start_run({}, [(0, "cpu", None), (1, "cpu", None)], WORK)
+        rows = journal.book_rows()
+        outputs = (outputs - vanish) | appear
+        journaled_done = {c for c, row in rows.items() if row.state == DONE}
+        facts = OutFacts(frozenset(outputs), frozenset(journaled_done - outputs), dict.fromkeys(broken, "cut"))
+        book = CaseBook.resume(WORK, rows, facts, parts, parts if static else None, None, 5.0)
+        journal.apply(book.startup_updates)
+        _assert_one_place_each_and_the_journal_agrees(book, journal)
+
+        after = journal.book_rows()
+        errors = dict(journal.db.execute("SELECT id, error FROM cases"))
+        for case_id in CASES:
+            row, now = rows[case_id], after[case_id]
+            if row.state == DONE and case_id in outputs:
+                assert book.place(case_id) == DONE and now.attempts == row.attempts and now.part == row.part
+                continue
+            assert now.part == parts[case_id], "a case not done takes the plan's part"
+            if case_id in broken:
+                assert book.place(case_id) == FAILED and errors[case_id] == "cut"
+            elif row.state == RUNNING:
+                assert book.place(case_id) == PENDING
+                started = row.stage is not None and row.stage != HELD
+                assert now.attempts == max(row.attempts - started, 0), "a dead run's attempt is not counted"
+            elif row.state in (FAILED, DONE):  # failed: its cause may be fixed; done: its output vanished
+                assert book.place(case_id) == PENDING and now.attempts == 0 and errors[case_id] is None
+            else:
+                assert book.place(case_id) == PENDING and now.attempts == row.attempts
+        assert book.retried == sum(1 for c, row in rows.items() if row.state == FAILED and c not in broken)
+        assert book.verify == {c for c in outputs if book.place(c) == PENDING}
+        assert all(foreign not in book.done for foreign in foreign_outputs(rows, outputs))
+
+        updates = []
+        for ev in events:
+            updates += _apply_event(book, ev, static)
+            if ev[0] == "finish" and book.place(ev[1]) == DONE:
+                outputs.add(ev[1])  # placed before "done" is journaled
+        journal.apply(updates[:flushed])
     journal.close()
 
 

@@ -18,7 +18,8 @@ from launcher.progress import render
 def _journal_in_progress(tmp_path, gpus: bool) -> Journal:
     journal = Journal.open(str(tmp_path / "journal.sqlite"))
     parts = [(0, "gpu0", "GPU-aaaa"), (1, "gpu1", "GPU-bbbb")] if gpus else [(0, "cpu", None), (1, "cpu", None)]
-    journal.start_run({}, parts, {"a": 0, "[b]": 0, "c": 1, "d": 1, "e": None})
+    journal.start_run({}, parts, dict.fromkeys(["a", "[b]", "c", "d", "e"]))
+    journal.apply([(case, {"part": part}) for case, part in {"a": 0, "[b]": 0, "c": 1, "d": 1}.items()])
     journal.part_worker(0, 111, "running")
     journal.part_worker(1, 222, "running")
     for case in ("a", "c", "[b]"):

@@ -1,0 +1,108 @@
+"""Worker processes as the supervisor holds them: start one, signal its process group, and say
+why it ended. No decisions: who is to blame is policy.py's, what runs where scheduler.py's."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+from launcher.scheduler import Slot
+from launcher.spec import WorkerSpec, describe_signal
+from launcher.worker import worker_main
+
+CGROUP_MEMORY_EVENTS = "/sys/fs/cgroup/memory.events"
+
+
+@dataclass
+class WorkerHandle:
+    serial: int  # unique per spawned worker: the case book knows flights by it
+    slot: Slot
+    key: int | None  # the case book's queue it draws from (static: a part; dynamic: None)
+    part: int  # the part whose cases it runs (static: may be another slot's, which gave up)
+    process: object
+    conn: object
+    tmp: str
+    oom_kills_at_start: int | None
+    started_at: float
+    solo: bool = False  # it holds one suspected case and gets nothing else until that case ends
+    giving_back: bool = False  # asked to return the cases it has not started
+    conn_open: bool = True
+    no_more_sent: bool = False
+    ready: bool = False
+    finished: bool = False
+    fatal: tuple | None = None  # (message, kind, the dead helper's stage, its exit code)
+    hung: str | None = None
+    hung_at: float = 0.0
+
+    def send(self, message: tuple) -> bool:
+        """False when the worker just died (its exit gives its cases back)."""
+        try:
+            self.conn.send(message)
+            return True
+        except OSError:
+            return False
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer killed a process since the worker started (cgroup v2)."""
+        now = oom_kill_count()
+        return self.oom_kills_at_start is not None and now is not None and now > self.oom_kills_at_start
+
+    def death_reason(self) -> str:
+        oom = self.oom_killed()
+        if self.fatal:
+            return self.fatal[0] + ("; the kernel's OOM killer killed a process meanwhile" if oom else "")
+        return describe_exit(self.process.exitcode, oom)
+
+    def slot_name(self) -> str:
+        """A slot that took over a part that gave up (static schedule) runs another part's cases."""
+        own = self.slot.part_id
+        return f"part {own}" + (f", on part {self.part}'s cases" if self.part != own else "")
+
+
+def start_worker(context, serial: int, slot: Slot, key: int | None, spec: WorkerSpec, now: float) -> WorkerHandle:
+    parent_conn, child_conn = context.Pipe(duplex=True)
+    process = context.Process(
+        target=worker_main, args=(spec, child_conn), daemon=False, name=f"nnunet-launch part {spec.part_id}"
+    )
+    process.start()
+    child_conn.close()
+    return WorkerHandle(serial, slot, key, spec.part_id, process, parent_conn, spec.tmp_dir, oom_kill_count(), now)
+
+
+def oom_kill_count() -> int | None:
+    """The cgroup's OOM-kill counter (cgroup v2), the evidence for "killed by the OOM killer"."""
+    try:
+        with open(CGROUP_MEMORY_EVENTS) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def describe_exit(exitcode: int | None, oom_killed: bool = False) -> str:
+    if exitcode is not None and exitcode < 0:
+        how = describe_signal(-exitcode)
+        return f"killed by the kernel's OOM killer ({how.removeprefix('killed by ')})" if oom_killed else how
+    return f"exit code {exitcode}"
+
+
+def kill_group(pgid: int | None, signum: int, reaped: bool = False) -> None:
+    """Kill a worker's process group; before its setsid() the group is not there yet, so the
+    worker itself is killed (never once it was reaped: its pid may belong to another process)."""
+    if pgid is None:
+        return
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        if reaped:
+            return
+        try:
+            os.kill(pgid, signum)
+        except ProcessLookupError:
+            pass
+    except PermissionError:
+        print(f"nnunet-launch: cannot signal process group {pgid}", file=sys.stderr)
