@@ -268,6 +268,9 @@ class Journal:
             "work_done_this_run": sum(work for _, _, work in this_run.values()),
             "run_started": run_started,
             "parts": parts,
+            # cases no worker took yet (dynamic schedule), or never will (a broken input, every
+            # slot gave up): in no part's line, so that part lines and totals add up
+            "unassigned": _unassigned(per_part.get(None, {})),
             "failed_cases": failed,
             "last_run": dict(zip(RUN_FIELDS, last_run, strict=True)) if last_run else None,
             **stages,
@@ -295,6 +298,10 @@ class Journal:
         )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor]
+
+
+def _unassigned(counts: dict[str, int]) -> dict[str, int]:
+    return {"total": sum(counts.values()), "pending": counts.get(PENDING, 0), "failed": counts.get(FAILED, 0)}
 
 
 def _rate_and_eta(done: int, total: int, done_this_run: int, run_started: float, last_end: float | None) -> dict:

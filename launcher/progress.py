@@ -80,6 +80,12 @@ def render(
                 "GPU mem": f"{util[1] / 2**30:.1f}/{util[2] / 2**30:.0f} GiB" if util else "-",
             }
         )
+    left = snapshot.get("unassigned") or {}
+    if left.get("total"):  # cases no worker took yet: the rows add up to the total
+        rows.append(
+            dict.fromkeys(COLUMNS, "-")
+            | {"state": "not taken", "done": f"0/{left['total']}", "failed": str(left["failed"])}
+        )
     columns = [c for c in COLUMNS if on_gpus or c not in ("GPU", "GPU util", "GPU mem")]
     while len(columns) > 4 and _table_width(columns, rows) > width:
         columns.pop()

@@ -65,7 +65,7 @@ def write_report_files(
         "result": EXIT_MEANING.get(exit_code, "error"),
         "wall_seconds": wall_seconds,
         **(facts or {}),
-        **{k: snapshot[k] for k in ("total", "done", "failed", "pending", "parts", "failed_cases")},
+        **{k: snapshot[k] for k in ("total", "done", "failed", "pending", "parts", "unassigned", "failed_cases")},
         **{k: snapshot[k] for k in ("stages", "final_stage") if k in snapshot},
     }
     write_json_atomically(os.path.join(state, "summary.json"), summary, tmp_dir(state))
@@ -101,12 +101,22 @@ def summary_lines(summary: dict, out: str, state: str, command_hint: str | None)
             f"  part {part['part_id']} on {part['gpu']}: {part['done']}/{part['total']} done{failed}, "
             f"{part['restarts']} restart(s)"
         )
+    if line := unassigned_line(summary):
+        lines.append(f"  {line}")
     for failed in summary["failed_cases"]:
         lines.append(f"  FAILED {failed['case']}: {failed['error']}")
     lines.append(f"  outputs: {out}   logs: {logs_dir(state)}")
     if summary["exit_code"] == 130 and command_hint:
         lines.append(f"  resume with: {command_hint}")
     return lines
+
+
+def unassigned_line(snapshot: dict) -> str | None:
+    """The cases in no part's line (never taken by a worker), so that the lines add up."""
+    left = snapshot.get("unassigned") or {}
+    if not left.get("total"):
+        return None
+    return f"not taken by any part: {left['pending']} queued, {left['failed']} failed"
 
 
 def _size(n: float) -> str:

@@ -43,6 +43,7 @@ def test_live_view_renders_counts_of_a_run_in_progress(tmp_path):
     assert "87%" in text and "3.0/80 GiB" in text
     assert re.search(r"1\s+│\s+running\s+│\s+1/2\s+│\s+-\s+│\s+gpu1\s+│\s+1\s+│", text), text
     assert "2/5 done, 1 failed, 1 running" in text
+    assert re.search(r"-\s+│\s+not taken\s+│\s+0/1\s+│", text), "the case no worker took has a row: rows add up"
     journal.close()
 
 
