@@ -38,8 +38,36 @@ CREATE TABLE IF NOT EXISTS events (
     case_id TEXT, message TEXT);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, started REAL, ended REAL, exit_code INTEGER);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run INTEGER, case_id TEXT NOT NULL, attempt INTEGER,
+    part INTEGER, gpu TEXT, taken REAL, started REAL, ended REAL, last_stage TEXT,
+    outcome TEXT NOT NULL, queued_s REAL, preprocess_s REAL, wait_s REAL, predict_s REAL,
+    export_s REAL, error TEXT);
+CREATE TABLE IF NOT EXISTS gpu_samples (
+    ts REAL NOT NULL, gpu_uuid TEXT NOT NULL, util INTEGER, mem_used INTEGER, mem_total INTEGER);
 CREATE INDEX IF NOT EXISTS cases_by_part_state ON cases(part, state);
 """
+# Columns added since 0.1 (an older journal gains them in Journal.open). Per case, of the attempt
+# that finished it: when a worker got it (`taken`), its seconds queued in the worker (from `taken`
+# to `started`), then preprocessing, waiting for the device, predicting and exporting (these four
+# add up to `seconds` = ended - started); while it predicts, its sliding-window steps.
+ADDED_CASE_COLUMNS = {
+    "work": "REAL",
+    "taken": "REAL",
+    "queued_s": "REAL",
+    "preprocess_s": "REAL",
+    "wait_s": "REAL",
+    "predict_s": "REAL",
+    "export_s": "REAL",
+    "step_done": "INTEGER",
+    "step_total": "INTEGER",
+}
+STAGE_SECONDS = ("queued_s", "preprocess_s", "wait_s", "predict_s", "export_s")
+# One row per attempt a worker started, whatever its end: what the run's picture draws.
+# outcome: "done", "failed" (charged: retried or failed for good), "released" (interrupted, or
+# back to the queue behind another case's crash).
+ATTEMPT_COLUMNS = ("run", "case_id", "attempt", "part", "gpu", "taken", "started", "ended", "last_stage", "outcome")
+ATTEMPT_COLUMNS += (*STAGE_SECONDS, "error")
 # Created after the `work` column exists (a journal from 0.1 gains it in Journal.open): covers the
 # snapshot's work and this-run queries, and prefixes every query by state.
 INDEXES = """
@@ -48,6 +76,7 @@ CREATE INDEX IF NOT EXISTS cases_by_state_ended ON cases(state, ended, part, wor
 """
 # columns the case book may set (scheduler.CaseBook's updates)
 CASE_COLUMNS = {"state", "part", "stage", "attempts", "gpu", "started", "ended", "seconds", "error"}
+CASE_COLUMNS |= set(ADDED_CASE_COLUMNS) - {"work"}
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 HELD = "held"  # in flight, but still waiting in the worker's local queue (not started)
@@ -81,8 +110,10 @@ class Journal:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
-        if "work" not in {row[1] for row in db.execute("PRAGMA table_info(cases)")}:  # a journal from 0.1
-            db.execute("ALTER TABLE cases ADD COLUMN work REAL")
+        have = {row[1] for row in db.execute("PRAGMA table_info(cases)")}
+        for column, kind in ADDED_CASE_COLUMNS.items():
+            if column not in have:
+                db.execute(f"ALTER TABLE cases ADD COLUMN {column} {kind}")
         db.executescript(INDEXES)
         return cls(db, path)
 
@@ -162,9 +193,14 @@ class Journal:
         rows = self.db.execute("SELECT id, state, attempts, stage, part, started FROM cases")
         return {row[0]: JournalRow(*row[1:]) for row in rows}
 
-    def apply(self, updates: list[tuple[str, dict]]) -> None:
-        """Write the case book's updates [(case id, {column: value})] in one transaction."""
+    def apply(self, updates: list[tuple[str, dict]], attempts: list[dict] = ()) -> None:
+        """Write the case book's updates [(case id, {column: value})] and the attempts that ended
+        (rows of ATTEMPT_COLUMNS) in one transaction."""
         with self._tx() as db:
+            db.executemany(
+                f"INSERT INTO attempts ({', '.join(ATTEMPT_COLUMNS)}) VALUES ({', '.join('?' * len(ATTEMPT_COLUMNS))})",
+                [[a.get(c) for c in ATTEMPT_COLUMNS] for a in attempts],
+            )
             for case_id, row in updates:
                 columns = sorted(row)
                 if not set(columns) <= CASE_COLUMNS:
@@ -184,6 +220,13 @@ class Journal:
         with self._tx() as db:
             db.execute("UPDATE parts SET restarts=restarts+1 WHERE part_id=?", (part,))
             return db.execute("SELECT restarts FROM parts WHERE part_id=?", (part,)).fetchone()[0]
+
+    def add_gpu_samples(self, ts: float, samples: dict[str, tuple[int, int, int]]) -> None:
+        """NVML's utilisation % and memory used/total per GPU UUID at `ts` (the run's picture)."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO gpu_samples VALUES (?, ?, ?, ?, ?)", [(ts, u, *values) for u, values in samples.items()]
+            )
 
     def event(self, kind: str, part: int | None = None, case_id: str | None = None, message: str | None = None) -> None:
         with self._tx() as db:
