@@ -24,7 +24,7 @@ from launcher.policy import (
 )
 from launcher.processes import WorkerHandle
 from launcher.scheduler import FAILED, HELD, CaseBook, Slot
-from launcher.spec import Failure
+from launcher.spec import CaseTimes, Failure
 from launcher.stages import IntermediateFiles
 
 
@@ -32,8 +32,9 @@ class Bookkeeper:
     """Slots are keyed by their part id (`slots`: each one's restart budget). A worker's `part` is
     whose cases it runs (static schedule: another slot's, when it took over a part that gave up)."""
 
-    def __init__(self, config: RunConfig, plan: Plan, journal: Journal, book: CaseBook, log):
+    def __init__(self, config: RunConfig, plan: Plan, journal: Journal, book: CaseBook, log, run_id: int):
         self.config, self.plan, self.journal, self.book, self.log = config, plan, journal, book, log
+        self.run_id = run_id
         self.slots = {s.part_id: SlotState() for s in plan.slots}
         self.health = DeviceHealth()
         self.host_rests = 0  # times the host ran out of memory (each rest is longer)
@@ -54,14 +55,15 @@ class Bookkeeper:
     def flush(self) -> None:
         """Make the book's transitions durable. A journal that cannot be written (a full disk)
         stops the run cleanly: what is not journaled is predicted again on the next run."""
-        if not self.unwritten:
+        if not self.unwritten and not self.book.ended_attempts:
             return
         merged: dict[str, dict] = {}  # one UPDATE per case: later columns win
         for case_id, row in self.unwritten:
             merged.setdefault(case_id, {}).update(row)
-        self.unwritten = []
+        attempts = [{**row, "run": self.run_id} for row in self.book.ended_attempts]
+        self.unwritten, self.book.ended_attempts = [], []
         try:
-            self.journal.apply(list(merged.items()))
+            self.journal.apply(list(merged.items()), attempts)
         except JournalWriteError as exc:
             self.stop_reason = self.stop_reason or str(exc)
             return
@@ -93,7 +95,7 @@ class Bookkeeper:
         if kind == "stage":
             self.write(self.book.enter_stage(message[1], message[2], now, handle.slot.label, time.time()))
         elif kind == "step":
-            self.book.progress(message[1], now)
+            self.write(self.book.progress(message[1], now, message[2], message[3]))
         elif kind == "done":
             self._on_case_done(handle, *message[1:])
         elif kind == "case_error":
@@ -102,9 +104,10 @@ class Bookkeeper:
             self.event("note", handle.part, message[1], message[2])
             self.log(f"[part {handle.part}] {message[1]}: {message[2]}")
 
-    def _on_case_done(self, handle: WorkerHandle, case_id: str, seconds: float | None, verified: bool) -> None:
+    def _on_case_done(self, handle: WorkerHandle, case_id: str, times: CaseTimes | None, verified: bool) -> None:
         flight = self.book.flights.get(case_id)
-        self.write(self.book.finish(case_id, seconds, time.time()))
+        self.write(self.book.finish(case_id, time.time(), times))
+        seconds = times.seconds if times else None
         self.book.verify.discard(case_id)
         if self.intermediates is not None:
             self.intermediates.unit_done(case_id)

@@ -337,7 +337,8 @@ class Journal:
 
     def case_rows(self) -> list[dict]:
         cursor = self.db.execute(
-            "SELECT id, part, state, attempts, gpu, started, ended, seconds, error FROM cases ORDER BY id"
+            f"SELECT id, part, state, attempts, gpu, started, ended, seconds, {', '.join(STAGE_SECONDS)}, error "
+            "FROM cases ORDER BY id"
         )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor]

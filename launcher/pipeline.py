@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 
 from launcher.outputs import case_outputs, move_into_place, output_complete
-from launcher.spec import Failure, PredictSettings, UnreadableInput, WorkCase, WorkerEnds, describe_signal
+from launcher.spec import CaseTimes, Failure, PredictSettings, UnreadableInput, WorkCase, WorkerEnds, describe_signal
 
 POLL_S = 0.05
 STEP_REPORT_EVERY_S = 1.0
@@ -38,10 +38,10 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def _timed(preprocess, model: str | None, files: tuple[str, ...], prev_stage_file: str | None):
-    """Run in a preprocessing helper: when its work on the case really began (a case may wait
-    in the pool's queue first), and the result. A case's seconds count from there."""
-    started = time.time()
-    return started, preprocess(model, files, prev_stage_file)
+    """Run in a preprocessing helper: the result, and when it was ready (the case's time from
+    then to its prediction is waiting for the device)."""
+    result = preprocess(model, files, prev_stage_file)
+    return time.time(), result
 
 
 class _Preprocessing:
@@ -49,15 +49,16 @@ class _Preprocessing:
 
     def __init__(self, jobs: list[tuple[str | None, object]]):
         self.jobs = jobs
+        self.started = time.time()  # handed to the helpers: the case's attempt starts
 
     def ready(self) -> bool:
         return all(job.ready() for _, job in self.jobs)
 
     def get(self) -> tuple[float, list[tuple]]:
-        """When the first began, and (member, data, properties) per model; raises a job's error."""
+        """When the last was ready, and (member, data, properties) per model; raises a job's error."""
         results = [(member, job.get()) for member, job in self.jobs]
-        started = min(started for _, (started, _) in results)
-        return started, [(member, data, properties) for member, (_, (data, properties)) in results]
+        prepared = max(ready for _, (ready, _) in results)
+        return prepared, [(member, data, properties) for member, (_, (data, properties)) in results]
 
 
 class CasePipeline:
@@ -71,7 +72,7 @@ class CasePipeline:
         # Pool silently replaces a dead process and the task it held never returns: watch the originals.
         self.pool_processes = {p: "preprocess" for p in self.prep_pool._pool}
         self.pool_processes.update({p: "export" for p in self.export_pool._pool})
-        self.exporting: list[tuple[WorkCase, object, float]] = []
+        self.exporting: list[tuple[WorkCase, object, dict]] = []  # (case, export job, its clock so far)
 
     def close(self) -> None:
         for pool in (self.prep_pool, self.export_pool):
@@ -95,14 +96,14 @@ class CasePipeline:
             # more cases are started than there are helpers (a case "in preprocessing" is in one)
             self._start_preprocessing(preparing)
             try:
-                started, prepared = pending.get()
+                ready, prepared = pending.get()
             except UnreadableInput as exc:
                 self._case_error(case, str(exc), Failure.PERMANENT, exc)
                 continue
             except Exception as exc:
                 self._case_error(case, f"preprocessing failed: {describe(exc)}", Failure.RETRY, exc)
                 continue
-            self._predict_and_export(case, started, prepared)
+            self._predict_and_export(case, {"started": pending.started, "prepared": ready}, prepared)
         self._wait(lambda: not self.exporting)
 
     # --- where a unit's files go (see spec.WorkCase) -------------------------------------------
@@ -147,7 +148,9 @@ class CasePipeline:
         self.emit(("stage", case.id, "export"))
         output_base = os.path.join(self._scratch(case), case.name or case.id)
         args = (case.combine, output_base, self.backend.file_ending, self._saves_probabilities(case))
-        self.exporting.append((case, self.export_pool.apply_async(self.backend.combine, args), time.time()))
+        now = time.time()
+        clock = {"started": now, "prepared": None, "predicting": None, "exporting": now}
+        self.exporting.append((case, self.export_pool.apply_async(self.backend.combine, args), clock))
 
     def _kept(self, case: WorkCase) -> bool:
         """An output in place but not journaled (a run stopped right after it): kept if it decodes."""
@@ -164,11 +167,13 @@ class CasePipeline:
         traceback.print_exception(exc)
         self.emit(("case_error", case.id, error, kind))
 
-    def _predict_and_export(self, case: WorkCase, started: float, prepared: list[tuple]) -> None:
+    def _predict_and_export(self, case: WorkCase, clock: dict, prepared: list[tuple]) -> None:
         """`prepared`: (member, data, properties) for each model that predicts the case (several:
-        a fused ensemble of the fast profile, averaged before its export)."""
+        a fused ensemble of the fast profile, averaged before its export). `clock`: its CaseTimes
+        so far."""
         self._wait(lambda: len(self.exporting) <= self.settings.nps)  # bounded: memory!
         self.emit(("stage", case.id, "predict"))
+        clock["predicting"] = time.time()
         print(f"\nPredicting {case.id}", flush=True)
         last_report = [0.0]
 
@@ -189,6 +194,7 @@ class CasePipeline:
                     (self.backends[member], self.backends[member].predict(case.id, data, on_step), properties)
                 )
             self.emit(("stage", case.id, "export"))
+            clock["exporting"] = time.time()
             if case.fused:
                 export = backend.fused_export_job(predictions, case.combine, output_base, save)
             else:
@@ -207,7 +213,7 @@ class CasePipeline:
         used = list(dict.fromkeys(b for b, _, _ in predictions))
         del predictions  # a GPU's memory is free for the next case once its export has what it needs
         self._report_choices(case, used)
-        self.exporting.append((case, self.export_pool.apply_async(*export), started))
+        self.exporting.append((case, self.export_pool.apply_async(*export), clock))
 
     def _report_choices(self, case: WorkCase, backends: list) -> None:
         """How the fast profile did this case goes to the worker's log; what it could not do as
@@ -242,9 +248,9 @@ class CasePipeline:
 
     def _collect_exports(self) -> None:
         still = []
-        for case, job, started in self.exporting:
+        for case, job, clock in self.exporting:
             if not job.ready():
-                still.append((case, job, started))
+                still.append((case, job, clock))
                 continue
             try:
                 job.get()
@@ -253,7 +259,7 @@ class CasePipeline:
                 self._case_error(case, f"export failed: {describe(exc)}", Failure.RETRY, exc)
                 continue
             print(f"done with {case.id}: moved into place", flush=True)
-            self.emit(("done", case.id, round(time.time() - started, 3), False))
+            self.emit(("done", case.id, CaseTimes(**clock, ended=time.time()), False))
         self.exporting = still
 
     def _existing_output_decodes(self, case: WorkCase) -> bool:

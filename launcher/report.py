@@ -10,9 +10,10 @@ import os
 import resource
 import time
 
-from launcher.journal import Journal
+from launcher.journal import STAGE_SECONDS, Journal
 from launcher.outputs import logs_dir, tmp_dir, write_json_atomically, write_text_atomically
 
+SECONDS_COLUMNS = ("seconds", *STAGE_SECONDS)
 EXIT_MEANING = {
     0: "every case predicted",
     1: "finished, but some cases failed",
@@ -59,7 +60,9 @@ def write_report_files(
     facts: dict | None = None,
 ) -> dict:
     """summary.json (totals, parts, failures, the run's facts) and cases.csv (one line per case:
-    part, GPU, attempts, start and end as ISO 8601, seconds, state, error) in a run's state folder."""
+    part, GPU, attempts, start and end as ISO 8601, seconds = end - start, the seconds it was queued
+    in its worker before that, and its stages' seconds, which add up to `seconds`; state, error)
+    in a run's state folder."""
     summary = {
         "exit_code": exit_code,
         "result": EXIT_MEANING.get(exit_code, "error"),
@@ -73,7 +76,12 @@ def write_report_files(
     writer = csv.DictWriter(text, fieldnames=list(case_rows[0]) if case_rows else ["id"])
     writer.writeheader()
     writer.writerows(
-        {**row, "started": iso_time(row.get("started")), "ended": iso_time(row.get("ended"))} for row in case_rows
+        {
+            **{k: round(v, 3) if k in SECONDS_COLUMNS and v is not None else v for k, v in row.items()},
+            "started": iso_time(row.get("started")),
+            "ended": iso_time(row.get("ended")),
+        }
+        for row in case_rows
     )
     write_text_atomically(os.path.join(state, "cases.csv"), text.getvalue(), tmp_dir(state))
     return summary

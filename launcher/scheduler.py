@@ -4,12 +4,13 @@ every case's state. Pure logic, no I/O: the supervisor writes what the book retu
 from __future__ import annotations
 
 import heapq
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from launcher.journal import DONE, FAILED, HELD, PENDING, RUNNING, JournalRow
-from launcher.spec import STAGES
+from launcher.journal import DONE, FAILED, HELD, PENDING, RUNNING, STAGE_SECONDS, JournalRow
+from launcher.spec import STAGES, CaseTimes
 from launcher.stages import split_unit
 
 # cases each worker holds queued beyond the one it works on (the supervisor's top-up, plus
@@ -137,6 +138,10 @@ class Flight:
     stage: str  # HELD, then one of STAGES
     since: float  # when it entered that stage
     progress_at: float  # its last sign of progress (stage entry, sliding-window step)
+    part: int | None = None  # whose cases the worker runs
+    taken: float | None = None  # wall clock: handed to the worker
+    started: float | None = None  # wall clock: its attempt's first stage (None: not started)
+    gpu: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,8 @@ class CaseBook:
     which units each one waits for: a unit is queued once they are all done ("waiting" until
     then), and fails when one of them fails for good."""
 
+    clock = staticmethod(time.time)  # wall-clock times of takes and attempts (the book does no I/O)
+
     def __init__(
         self,
         work: dict[str, float],
@@ -210,6 +217,7 @@ class CaseBook:
         self.waiting: dict[str, set[str]] = {}
         self.startup_updates: list[Update] = []  # units whose needs failed before this run
         self.retried = 0  # failed cases of the last run tried again (see resume)
+        self.ended_attempts: list[dict] = []  # attempts that ended, for the journal's `attempts`
         self.verify: set[str] = set()  # outputs in OUT to verify and keep (see resume)
         for case_id in work:
             if case_id in self.done or case_id in self.failed:
@@ -315,8 +323,9 @@ class CaseBook:
         if case_id is None:
             return None, []
         self.deferred.discard(case_id)
-        self.flights[case_id] = Flight(worker, HELD, now, now)
-        return case_id, [(case_id, {"state": RUNNING, "part": part, "stage": HELD})]
+        wall = self.clock()
+        self.flights[case_id] = Flight(worker, HELD, now, now, part, wall)
+        return case_id, [(case_id, {"state": RUNNING, "part": part, "stage": HELD, "taken": wall})]
 
     def enter_stage(self, case_id: str, stage: str, now: float, gpu: str, wall: float) -> list[Update]:
         """The worker moved a case it holds into a stage; the first one starts an attempt."""
@@ -327,6 +336,7 @@ class CaseBook:
         flight.stage, flight.since, flight.progress_at = stage, now, now
         if not starting:
             return [(case_id, {"stage": stage})]
+        flight.started, flight.gpu = wall, gpu
         return [
             (
                 case_id,
@@ -334,16 +344,28 @@ class CaseBook:
             )
         ]
 
-    def progress(self, case_id: str, now: float) -> None:
-        if case_id in self.flights:
-            self.flights[case_id].progress_at = now
+    def progress(self, case_id: str, now: float, done: int, total: int) -> list[Update]:
+        """Sliding-window steps of a case being predicted (the live view's %)."""
+        if case_id not in self.flights:
+            return []
+        self.flights[case_id].progress_at = now
+        return [(case_id, {"step_done": done, "step_total": total})]
 
-    def finish(self, case_id: str, seconds: float | None, now: float) -> list[Update]:
-        if self.flights.pop(case_id, None) is None:
+    def finish(self, case_id: str, now: float, times: CaseTimes | None = None) -> list[Update]:
+        """Its output is in place: `times` of the attempt, or None for an output kept (verified)."""
+        flight = self.flights.pop(case_id, None)
+        if flight is None:
             return []
         self.done.add(case_id)
         self.remaining_work -= self.work[case_id]
         attempts = self.charged[case_id] + 1
+        row = {"state": DONE, "stage": None, "attempts": attempts, "ended": now, "seconds": None}
+        row |= {"step_done": None, "step_total": None}
+        if times is not None:
+            queued = times.started - flight.taken if flight.taken is not None else None
+            row |= {"started": times.started, "ended": times.ended, "seconds": times.seconds, "queued_s": queued}
+            row |= times.stage_seconds()
+            self._end_attempt(case_id, flight, "done", times.ended, None, row)
         for unit in self.needed_by.get(case_id, ()):
             unmet = self.waiting.get(unit)
             if unmet is not None:
@@ -351,13 +373,24 @@ class CaseBook:
                 if not unmet:
                     del self.waiting[unit]
                     self._queue(unit, solo=False)
-        return [(case_id, {"state": DONE, "stage": None, "attempts": attempts, "ended": now, "seconds": seconds})]
+        return [(case_id, row)]
+
+    def _end_attempt(self, case_id: str, flight: Flight, outcome: str, ended: float, error, seconds: dict) -> None:
+        """One row of the journal's `attempts` for an attempt a worker started (the run's picture)."""
+        if flight.started is None:
+            return
+        row = {"case_id": case_id, "attempt": self.charged[case_id] + 1, "part": flight.part, "gpu": flight.gpu}
+        row |= {"taken": flight.taken, "started": flight.started, "ended": ended, "last_stage": flight.stage}
+        row |= {"outcome": outcome, "error": error, **{k: seconds.get(k) for k in STAGE_SECONDS}}
+        self.ended_attempts.append(row)
 
     def charge(self, case_id: str, error: str, final: bool, retries: int, solo: bool, now: float) -> list[Update]:
         """An attempt that failed for certain because of this case. It fails for good when the
         failure cannot change (`final`) or its retries are spent; else it is queued again."""
-        if self.flights.pop(case_id, None) is None:
+        flight = self.flights.pop(case_id, None)
+        if flight is None:
             return []
+        self._end_attempt(case_id, flight, "failed", now, error, {})
         self.charged[case_id] += 1
         failing = final or self.charged[case_id] > retries
         if failing:
@@ -387,8 +420,10 @@ class CaseBook:
         or suspected: then `solo`, to be retried alone; or `defer`red behind every other case)."""
         updates = []
         for case_id in case_ids:
-            if self.flights.pop(case_id, None) is None:
+            flight = self.flights.pop(case_id, None)
+            if flight is None:
                 continue
+            self._end_attempt(case_id, flight, "released", self.clock(), None, {})
             if defer:
                 self.deferred.add(case_id)
             self._queue(case_id, solo)

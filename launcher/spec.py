@@ -6,8 +6,8 @@ Worker -> supervisor messages (tuples, first item the kind):
   ("ready",)                            model loaded, pools up
   ("stage", case, stage)                a case entered preprocess / predict / export
   ("step", case, done, total)           sliding-window steps of the predicting case (progress)
-  ("done", case, seconds, verified)     output moved into place (verified: an existing one kept);
-                                        seconds from the start of its preprocessing
+  ("done", case, times, verified)       output moved into place (verified: an existing one kept,
+                                        times None); times: CaseTimes of the attempt
   ("case_error", case, error, kind)     one attempt failed; kind: a Failure (RETRY .. OOM)
   ("note", case, text)                  something worth a log line
   ("fatal", error, kind, stage, code)   the worker ends itself; kind: a Failure (CRASH .. KILLED);
@@ -25,6 +25,34 @@ from dataclasses import dataclass
 from enum import Enum
 
 STAGES = ("preprocess", "predict", "export")
+
+
+@dataclass(frozen=True)
+class CaseTimes:
+    """A finished attempt's clock, read in the worker (wall-clock seconds since the epoch): it
+    started when its preprocessing was handed to a helper, and its stages add up to its seconds.
+    `prepared`, `predicting` are None for a unit that only combines (its export is its work)."""
+
+    started: float
+    prepared: float | None  # preprocessing done (in the helper)
+    predicting: float | None  # the device took it
+    exporting: float  # its export began
+    ended: float  # its outputs in place
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
+
+    def stage_seconds(self) -> dict[str, float | None]:
+        """Preprocessing, waiting for the device, predicting, exporting: they add up to `seconds`."""
+        if self.prepared is None or self.predicting is None:
+            return {"preprocess_s": None, "wait_s": None, "predict_s": None, "export_s": self.seconds}
+        return {
+            "preprocess_s": self.prepared - self.started,
+            "wait_s": self.predicting - self.prepared,
+            "predict_s": self.exporting - self.predicting,
+            "export_s": self.ended - self.exporting,
+        }
 
 
 class Failure(str, Enum):

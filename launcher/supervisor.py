@@ -61,7 +61,7 @@ class Supervisor:
         self.run_id = run_id
         self.reporter = reporter
         self.log = reporter.log
-        self.books = Bookkeeper(config, plan, journal, book, reporter.log)
+        self.books = Bookkeeper(config, plan, journal, book, reporter.log, run_id)
         self.workers: dict[int, WorkerHandle] = {}
         self.attempts = {s.part_id: 0 for s in plan.slots}  # workers started per part (log names)
         self.serials = 0

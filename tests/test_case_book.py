@@ -46,7 +46,7 @@ def _apply_event(book: CaseBook, ev: tuple, static: bool) -> list:
     if kind == "stage":
         return book.enter_stage(ev[1], ev[2], 1.0, "cpu", 1.0)
     if kind == "finish":
-        return book.finish(ev[1], 1.0, 2.0)
+        return book.finish(ev[1], 2.0)
     if kind == "charge":
         return book.charge(ev[1], "boom", final=ev[2], retries=1, solo=ev[3], now=2.0)
     if kind == "release":
@@ -212,7 +212,7 @@ def test_units_run_only_after_what_they_need_and_fail_when_it_fails(tmp_path_fac
         if ev[0] == "take":
             _, updates = book.take(None, ev[1], ev[1], solo=ev[2], now=1.0)
         elif ev[0] == "finish":
-            updates = book.finish(ev[1], 1.0, 2.0)
+            updates = book.finish(ev[1], 2.0)
         elif ev[0] == "charge":
             updates = book.charge(ev[1], "boom", final=ev[2], retries=1, solo=False, now=2.0)
         elif ev[0] == "release":

@@ -48,7 +48,7 @@ def test_top_up_keeps_lookahead_cases_not_started_beside_the_one_in_work():
     (first,) = cases_for_new_worker(book, feed, 0.0, workers=1).cases[:1]
     book.enter_stage(first, "predict", 0.0, "cpu", 0.0)
     held = [c for c in book.on_worker(1) if c != first]
-    book.finish(first, 1.0, 1.0)
+    book.finish(first, 1.0)
     book.enter_stage(held[0], "predict", 1.0, "cpu", 1.0)
     top = top_up(book, feed, 1.0, workers=1)
     not_started = [c for c in book.on_worker(1) if book.flights[c].stage == "held"]
@@ -63,10 +63,10 @@ def test_an_idle_worker_says_no_more_only_when_no_case_can_come_back_to_its_queu
     assert top_up(book, Feed(2, None, 1, False), 0.0, workers=2).then == ASK_BACK
     assert give_back_donor(book, Feed(2, None, 1, False), askable={1}) == (1, ["b"])
     assert give_back_donor(book, Feed(2, None, 1, False), askable=set()) is None, "already asked: not again"
-    book.finish("a", 1.0, 1.0)
+    book.finish("a", 1.0)
     book.enter_stage("b", "predict", 1.0, "cpu", 1.0)
     assert top_up(book, Feed(2, None, 1, False), 1.0, workers=2).then == ASK_BACK, "b may still come back"
-    book.finish("b", 1.0, 2.0)
+    book.finish("b", 2.0)
     assert top_up(book, Feed(2, None, 1, False), 2.0, workers=2).then == NO_MORE
 
 
@@ -81,7 +81,7 @@ def test_in_the_static_schedule_a_finished_slot_takes_over_a_part_whose_slot_gav
     book = _book({"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 0, "b": 1, "c": 1})
     assert key_for_new_worker(book, 0, running=set(), unavailable=set()) == 0, "its own part first"
     book.take(0, 1, 0, solo=False, now=0.0)
-    book.finish("a", 1.0, 1.0)
+    book.finish("a", 1.0)
     assert key_for_new_worker(book, 0, running=set(), unavailable=set()) == NO_WORK, "part 1's slot is fine"
     assert key_for_new_worker(book, 0, running=set(), unavailable={1}) == 1
     assert key_for_new_worker(book, 0, running={1}, unavailable={1}) == NO_WORK, "someone runs it already"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import re
+import sqlite3
+from datetime import datetime
 
 import pytest
 from rich.console import Console
@@ -76,6 +78,14 @@ def test_plain_output_has_a_timestamped_line_per_case_and_reports_agree(small, t
     assert summary["done"] == 6 and sorted(r["id"] for r in rows) == small["ids"]
     assert {r["state"] for r in rows} == {"done"} and all(float(r["seconds"]) > 0 for r in rows)
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", r["started"]) for r in rows)
+    for r in rows:  # times that add up: end - start, and the stages within it
+        wall = (datetime.fromisoformat(r["ended"]) - datetime.fromisoformat(r["started"])).total_seconds()
+        stages = [float(r[k]) for k in ("preprocess_s", "wait_s", "predict_s", "export_s")]
+        assert abs(float(r["seconds"]) - wall) <= 0.002 and abs(sum(stages) - wall) <= 0.004, r
+        assert min(stages) >= 0 and float(r["predict_s"]) > 0 and float(r["queued_s"]) >= 0, r
+    with sqlite3.connect(state / "journal.sqlite") as db:
+        attempts = db.execute("SELECT case_id, outcome, part, started, ended FROM attempts").fetchall()
+    assert sorted(a[0] for a in attempts) == small["ids"] and {a[1] for a in attempts} == {"done"}
     assert summary["command"][:2] == ["nnunet-launch", "run"] and summary["model_folder"] == str(small["model"])
     assert summary["folds"] == ["0"] and set(summary["versions"]) == {"nnunet-launch", "nnunetv2", "torch"}
     assert summary["started"] < summary["ended"] and summary["supervisor_cpu_seconds"] > 0
