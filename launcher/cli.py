@@ -452,6 +452,20 @@ def status(output_folder, as_json):
 
 
 @cli.command()
+@click.argument("output_folder")
+def report(output_folder):
+    """Draw the run on OUTPUT_FOLDER as a picture: report.html (self-contained) and report.png in
+    its state folder, from the journal (read-only); prints the paths written."""
+    from launcher.picture import matplotlib_missing
+    from launcher.picture import report as draw
+
+    for path in draw(output_folder):
+        click.echo(path)
+    if missing := matplotlib_missing():
+        click.echo(f"nnunet-launch: note: {missing}", err=True)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def gpus(as_json):
     """The GPUs NVML sees, with memory and compute processes."""
