@@ -35,6 +35,7 @@ class Bookkeeper:
     def __init__(self, config: RunConfig, plan: Plan, journal: Journal, book: CaseBook, log, run_id: int):
         self.config, self.plan, self.journal, self.book, self.log = config, plan, journal, book, log
         self.run_id = run_id
+        self.working_since: float | None = None
         self.slots = {s.part_id: SlotState() for s in plan.slots}
         self.health = DeviceHealth()
         self.host_rests = 0  # times the host ran out of memory (each rest is longer)
@@ -93,7 +94,11 @@ class Bookkeeper:
     def on_case_message(self, handle: WorkerHandle, message: tuple) -> None:
         kind, now = message[0], time.monotonic()
         if kind == "stage":
-            self.write(self.book.enter_stage(message[1], message[2], now, handle.slot.label, time.time()))
+            wall = time.time()
+            if self.working_since is None:  # the run's first case started: the ETA's rate counts from here
+                self.working_since = wall
+                self.journal.run_working(self.run_id, wall)
+            self.write(self.book.enter_stage(message[1], message[2], now, handle.slot.label, wall))
         elif kind == "step":
             self.write(self.book.progress(message[1], now, message[2], message[3]))
         elif kind == "done":

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from launcher import numbers
 from launcher.errors import LauncherError
 
 SCHEMA = """
@@ -37,7 +38,8 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL, part INTEGER,
     case_id TEXT, message TEXT);
 CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, started REAL, ended REAL, exit_code INTEGER);
+    id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, started REAL, ended REAL, exit_code INTEGER,
+    working_since REAL);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, run INTEGER, case_id TEXT NOT NULL, attempt INTEGER,
     part INTEGER, gpu TEXT, taken REAL, started REAL, ended REAL, last_stage TEXT,
@@ -94,6 +96,8 @@ class JournalRow:
 
 
 RUN_FIELDS = ("pid", "started", "ended", "exit_code")
+PARTS_SQL = "SELECT part_id, gpu, gpu_uuid, restarts, worker_pid, state FROM parts ORDER BY part_id"
+RECENT_CASES = 200  # the ETA's stage shares come from this run's latest finished cases
 
 
 class JournalWriteError(Exception):
@@ -114,6 +118,8 @@ class Journal:
         for column, kind in ADDED_CASE_COLUMNS.items():
             if column not in have:
                 db.execute(f"ALTER TABLE cases ADD COLUMN {column} {kind}")
+        if "working_since" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
+            db.execute("ALTER TABLE runs ADD COLUMN working_since REAL")
         db.executescript(INDEXES)
         return cls(db, path)
 
@@ -170,6 +176,12 @@ class Journal:
             )
             cursor = db.execute("INSERT INTO runs (pid, started) VALUES (?, ?)", (os.getpid(), time.time()))
             return cursor.lastrowid
+
+    def run_working(self, run_id: int, since: float) -> None:
+        """When the run's first case started (the ETA's rate counts from there: loading models is
+        not work)."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET working_since=? WHERE id=? AND working_since IS NULL", (since, run_id))
 
     def end_run(self, run_id: int, exit_code: int) -> None:
         with self._tx() as db:
@@ -236,27 +248,24 @@ class Journal:
             )
 
     # --- reading ---------------------------------------------------------------------------
-    def snapshot(self) -> dict:
-        """Everything `status` shows, from one read transaction. Each query is answered from an
-        index alone (counts per part and state; work per state and end time) or touches only the
-        cases in flight, so a 100,000-case journal takes tens of milliseconds, not seconds."""
+    def snapshot(self, now: float | None = None) -> dict:
+        """Every number `status` and the reports show, from one read transaction (numbers.py says
+        what they mean). Each query is answered from an index alone (counts per part and state;
+        work per state and end time) or touches only the cases in flight and the latest done
+        ones, so a 100,000-case journal takes tens of milliseconds, not seconds."""
+        now = time.time() if now is None else now
         db = self.db
         db.execute("BEGIN")
         try:
-            run_started = db.execute("SELECT MAX(started) FROM runs").fetchone()[0] or 0.0
-            per_part: dict = {}
-            for part, state, count in db.execute("SELECT part, state, COUNT(*) FROM cases GROUP BY part, state"):
-                per_part.setdefault(part, {})[state] = count
-            counts = {
-                state: sum(p.get(state, 0) for p in per_part.values()) for state in (PENDING, RUNNING, DONE, FAILED)
-            }
-            # cases waiting in a worker's local queue have not started: pending to the user
-            held = db.execute("SELECT COUNT(*) FROM cases WHERE state=? AND stage=?", (RUNNING, HELD)).fetchone()[0]
-            counts[RUNNING] -= held
-            counts[PENDING] += held
-            work_left = db.execute(
-                "SELECT TOTAL(work) FROM cases WHERE state IN (?, ?)", (PENDING, RUNNING)
-            ).fetchone()[0]
+            run = db.execute("SELECT id, pid, started, ended, exit_code, working_since FROM runs ORDER BY id DESC")
+            run = run.fetchone() or (None, None, 0.0, None, None, None)
+            run_started, working_since = run[2] or 0.0, run[5]
+            per_part = self._person_counts_per_part()
+            left_per_part = dict(
+                db.execute(
+                    "SELECT part, TOTAL(work) FROM cases WHERE state IN (?, ?) GROUP BY part", (PENDING, RUNNING)
+                )
+            )
             this_run = {
                 part: (count, last_end, work)
                 for part, count, last_end, work in db.execute(
@@ -265,58 +274,120 @@ class Journal:
                     (DONE, run_started),
                 )
             }
-            predicting = dict(
-                db.execute(
-                    "SELECT part, MIN(id) FROM cases WHERE state=? AND stage='predict' GROUP BY part", (RUNNING,)
-                )
-            )
-            parts = []
-            for part_id, gpu, uuid, restarts, pid, state in db.execute(
-                "SELECT part_id, gpu, gpu_uuid, restarts, worker_pid, state FROM parts ORDER BY part_id"
-            ):
-                mine = per_part.get(part_id, {})
-                done, total = mine.get(DONE, 0), sum(mine.values())
-                done_this_run, last_end, _ = this_run.get(part_id, (0, None, 0.0))
-                parts.append(
-                    {
-                        "part_id": part_id,
-                        "gpu": gpu,
-                        "gpu_uuid": uuid,
-                        "done": done,
-                        "failed": mine.get(FAILED, 0),
-                        "total": total,
-                        "restarts": restarts,
-                        "state": state,
-                        "worker_pid": pid,
-                        "current_case": predicting.get(part_id),
-                        **_rate_and_eta(done, total, done_this_run, run_started, last_end),
-                    }
-                )
+            shares = numbers.stage_shares(self._recent_stage_seconds(run_started))
+            working = self._working(shares)
+            parts = [self._part(row, per_part, this_run, working, run_started) for row in db.execute(PARTS_SQL)]
             failed = [
                 {"case": c, "error": e}
                 for c, e in db.execute("SELECT id, error FROM cases WHERE state='failed' ORDER BY id")
             ]
-            last_run = db.execute("SELECT pid, started, ended, exit_code FROM runs ORDER BY id DESC LIMIT 1").fetchone()
             stages = self._stage_counts()
         finally:
             db.execute("COMMIT")
+        units = numbers.counts({s: sum(p.get(s, 0) for p in per_part.values()) for s in numbers.PERSON_STATES})
+        work_left = sum(left_per_part.values())
+        work_done = sum(work for _, _, work in this_run.values())
+        in_flight = sum(w["behind"] for w in working)
+        eta = numbers.eta_s(work_left, work_done, in_flight, working_since, now)
+        for part in parts:  # a part's share of the overall rate; a finished part has no ETA
+            left = left_per_part.get(part["part_id"], 0.0) - sum(w["behind"] for w in part["working"])
+            busy = sum(1 for p in parts if p["state"] == "running") or 1
+            part["eta_s"] = None if eta is None or not part["left"] else round(eta * busy * left / max(work_left, 1e-9))
+        final = stages.get("stages", {}).get(stages.get("final_stage"))
         return {
-            "total": sum(counts.values()),
-            "done": counts[DONE],
-            "failed": counts[FAILED],
-            "running": counts[RUNNING],
-            "pending": counts[PENDING],
+            "at": now,
+            # the cases in a person's words; a multi-stage run's steps (units of work) apart
+            "cases": numbers.counts(final) if final is not None else units,
+            **({"steps": units} if final is not None else {}),
+            # the journal's words, in units of work: running = working, pending = queued + waiting
+            "total": units["total"],
+            "done": units["done"],
+            "failed": units["failed"],
+            "running": units["working"],
+            "pending": units["queued"] + units["waiting"],
+            "eta_s": None if eta is None else round(eta),
+            "elapsed_s": round(now - run_started) if run_started and run[3] is None else None,
             # estimated work (voxels x channels): the ETA comes from work left and work done per second
             "work_left": work_left,
-            "work_done_this_run": sum(work for _, _, work in this_run.values()),
+            "work_done_this_run": work_done,
+            "done_this_run": sum(count for count, _, _ in this_run.values()),
             "run_started": run_started,
+            "working_since": working_since,
             "parts": parts,
             # cases no worker took yet (dynamic schedule), or never will (a broken input, every
             # slot gave up): in no part's line, so that part lines and totals add up
-            "unassigned": _unassigned(per_part.get(None, {})),
+            "unassigned": numbers.counts(per_part.get(None, {})),
             "failed_cases": failed,
-            "last_run": dict(zip(RUN_FIELDS, last_run, strict=True)) if last_run else None,
+            "last_run": dict(zip(RUN_FIELDS, run[1:5], strict=True)) if run[0] is not None else None,
             **stages,
+        }
+
+    def _person_counts_per_part(self) -> dict:
+        """{part: {person state: count}} (numbers.PERSON_STATES), from the (part, state) index and
+        the cases in flight."""
+        per_part: dict = {}
+        for part, state, count in self.db.execute("SELECT part, state, COUNT(*) FROM cases GROUP BY part, state"):
+            per_part.setdefault(part, {})[{RUNNING: "working", PENDING: "waiting"}.get(state, state)] = count
+        for part, held in self.db.execute(
+            "SELECT part, COUNT(*) FROM cases WHERE state=? AND stage=? GROUP BY part", (RUNNING, HELD)
+        ):
+            per_part[part]["working"] -= held
+            per_part[part]["queued"] = held
+        return per_part
+
+    def _recent_stage_seconds(self, run_started: float) -> dict[str, float]:
+        """Seconds per stage of this run's latest finished cases (at most RECENT_CASES)."""
+        rows = self.db.execute(
+            "SELECT TOTAL(preprocess_s), TOTAL(predict_s), TOTAL(export_s) FROM (SELECT preprocess_s, predict_s, "
+            "export_s FROM cases WHERE state=? AND ended >= ? ORDER BY ended DESC LIMIT ?)",
+            (DONE, run_started, RECENT_CASES),
+        ).fetchone()
+        return dict(zip(("preprocess", "predict", "export"), rows, strict=True))
+
+    def _working(self, shares: dict[str, float]) -> list[dict]:
+        """The cases a worker is preprocessing, predicting or exporting, with how much of each one's
+        work is behind it (numbers.in_flight_share)."""
+        found = []
+        for case_id, part, stage, done, total, work in self.db.execute(
+            "SELECT id, part, stage, step_done, step_total, work FROM cases WHERE state=? AND stage!=? "
+            "ORDER BY started, id",
+            (RUNNING, HELD),
+        ):
+            share = numbers.in_flight_share(stage, done, total, shares)
+            progress = round(100 * done / total) if stage == "predict" and total else None
+            found.append(
+                {
+                    "case": case_id,
+                    "part": part,
+                    "stage": stage,
+                    "progress_pct": progress,
+                    "behind": (work or 0.0) * share,
+                }
+            )
+        return found
+
+    @staticmethod
+    def _part(row: tuple, per_part: dict, this_run: dict, working: list[dict], run_started: float) -> dict:
+        part_id, gpu, uuid, restarts, pid, state = row
+        mine = numbers.counts(per_part.get(part_id, {}))
+        done_this_run, last_end, _ = this_run.get(part_id, (0, None, 0.0))
+        cases = [{k: w[k] for k in ("case", "stage", "progress_pct")} for w in working if w["part"] == part_id]
+        # the one a person asks about: the case being predicted, else the oldest one in work
+        current = next((c for c in cases if c["stage"] == "predict"), cases[0] if cases else None)
+        return {
+            "part_id": part_id,
+            "gpu": gpu,
+            "gpu_uuid": uuid,
+            **{k: mine[k] for k in ("done", "failed", "total", "working", "queued")},
+            "left": mine["working"] + mine["queued"] + mine["waiting"],
+            "restarts": restarts,
+            "state": state,
+            "worker_pid": pid,
+            "current_case": current["case"] if current else None,
+            "current_stage": current["stage"] if current else None,
+            "current_progress_pct": current["progress_pct"] if current else None,
+            "working": [w for w in working if w["part"] == part_id],
+            "rate_per_min": _rate_per_min(done_this_run, run_started, last_end),
         }
 
     def _stage_counts(self) -> dict:
@@ -326,10 +397,10 @@ class Journal:
         if not identity.get("members"):  # a single-stage run (None, or absent in older journals)
             return {}
         final = identity["final_stage"]
+        member = "CASE WHEN instr(id, '/') > 0 THEN substr(id, 1, instr(id, '/') - 1) ELSE '' END AS member"
         counts: dict[str, dict[str, int]] = {}
         for stage, state, count in self.db.execute(
-            "SELECT CASE WHEN instr(id, '/') > 0 THEN substr(id, 1, instr(id, '/') - 1) ELSE '' END AS member, "
-            "state, COUNT(*) FROM cases GROUP BY member, state"
+            f"SELECT {member}, {numbers.PERSON_STATE_SQL}, COUNT(*) FROM cases GROUP BY 1, 2"
         ):
             counts.setdefault(stage or final, {})[state] = count
         ordered = {stage: counts[stage] for stage in sorted(counts, key=lambda s: s == final)}  # final last
@@ -344,16 +415,11 @@ class Journal:
         return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
-def _unassigned(counts: dict[str, int]) -> dict[str, int]:
-    return {"total": sum(counts.values()), "pending": counts.get(PENDING, 0), "failed": counts.get(FAILED, 0)}
-
-
-def _rate_and_eta(done: int, total: int, done_this_run: int, run_started: float, last_end: float | None) -> dict:
+def _rate_per_min(done_this_run: int, run_started: float, last_end: float | None) -> float | None:
     """Cases per minute of the latest run, from its start to its last finished case."""
     if not done_this_run or last_end is None or last_end <= run_started:
-        return {"rate_per_min": None, "eta_s": None}
-    rate = done_this_run / (last_end - run_started)
-    return {"rate_per_min": round(rate * 60, 2), "eta_s": round((total - done) / rate, 1)}
+        return None
+    return round(done_this_run / (last_end - run_started) * 60, 2)
 
 
 # --- one launcher per OUT --------------------------------------------------------------------

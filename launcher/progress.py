@@ -17,10 +17,12 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from launcher.journal import Journal
+from launcher.journal import Journal, JournalWriteError
+from launcher.numbers import hms, progress_line, stage_text
 from launcher.status import SnapshotPublisher
 
 PLAIN_SUMMARY_EVERY_S = 60.0
+GPU_SAMPLE_EVERY_S = 5.0
 LIVE_REFRESH_S = 0.5
 
 
@@ -28,26 +30,12 @@ def _stamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-def overall_eta(snapshot: dict, elapsed_s: float, done_at_start: int) -> float | None:
-    """Work left / work done per second in this run (work: voxels x channels), so that the large
-    cases done first do not make the rest look slower than it is."""
-    done_now = snapshot.get("work_done_this_run") or 0.0
-    if done_now <= 0 or elapsed_s <= 0:
-        return None
-    return snapshot.get("work_left", 0.0) * elapsed_s / done_now
-
-
 # The live table's columns, most important first; on a narrow terminal the last ones go first.
-COLUMNS = ("part", "state", "done", "current case", "GPU", "failed", "restarts", "cases/min", "GPU util", "GPU mem")
-RIGHT_ALIGNED = ("done", "failed", "restarts", "cases/min")
+COLUMNS = (
+    "part", "state", "done", "case", "stage", "GPU", "ETA", "failed", "queued", "restarts", "cases/min", "GPU util",
+    "GPU mem",
+)  # fmt: skip
+RIGHT_ALIGNED = ("done", "failed", "queued", "restarts", "cases/min", "ETA")
 
 
 def render(
@@ -55,7 +43,6 @@ def render(
     gpu_names: dict[str, str],
     utilisation: dict[str, tuple[int, int, int]],
     elapsed_s: float,
-    done_at_start: int,
     width: int = 160,
 ) -> Group:
     """The live view: a row per worker slot and an overall bar (pure: for tests too). Columns
@@ -73,7 +60,10 @@ def render(
                 "state": part["state"],
                 "done": f"{part['done']}/{part['total']}",
                 "failed": str(part.get("failed", 0)),
-                "current case": part["current_case"] or "-",
+                "queued": str(part.get("queued", 0)),
+                "case": part["current_case"] or "-",
+                "stage": stage_text(part.get("current_stage"), part.get("current_progress_pct")),
+                "ETA": hms(part["eta_s"]) if part.get("eta_s") is not None else "-",
                 "cases/min": f"{part['rate_per_min']:.1f}" if part["rate_per_min"] else "-",
                 "restarts": str(part["restarts"]),
                 "GPU util": f"{util[0]}%" if util else "-",
@@ -94,13 +84,10 @@ def render(
         table.add_column(column, justify="right" if column in RIGHT_ALIGNED else "left", no_wrap=True)
     for row in rows:
         table.add_row(*(Text(row[c]) for c in columns))
-    total, done, failed = snapshot["total"], snapshot["done"], snapshot["failed"]
-    eta = overall_eta(snapshot, elapsed_s, done_at_start)
-    line = Text(
-        f"{done}/{total} done, {failed} failed, {snapshot['running']} running, "
-        f"ETA {_eta(eta)}, elapsed {_eta(elapsed_s)}"
-    )
-    bar = ProgressBar(total=max(total, 1), completed=done + failed, width=min(60, max(10, width - 2)))
+    cases = snapshot["cases"]
+    line = Text(progress_line(snapshot, elapsed_s))
+    finished = cases["done"] + cases["failed"]
+    bar = ProgressBar(total=max(cases["total"], 1), completed=finished, width=min(60, max(10, width - 2)))
     return Group(table, line, bar)  # the bar last: it ends without a line break
 
 
@@ -141,7 +128,6 @@ class Reporter:
         self.journal, self.gpu_names = journal, gpu_names
         self.started = time.monotonic()
         first = journal.snapshot()
-        self.done_at_start = first["done"]
         self.total = first["total"]
         self.tenth = (first["done"] + first["failed"]) * 10 // max(1, self.total)  # last tenth reported
         # status.json beside the journal, for `status` on hosts that must not open the journal
@@ -150,8 +136,11 @@ class Reporter:
             self.publisher.publish(journal, first)
         self.last_summary = self.last_refresh = time.monotonic()
         self.live = None
+        # GPU utilisation and memory: sampled into the journal (the run's picture) and shown live
+        self.monitor = GpuMonitor(list(gpu_names)) if gpu_names else None
+        self.samples: dict[str, tuple[int, int, int]] = {}
+        self.last_sample = float("-inf")
         if live:
-            self.monitor = GpuMonitor(list(gpu_names))
             self.live = Live(self._render(), console=Console(), refresh_per_second=2, transient=False)
             self.live.start()
 
@@ -183,26 +172,26 @@ class Reporter:
         now = time.monotonic()
         if self.publisher is not None:
             self.publisher.maybe_publish(self.journal)
+        if self.monitor is not None and now - self.last_sample >= GPU_SAMPLE_EVERY_S:
+            self.last_sample, self.samples = now, self.monitor.sample()
+            try:
+                self.journal.add_gpu_samples(time.time(), self.samples)
+            except JournalWriteError:
+                pass  # the supervisor's next write says so and stops the run
         tenth = None if finished is None or not self.total else finished * 10 // self.total
         if self.live is not None and now - self.last_refresh >= LIVE_REFRESH_S:
             self.last_refresh = now
             self.live.update(self._render())
         elif self.live is None and (now - self.last_summary >= PLAIN_SUMMARY_EVERY_S or (tenth or 0) > self.tenth):
             self.last_summary, self.tenth = now, max(self.tenth, tenth or 0)
-            s = self.journal.snapshot()
-            eta = overall_eta(s, now - self.started, self.done_at_start)
-            self.log(
-                f"progress: {s['done']}/{s['total']} done, {s['failed']} failed, {s['running']} running, "
-                f"ETA {_eta(eta)}"
-            )
+            self.log(f"progress: {progress_line(self.journal.snapshot(), now - self.started)}")
 
     def _render(self) -> Group:
         return render(
             self.journal.snapshot(),
             self.gpu_names,
-            self.monitor.sample(),
+            self.samples,
             time.monotonic() - self.started,
-            self.done_at_start,
             (self.live.console if self.live is not None else Console()).width,
         )
 

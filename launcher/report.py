@@ -11,6 +11,7 @@ import resource
 import time
 
 from launcher.journal import STAGE_SECONDS, Journal
+from launcher.numbers import hms
 from launcher.outputs import logs_dir, tmp_dir, write_json_atomically, write_text_atomically
 
 SECONDS_COLUMNS = ("seconds", *STAGE_SECONDS)
@@ -68,8 +69,9 @@ def write_report_files(
         "result": EXIT_MEANING.get(exit_code, "error"),
         "wall_seconds": wall_seconds,
         **(facts or {}),
-        **{k: snapshot[k] for k in ("total", "done", "failed", "pending", "parts", "unassigned", "failed_cases")},
-        **{k: snapshot[k] for k in ("stages", "final_stage") if k in snapshot},
+        **{k: snapshot[k] for k in ("cases", "total", "done", "failed", "pending", "parts", "unassigned")},
+        "failed_cases": snapshot["failed_cases"],
+        **{k: snapshot[k] for k in ("steps", "stages", "final_stage") if k in snapshot},
     }
     write_json_atomically(os.path.join(state, "summary.json"), summary, tmp_dir(state))
     text = io.StringIO()
@@ -88,19 +90,17 @@ def write_report_files(
 
 
 def summary_lines(summary: dict, out: str, state: str, command_hint: str | None) -> list[str]:
-    counts = {k: summary[k] for k in ("done", "total", "failed", "pending")}
+    cases = summary["cases"]
     units = ""
     if "stages" in summary:  # a multi-stage run: cases are its final units
-        final = summary["stages"][summary["final_stage"]]
-        counts = {"done": final.get("done", 0), "total": sum(final.values()), "failed": final.get("failed", 0)}
-        counts["pending"] = counts["total"] - counts["done"] - counts["failed"]
         per_stage = ", ".join(f"{s} {c.get('done', 0)}/{sum(c.values())}" for s, c in summary["stages"].items())
-        units = f"; work units done per stage: {per_stage}"
+        units = f"; steps done per stage: {per_stage}"
         if summary.get("intermediate_peak_bytes") is not None:
             units += f"; intermediate files peaked at {_size(summary['intermediate_peak_bytes'])}"
+    not_done = cases["total"] - cases["done"] - cases["failed"]
     lines = [
-        f"nnunet-launch: {counts['done']}/{counts['total']} case(s) predicted, "
-        f"{counts['failed']} failed, {counts['pending']} not done, in {summary['wall_seconds']:.1f} s "
+        f"nnunet-launch: {cases['done']}/{cases['total']} case(s) predicted, "
+        f"{cases['failed']} failed, {not_done} not done, in {hms(summary['wall_seconds'])} "
         f"({summary['result']}){units}"
     ]
     for part in summary["parts"]:
@@ -124,7 +124,7 @@ def unassigned_line(snapshot: dict) -> str | None:
     left = snapshot.get("unassigned") or {}
     if not left.get("total"):
         return None
-    return f"not taken by any part: {left['pending']} queued, {left['failed']} failed"
+    return f"not taken by any part: {left['waiting']} waiting, {left['failed']} failed"
 
 
 def _size(n: float) -> str:

@@ -234,7 +234,7 @@ def test_the_run_ends_unfinished_only_when_the_last_part_exceeds_max_restarts(ca
         lines = [*numbers["parts"], numbers["unassigned"]]
         assert sum(p["total"] for p in lines) == numbers["total"] == 24, "part lines and totals add up"
         assert sum(p["failed"] for p in lines) == numbers["failed"] == 24
-    assert "not taken by any part: 0 queued, 21 failed" in result.stderr, "3 cases were on part 0 when it gave up"
+    assert "not taken by any part: 0 waiting, 21 failed" in result.stderr, "3 cases were on part 0 when it gave up"
 
 
 def test_status_exit_code_says_whether_the_run_finished_every_case(cases, tmp_path):

@@ -7,12 +7,13 @@ import csv
 import json
 import re
 import sqlite3
+import subprocess
 from datetime import datetime
 
 import pytest
 from rich.console import Console
 
-from conftest import assert_same_predictions, cli, model_args, run_args
+from conftest import assert_same_predictions, cli, fake_env, launcher_cmd, model_args, run_args, status_json
 from launcher.journal import Journal
 from launcher.progress import render
 
@@ -33,7 +34,7 @@ def _journal_in_progress(tmp_path, gpus: bool) -> Journal:
 
 def _shown(journal: Journal, width: int) -> str:
     console = Console(record=True, width=width)
-    view = render(journal.snapshot(), {"GPU-aaaa": "H100 #0"}, {"GPU-aaaa": (87, 3 << 30, 80 << 30)}, 10, 0, width)
+    view = render(journal.snapshot(), {"GPU-aaaa": "H100 #0"}, {"GPU-aaaa": (87, 3 << 30, 80 << 30)}, 10, width)
     console.print(view)
     return console.export_text()
 
@@ -41,10 +42,10 @@ def _shown(journal: Journal, width: int) -> str:
 def test_live_view_renders_counts_of_a_run_in_progress(tmp_path):
     journal = _journal_in_progress(tmp_path, gpus=True)
     text = _shown(journal, 160)
-    assert re.search(r"0\s+│\s+running\s+│\s+1/2\s+│\s+\[b\]\s+│\s+H100 #0\s+│\s+0\s+│", text), text
+    assert re.search(r"0\s+│\s+running\s+│\s+1/2\s+│\s+\[b\]\s+│\s+predict\s+│\s+H100 #0\s+│\s+-\s+│\s+0\s+│", text), text
     assert "87%" in text and "3.0/80 GiB" in text
-    assert re.search(r"1\s+│\s+running\s+│\s+1/2\s+│\s+-\s+│\s+gpu1\s+│\s+1\s+│", text), text
-    assert "2/5 done, 1 failed, 1 running" in text
+    assert re.search(r"1\s+│\s+running\s+│\s+1/2\s+│\s+-\s+│\s+-\s+│\s+gpu1\s+│\s+-\s+│\s+1\s+│", text), text
+    assert "2/5 cases done, 1 failed, 1 working, 0 queued in workers, 1 waiting; ETA —" in text
     assert re.search(r"-\s+│\s+not taken\s+│\s+0/1\s+│", text), "the case no worker took has a row: rows add up"
     journal.close()
 
@@ -53,7 +54,7 @@ def test_live_view_fits_80_columns_by_dropping_the_least_important_columns_and_c
     journal = _journal_in_progress(tmp_path, gpus=True)
     narrow = _shown(journal, 80)
     assert max(len(line) for line in narrow.splitlines()) <= 80
-    assert "…" not in narrow and "current case" in narrow and "state" in narrow
+    assert "…" not in narrow and " case " in narrow and "stage" in narrow and "state" in narrow
     assert "GPU mem" not in narrow, "the least important column went first"
     assert "ETA" in narrow and "elapsed" in narrow
     journal.close()
@@ -209,3 +210,40 @@ def test_on_a_terminal_the_live_view_fits_and_log_lines_keep_their_part_labels(t
     table = [line for line in screen.replace("\r", "\n").splitlines() if "│" in line or "┃" in line]
     assert table and max(len(line) for line in table) <= columns, "the table fits the terminal"
     assert "12/12 case(s) predicted, 0 failed" in screen
+
+
+def test_status_watch_shows_each_workers_case_stage_and_window_progress_until_the_run_ends(cases, tmp_path, launch):
+    """The inside of a case, live: `status --json` names each worker's case, its stage and the
+    sliding-window %, the counts say who is working, queued in a worker or waiting, with an ETA;
+    `status --watch` refreshes (h:mm:ss) and ends with the run."""
+    out = tmp_path / "out"
+    slow = {c: "slow:3" for c in cases["ids"][:4]}  # the fake backend reports steps while it predicts
+    run = launch(run_args(cases, out, "--workers", "2"), env=fake_env(tmp_path, slow, case_seconds=0.2))
+    seen: dict = {}
+
+    def predicting() -> bool:
+        info = status_json(out)
+        if not info or not info["launcher_running"]:
+            return False
+        parts = [p for p in info["parts"] if p["current_stage"] == "predict" and p["current_progress_pct"]]
+        if parts and info["eta_s"] is not None:
+            seen.update(info)
+            return True
+        return False
+
+    run.wait_until(predicting, 120, "a worker predicting with steps and an ETA")
+    cases_now = seen["cases"]
+    assert sum(cases_now[k] for k in ("done", "failed", "working", "queued", "waiting")) == cases_now["total"] == 24
+    assert cases_now["working"] >= 1 and seen["running"] == cases_now["working"]
+    part = next(p for p in seen["parts"] if p["current_stage"] == "predict")
+    assert part["current_case"] in cases["ids"] and 0 < part["current_progress_pct"] <= 100
+    watch = subprocess.run(
+        launcher_cmd("status", str(out), "--watch", "0.5"), capture_output=True, text=True, timeout=180
+    )
+    frames = watch.stdout.split("nnunet-launch status ")
+    assert watch.returncode == 0 and len(frames) >= 3, watch.stdout[-2000:]
+    assert re.search(r"on case_\d+ \((preprocess|predict \d+%|export)\)", watch.stdout), watch.stdout[-2000:]
+    assert re.search(r"ETA \d+:\d\d:\d\d, elapsed \d+:\d\d:\d\d", watch.stdout), watch.stdout[-2000:]
+    assert "24/24 cases done" in frames[-1] and "launcher: not running" in frames[-1], frames[-1]
+    code, _, err = run.wait(120)
+    assert code == 0, err

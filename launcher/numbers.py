@@ -1,0 +1,105 @@
+"""The numbers an operator plans with, all from one journal snapshot (Journal.snapshot): cases
+in a person's words, the ETA, and durations as h:mm:ss. The progress line, the live table,
+`status`, `status --json`, summary.json and the summary lines all read them from here, so they
+never disagree.
+
+States of a case, as people say them: done, failed, working (a worker is preprocessing,
+predicting or exporting it), queued (handed to a worker, not started) and waiting (no worker has
+it yet). A multi-stage run counts cases (its final units) first and its steps (every unit of work,
+see stages.py) second."""
+
+from __future__ import annotations
+
+PERSON_STATES = ("done", "failed", "working", "queued", "waiting")
+# SQL turning the journal's (state, stage) into a person's state
+PERSON_STATE_SQL = (
+    "CASE WHEN state='running' AND stage='held' THEN 'queued' WHEN state='running' THEN 'working' "
+    "WHEN state='pending' THEN 'waiting' ELSE state END"
+)
+# What share of a case's work each stage is, before any case has finished to measure it
+DEFAULT_SHARES = {"preprocess": 0.2, "predict": 0.6, "export": 0.2}
+ETA_MIN_ELAPSED_S = 5.0  # a rate measured over less says nothing
+
+
+def counts(by_state: dict[str, int]) -> dict[str, int]:
+    """Every person state (0 where none) and the total."""
+    found = {state: by_state.get(state, 0) for state in PERSON_STATES}
+    return {**found, "total": sum(found.values())}
+
+
+def hms(seconds: float | None) -> str:
+    """h:mm:ss, or "—" when it cannot be known yet."""
+    if seconds is None:
+        return "—"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def count_line(snapshot: dict) -> str:
+    """ "5/12 cases done (14/36 steps), 1 failed, 2 working, 4 queued in workers, 1 waiting"."""
+    cases = snapshot["cases"]
+    steps = snapshot.get("steps")
+    of_steps = f" ({steps['done']}/{steps['total']} steps)" if steps else ""
+    return (
+        f"{cases['done']}/{cases['total']} cases done{of_steps}, {cases['failed']} failed, "
+        f"{cases['working']} working, {cases['queued']} queued in workers, {cases['waiting']} waiting"
+    )
+
+
+def stage_shares(seconds: dict[str, float]) -> dict[str, float]:
+    """Each stage's share of a case's work, from the cases done in this run (the time a prepared
+    case waits for the device is the pipeline's overlap, not its work); defaults before any."""
+    total = sum(seconds.values())
+    if total <= 0:
+        return dict(DEFAULT_SHARES)
+    return {stage: value / total for stage, value in seconds.items()}
+
+
+def in_flight_share(stage: str, step_done: int | None, step_total: int | None, shares: dict[str, float]) -> float:
+    """How much of a working case's work is behind it: the stages before its own, half of a
+    stage without steps, the sliding-window steps done of its prediction."""
+    if stage == "preprocess":
+        return shares["preprocess"] / 2
+    if stage == "predict":
+        steps = step_done / step_total if step_total else 0.0
+        return shares["preprocess"] + shares["predict"] * min(1.0, steps)
+    return shares["preprocess"] + shares["predict"] + shares["export"] / 2
+
+
+def eta_s(
+    work_left: float, work_done: float, in_flight: float, first_started: float | None, now: float
+) -> float | None:
+    """Seconds left: the work left (voxels x channels, less what is behind the cases in flight)
+    over this run's rate since its first case started (model loading is not work), counting the
+    cases in flight by their progress. None until there is a rate to go by."""
+    if first_started is None or now - first_started < ETA_MIN_ELAPSED_S:
+        return None
+    behind = work_done + in_flight
+    if behind <= 0:
+        return None
+    return max(0.0, work_left - in_flight) * (now - first_started) / behind
+
+
+def rate_per_min(snapshot: dict) -> float | None:
+    """Units of work finished per minute in this run since its first case started."""
+    since, done = snapshot.get("working_since"), snapshot.get("done_this_run", 0)
+    if since is None or not done or snapshot["at"] - since <= 0:
+        return None
+    return done * 60 / (snapshot["at"] - since)
+
+
+def progress_line(snapshot: dict, elapsed_s: float | None = None) -> str:
+    """The one line: counts, ETA, elapsed, rate."""
+    elapsed = snapshot.get("elapsed_s") if elapsed_s is None else elapsed_s
+    rate = rate_per_min(snapshot)
+    per = "steps" if snapshot.get("steps") else "cases"
+    rate_text = f", {rate:.1f} {per}/min" if rate else ""
+    return f"{count_line(snapshot)}; ETA {hms(snapshot.get('eta_s'))}, elapsed {hms(elapsed)}{rate_text}"
+
+
+def stage_text(stage: str | None, progress_pct: int | None) -> str:
+    """ "predict 45%", "export", or "-"."""
+    if stage is None:
+        return "-"
+    return f"{stage} {progress_pct}%" if progress_pct is not None else stage
