@@ -319,10 +319,13 @@ def slurm(
     from launcher import slurm as jobs
     from launcher.cases import discover
 
+    jobs.refuse_local_only(values.get("gpus"), bool(values.get("skip_busy")))
     fresh = bool(values.get("fresh"))
     forwarded = run_argv(values)
     jobs.check_argv(forwarded)
     config = build_config(values)
+    # a --config file's gpus/skip_busy would reach the nodes' `run` just the same
+    jobs.refuse_local_only(None if config.gpus == "all" else config.gpus, config.skip_busy)
     out = os.path.abspath(config.output_folder)
     jobs.refuse_line_breaks("output folder", out)
     cases = discover(config.input_folder, config.model.file_ending, config.model.num_channels)

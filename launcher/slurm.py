@@ -178,6 +178,17 @@ def read_prelude(path: str) -> str:
     return text if not text or text.endswith("\n") else text + "\n"
 
 
+def refuse_local_only(gpus: str | None, skip_busy: bool) -> None:
+    """--gpus and --skip-busy pick GPUs by what NVML shows on this host; on a node the GPUs are
+    the ones SLURM granted the task (CUDA_VISIBLE_DEVICES), which this host cannot know."""
+    for flag, given in (("--gpus", gpus is not None), ("--skip-busy", skip_busy)):
+        if given:
+            raise LauncherError(
+                f"{flag} is for one machine and is refused by `slurm`: SLURM decides which GPUs a task gets "
+                "(--gpus-per-node, its gres); leave it out"
+            )
+
+
 def make_job(
     *,
     device: str,

@@ -137,6 +137,12 @@ def _prelude(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+def _config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return str(path)
+
+
 REFUSED = [
     ("newline in OUT", lambda t: ["-o", str(t / "out\ntouch injected")], "contains a line break"),
     ("carriage return in OUT", lambda t: ["-o", str(t / "out\rx")], "contains a line break"),
@@ -160,6 +166,14 @@ REFUSED = [
     ("prelude with CRLF", lambda t: ["--prelude", _prelude(t, "module load x\r\n")], "carriage returns"),
     ("cpus per GPU on the CPU", lambda t: ["--cpus-per-gpu", "4"], "--cpus-per-gpu needs GPUs"),
     ("nnU-Net's own split", lambda t: ["-num_parts", "2", "-part_id", "0"], "leave out -num_parts/-part_id"),
+    # NVML's view of the submit host is not the node's: SLURM grants the GPUs
+    (
+        "local GPU choice",
+        lambda t: ["--gpus", "0,1"],
+        "--gpus is for one machine and is refused by `slurm`: SLURM decides which GPUs a task gets (--gpus-per-node",
+    ),
+    ("local busy-GPU skip", lambda t: ["--skip-busy"], "--skip-busy is for one machine and is refused by `slurm`"),
+    ("GPU choice in a config file", lambda t: ["--config", _config(t, 'gpus = "1"\n')], "--gpus is for one machine"),
 ]
 
 
