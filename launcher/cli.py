@@ -347,12 +347,13 @@ def slurm(
         environ=dict(os.environ),
         num_parts=config.num_parts,
     )
+    job = jobs.with_default_memory(job, config, cases)
     ids = [c.id for c in cases]
     if not fresh:
         jobs.check_foreign_outputs(out, ids, config.model.file_ending, job, config.continue_prediction)
     array_text, verify_text = jobs.array_script(forwarded, job), jobs.verify_script(forwarded, job)
     if submit:
-        jobs.check_with_sbatch(array_text, verify_text)
+        jobs.check_with_sbatch(array_text, verify_text, job)
     for warning in jobs.warnings(len(ids), job):
         click.echo(f"nnunet-launch: warning: {warning}", err=True)
     if fresh:
@@ -365,7 +366,7 @@ def slurm(
     click.echo(array_text)
     click.echo(f"# written: {array_path}\n#          {verify_path}")
     if submit:
-        array_id, verify_id = jobs.submit(out, array_path, verify_path)
+        array_id, verify_id = jobs.submit(out, array_path, verify_path, job)
         click.echo(f"submitted: array job {array_id} ({num_nodes} task(s)), verify job {verify_id}")
         click.echo(f"status (from any host): nnunet-launch status {shlex.quote(out)}")
         click.echo(f"resume after a time limit or a cancel: {jobs.resubmit_command(out)}")

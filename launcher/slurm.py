@@ -18,6 +18,14 @@ carriage returns are refused everywhere, before anything is written.
 A script is run again by SLURM (requeue, preemption) and by users (resubmission), so it holds
 only what is right every time: flags that act once (--fresh) are applied by `slurm` itself at
 submit time and never written into it.
+
+The work runs as a job step (`srun`), so SLURM accounts it, binds it and signals it like any
+step. srun itself turns a SIGTERM it receives into SIGKILL for its step (Slurm's srun_job.c,
+_srun_signal_mgr: "forcing job termination"), which would cut the launcher's clean stop short. So
+the stop signal before the time limit goes to the steps, not to the batch shell (`--signal=TERM@120`,
+no `B:`), and a SIGTERM that reaches the batch shell is passed on to the step through SLURM
+(`scancel --signal=TERM` of this task: its steps, not the batch shell with srun in it). A job's
+end (scancel, preemption, requeue, time limit) signals the steps itself, with KillWait's grace.
 """
 
 from __future__ import annotations
@@ -28,22 +36,40 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from launcher.cases import Case
+from launcher.config import RunConfig
 from launcher.errors import LauncherError
 from launcher.journal import DONE, Journal, OutLock
 from launcher.outputs import case_outputs, journal_path, lock_path, node_state_dirs, slurm_dir, state_dir
+from launcher.planning import NNUNET_DEFAULT_PROCESSES, checkpoint_bytes, survey
 from launcher.scheduler import static_parts
 
 ARRAY_SCRIPT = "array.sbatch"
 VERIFY_SCRIPT = "verify.sbatch"
 # SIGTERM this long before the time limit: the launcher stops in seconds (5 s grace for its
-# workers), and SLURM may send the signal up to 60 s early
-STOP_SIGNAL = "B:TERM@120"
+# workers), and SLURM may send the signal up to 60 s early. To the job's steps (the launcher's
+# srun step), not to the batch shell: see the module docstring
+STOP_SIGNAL = "TERM@120"
 DEFAULT_CPUS_PER_GPU = 8  # a GPU worker's predictor, 3 preprocessing and 3 export processes
 DEFAULT_CPUS_PER_CPU_WORKER = 4
 DEFAULT_VERIFY_TIME = "1:00:00"  # it reads every output once (gzip checks) and merges journals
 NNUNET_PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+# the default --mem: per worker what planning.memory_warning estimates for the largest case and
+# the model weights, plus half a GiB for each of the worker's processes (predictor, -npp, -nps:
+# torch and nnU-Net imported; the launcher's supervisor alone is 350 MB, benchmarks/RESULTS.md),
+# at least 8 GiB
+MIN_MEMORY_PER_WORKER = 8 * 2**30
+MEMORY_PER_PROCESS = 2**29
+# sbatch options that set the memory request (--mem-bind does not)
+MEMORY_KEYS = ("mem", "mem-per-cpu", "mem-per-gpu")
+# `module load`/`ml` lines of the prelude, and the module names of GPU stacks: those are left out
+# of the verify job, which runs on the CPU (a CPU partition may not have these modules at all)
+MODULE_LINE = re.compile(r"(\s*(?:module\s+(?:load|add)|ml))((?:\s+[\w./+@-]+)+)\s*")
+GPU_MODULE = re.compile(r"cuda|cudnn|nvhpc", re.IGNORECASE)
+# sbatch's words for "no node can hold one task of this job"
+RESOURCES_REFUSED = ("Requested node configuration is not available", "More processors requested than permitted")
 
 # sbatch's --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
 # days-hours:minutes, days-hours:minutes:seconds; or no limit
@@ -95,6 +121,7 @@ class JobSpec:
     sbatch_args: tuple[str, ...] = ()
     environment: tuple[tuple[str, str], ...] = ()  # nnUNet_* variables to export
     prelude: str = ""
+    memory_gib: int | None = None  # the default --mem; None when --sbatch-arg sets the memory
 
 
 # --- checking what goes into a script ---------------------------------------------------------
@@ -189,6 +216,54 @@ def refuse_local_only(gpus: str | None, skip_busy: bool) -> None:
             )
 
 
+def sets_memory(sbatch_args: tuple[str, ...]) -> bool:
+    """Whether the user's --sbatch-arg asks for memory itself (then no default --mem is written;
+    sbatch refuses --mem with --mem-per-cpu/--mem-per-gpu anyway)."""
+    keys = [m.group(1) for m in map(SBATCH_ARG_FORMAT.fullmatch, sbatch_args) if m]
+    # sbatch takes an unambiguous prefix (--mem-per-c), and --mem exactly is --mem
+    return any(k == "mem" or (k.startswith("mem-p") and any(full.startswith(k) for full in MEMORY_KEYS)) for k in keys)
+
+
+def default_memory_gib(
+    workers: int,
+    cpus_per_task: int,
+    largest_voxels: int,
+    num_channels: int,
+    num_labels: int,
+    model_bytes: int,
+    npp: int | None,
+    nps: int | None,
+) -> int:
+    """The default --mem of a task, in whole GiB (see MIN_MEMORY_PER_WORKER). -npp/-nps are what
+    the node will use: given, or what make_plan derives from the CPUs SLURM grants."""
+    share = max(1, cpus_per_task // workers)
+    npp = npp or min(share, NNUNET_DEFAULT_PROCESSES)
+    nps = nps or min(share, NNUNET_DEFAULT_PROCESSES)
+    # planning.memory_warning's estimate for one worker (a test keeps the two in step)
+    per_voxel = 4 * (num_channels * (npp + 2) + 2 * num_labels * (nps + 1))
+    estimate = largest_voxels * per_voxel + model_bytes
+    per_worker = max(MIN_MEMORY_PER_WORKER, estimate + (1 + npp + nps) * MEMORY_PER_PROCESS)
+    return -(-workers * per_worker // 2**30)
+
+
+def with_default_memory(job: JobSpec, config: RunConfig, cases: list[Case]) -> JobSpec:
+    """The job with its default --mem, unless --sbatch-arg asks for memory itself."""
+    if sets_memory(job.sbatch_args):
+        return job
+    largest = max(survey(cases)[1].values(), default=0)
+    memory = default_memory_gib(
+        job.parts_per_node,
+        job.cpus_per_task,
+        largest,
+        config.model.num_channels,
+        config.model.num_labels,
+        checkpoint_bytes(config),
+        config.npp,
+        config.nps,
+    )
+    return replace(job, memory_gib=memory)
+
+
 def make_job(
     *,
     device: str,
@@ -228,6 +303,7 @@ def make_job(
     else:
         parts_per_node, gres = workers, None
         cpus = cpus_per_task or DEFAULT_CPUS_PER_CPU_WORKER * workers
+    refuse_line_breaks("the Python running nnunet-launch", sys.executable)
     return JobSpec(
         nodes=nodes,
         parts_per_node=parts_per_node,
@@ -273,16 +349,57 @@ def _directives(job: JobSpec, partition: str | None, time: str | None, extra: tu
     return lines + [f"#SBATCH {arg}" for arg in extra]
 
 
-def _body(job: JobSpec, command: list[str], tail: str = "") -> list[str]:
+def cpu_prelude(prelude: str) -> str:
+    """The prelude for the verify job, on the CPU: the GPU stack's modules (cuda, cudnn, nvhpc)
+    taken out of simple `module load`/`ml` lines, a line left with none dropped, each change
+    noted in a comment. Anything else is kept as it is (a venv path may well contain "cuda")."""
+    lines = []
+    for line in prelude.rstrip("\n").split("\n") if prelude else []:
+        match = MODULE_LINE.fullmatch(line)
+        names = match.group(2).split() if match else []
+        kept = [n for n in names if not GPU_MODULE.search(n)]
+        if len(kept) == len(names):
+            lines.append(line)
+            continue
+        lines.append(f"# GPU modules left out (this job runs on the CPU): {line.strip()}")
+        if kept:
+            lines.append(f"{match.group(1)} {' '.join(kept)}")
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _launcher(prelude: str) -> tuple[list[str], str]:
+    """Shell lines that make sure the launcher is there on the node, and the words that run it.
+    With a prelude, the nnunet-launch of the environment it set up (the submit host's venv path
+    may not exist on the node); without, the Python that ran `slurm`, by absolute path."""
+    if prelude:
+        missing = (
+            "nnunet-launch: no nnunet-launch on PATH after the --prelude lines; they must set up the "
+            "environment that has it (e.g. source /shared/venvs/nnunet/bin/activate)"
+        )
+        check = f"nnunet_launch=$(command -v nnunet-launch) || {{ echo {shlex.quote(missing)} >&2; exit 127; }}"
+        return ["# the nnunet-launch of the environment the --prelude set up", check], '"$nnunet_launch"'
+    python = shlex.quote(sys.executable)
+    missing = (
+        f"nnunet-launch: {sys.executable} does not exist on this node; put the environment on shared "
+        "storage or pass --prelude FILE with the lines that set it up"
+    )
+    return [
+        "# the Python that ran `nnunet-launch slurm`, by absolute path: it must exist on the node too",
+        f"[ -x {python} ] || {{ echo {shlex.quote(missing)} >&2; exit 127; }}",
+    ], f"{python} -m launcher"
+
+
+def _body(job: JobSpec, prelude: str) -> tuple[list[str], str]:
+    """The script's lines before the work, and the words that run the launcher."""
     lines = []
     if job.environment:
         lines.append("# the nnUNet_* variables of the shell that ran `nnunet-launch slurm`")
         lines += [f"export {name}={shlex.quote(value)}" for name, value in job.environment]
-    if job.prelude:
+    if prelude:
         lines.append("# --prelude")
-        lines += job.prelude.rstrip("\n").split("\n")
-    lines.append(f"exec {shlex.join(command)}{tail}")
-    return lines
+        lines += prelude.rstrip("\n").split("\n")
+    check, launcher = _launcher(prelude)
+    return lines + check, launcher
 
 
 def array_script(run_args: list[str], job: JobSpec) -> str:
@@ -302,9 +419,11 @@ def array_script(run_args: list[str], job: JobSpec) -> str:
     ]
     if job.gpus_per_node:
         lines.append(f"#SBATCH --gres=gpu:{job.gpus_per_node}")
+    if job.memory_gib:
+        lines.append(f"#SBATCH --mem={job.memory_gib}G")
     lines += [
-        "# SIGTERM (scancel, preemption, requeue; and this signal before the time limit) stops the",
-        "# launcher cleanly: exit 130, nothing charged; a requeued or resubmitted task resumes its share",
+        "# SIGTERM (scancel, preemption, requeue; and this signal to the step before the time limit)",
+        "# stops the launcher cleanly: exit 130, nothing charged; a requeued or resubmitted task resumes",
         "#SBATCH --requeue",
         f"#SBATCH --signal={STOP_SIGNAL}",
         *_directives(job, job.partition, job.time, job.sbatch_args),
@@ -312,9 +431,22 @@ def array_script(run_args: list[str], job: JobSpec) -> str:
     ]
     if job.gpus_per_node:
         lines.append("# SLURM's --gres sets CUDA_VISIBLE_DEVICES; the launcher uses only those GPUs.")
-    command = [sys.executable, "-m", "launcher", "run", *run_args]
-    command += ["--nodes", str(job.nodes), "--parts-per-node", str(job.parts_per_node)]
-    lines += _body(job, command, ' --node "$SLURM_ARRAY_TASK_ID"')
+    body, launcher = _body(job, job.prelude)
+    command = ["run", *run_args, "--nodes", str(job.nodes), "--parts-per-node", str(job.parts_per_node)]
+    step = ["srun", "--ntasks=1", f"--cpus-per-task={job.cpus_per_task}"]
+    step += [f"--gres=gpu:{job.gpus_per_node}"] if job.gpus_per_node else []
+    lines += body
+    lines += [
+        "# srun would turn a SIGTERM it gets into SIGKILL for the step: this shell passes one it gets",
+        "# on to the step through SLURM instead (this task's steps, not the batch shell srun runs in)",
+        "trap 'scancel --signal=TERM \"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}\" 2>/dev/null' TERM",
+        f'{shlex.join(step)} {launcher} {shlex.join(command)} --node "$SLURM_ARRAY_TASK_ID" &',
+        "step=$!",
+        "# wait returns early when the trap runs: wait until srun ends, and exit with its status (the launcher's)",
+        'status=0; wait "$step" || status=$?',
+        'while kill -0 "$step" 2>/dev/null; do status=0; wait "$step" || status=$?; done',
+        'exit "$status"',
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -331,9 +463,10 @@ def verify_script(run_args: list[str], job: JobSpec) -> str:
         *_directives(job, job.verify_partition or job.partition, job.verify_time, ()),
         "",
     ]
-    command = [sys.executable, "-m", "launcher", "verify", *run_args]
-    command += ["--nodes", str(job.nodes), "--parts-per-node", str(job.parts_per_node)]
-    lines += _body(job, command)
+    body, launcher = _body(job, cpu_prelude(job.prelude))
+    command = ["verify", *run_args, "--nodes", str(job.nodes), "--parts-per-node", str(job.parts_per_node)]
+    lines += body
+    lines.append(f"exec srun --ntasks=1 --cpus-per-task=1 {launcher} {shlex.join(command)}")
     return "\n".join(lines) + "\n"
 
 
@@ -430,29 +563,50 @@ def require_sbatch() -> str:
     return sbatch
 
 
-def check_with_sbatch(array_text: str, verify_text: str) -> None:
+def check_with_sbatch(array_text: str, verify_text: str, job: JobSpec) -> None:
     """`sbatch --test-only` on both scripts (read from stdin: nothing is written yet), so an
     unknown partition or an impossible request is refused before OUT changes."""
     sbatch = require_sbatch()
-    for text in (array_text, verify_text):
+    for text, which in ((array_text, "array"), (verify_text, "verify")):
         result = subprocess.run([sbatch, "--test-only"], input=text, capture_output=True, text=True)
         if result.returncode != 0:
-            lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-            raise LauncherError(f"sbatch refuses the job: {lines[-1] if lines else f'exit {result.returncode}'}")
+            raise LauncherError(_refusal(result, job, which))
 
 
-def submit(out: str, array_path: str, verify_path: str) -> tuple[str, str]:
+def _refusal(result: subprocess.CompletedProcess, job: JobSpec, which: str) -> str:
+    """sbatch's last line; when no node could hold one task, what was asked and the flags to change."""
+    output = result.stderr + result.stdout
+    lines = [line for line in output.splitlines() if line.strip()]
+    message = f"sbatch refuses the {which} job: {lines[-1] if lines else f'exit {result.returncode}'}"
+    if not any(phrase in output for phrase in RESOURCES_REFUSED):
+        return message
+    if which == "verify":
+        return message + " (it asks for 1 CPU and the time limit --verify-time on --verify-partition)"
+    gpus = f"{job.gpus_per_node} GPU(s) (--gpus-per-node), " if job.gpus_per_node else ""
+    cpu_flags = "--cpus-per-gpu or --cpus-per-task" if job.gpus_per_node else "--cpus-per-task"
+    memory = (
+        f"{job.memory_gib} GiB (the default --mem; set it with --sbatch-arg=--mem=...)"
+        if job.memory_gib
+        else "the memory your --sbatch-arg asks for"
+    )
+    return (
+        f"{message}; no node of the partition has what one task asks for: {gpus}{job.cpus_per_task} CPU(s) "
+        f"({cpu_flags}), {memory}; lower these or choose another --partition"
+    )
+
+
+def submit(out: str, array_path: str, verify_path: str, job: JobSpec) -> tuple[str, str]:
     """Submit the array, then the verify job after it (afterany: it runs even when tasks fail,
     to say what is missing). Returns the two job ids."""
     sbatch = require_sbatch()
     chdir = f"--chdir={slurm_dir(out)}"
-    array_id = _sbatch([sbatch, "--parsable", chdir, array_path])
-    verify_id = _sbatch([sbatch, "--parsable", chdir, f"--dependency=afterany:{array_id}", verify_path])
+    array_id = _sbatch([sbatch, "--parsable", chdir, array_path], job, "array")
+    verify_id = _sbatch([sbatch, "--parsable", chdir, f"--dependency=afterany:{array_id}", verify_path], job, "verify")
     return array_id, verify_id
 
 
-def _sbatch(command: list[str]) -> str:
+def _sbatch(command: list[str], job: JobSpec, which: str) -> str:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise LauncherError(f"sbatch failed: {result.stderr.strip() or result.stdout.strip()}")
+        raise LauncherError(_refusal(result, job, which))
     return result.stdout.strip().split(";")[0]

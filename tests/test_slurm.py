@@ -32,7 +32,10 @@ from conftest import (
     linked_cases,
     run_args,
 )
+from launcher import slurm as jobs
 from launcher.journal import lock_holder
+from launcher.planning import Plan, memory_warning
+from launcher.scheduler import Slot
 
 GOLDEN = ROOT / "tests" / "golden"
 # every character a shell or an #SBATCH line could trip on, but a line break
@@ -188,6 +191,146 @@ def test_unsafe_or_malformed_values_are_refused_before_anything_is_written(small
     assert not (tmp_path / "injected").exists()
 
 
+def _job(prelude: str | None = None, **overrides) -> jobs.JobSpec:
+    settings = dict(
+        device="cpu",
+        workers=1,
+        workers_per_gpu=1,
+        nodes=2,
+        gpus_per_node=1,
+        cpus_per_gpu=None,
+        cpus_per_task=1,
+        partition=None,
+        time=None,
+        account=None,
+        verify_partition=None,
+        verify_time="1:00:00",
+        sbatch_args=(),
+        prelude=prelude,
+        environ={},
+    )
+    return jobs.make_job(**{**settings, **overrides})
+
+
+def _run_script(tmp_path: Path, text: str) -> tuple[subprocess.CompletedProcess, list[str] | None]:
+    """Run a generated script with bash outside SLURM, with a stand-in `srun` that records its
+    arguments and exits 7: (the script's result, srun's arguments or None if it never ran)."""
+    tools = tmp_path / "tools"
+    tools.mkdir(exist_ok=True)
+    srun = tools / "srun"
+    srun.write_text('#!/bin/bash\nprintf \'%s\\0\' "$@" > "$SRUN_ARGS"\nexit 7\n')
+    srun.chmod(0o755)
+    script, recorded = tmp_path / "job.sbatch", tmp_path / "srun-args"
+    script.write_text(text)
+    env = {"PATH": f"{tools}:/usr/bin:/bin", "SRUN_ARGS": str(recorded), "SLURM_ARRAY_TASK_ID": "1"}
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    return result, recorded.read_text().split("\0")[:-1] if recorded.exists() else None
+
+
+@pytest.mark.parametrize("kind", ["array", "verify"])
+def test_without_a_prelude_a_task_whose_python_is_missing_on_the_node_stops_naming_it(tmp_path, monkeypatch, kind):
+    gone = tmp_path / WEIRD_NAME / "bin" / "python"  # the submit host's venv, not on this node
+    monkeypatch.setattr(sys, "executable", str(gone))
+    make = jobs.array_script if kind == "array" else jobs.verify_script
+    result, srun_args = _run_script(tmp_path, make(["-o", "/out"], _job()))
+    assert result.returncode == 127, result.stderr
+    assert result.stderr == (
+        f"nnunet-launch: {gone} does not exist on this node; put the environment on shared storage or "
+        "pass --prelude FILE with the lines that set it up\n"
+    )
+    assert srun_args is None, "nothing was started"
+
+
+@pytest.mark.parametrize("kind", ["array", "verify"])
+def test_with_a_prelude_a_task_runs_the_nnunet_launch_the_prelude_put_on_path_and_exits_with_its_status(tmp_path, kind):
+    env_bin = tmp_path / WEIRD_NAME / "bin"  # the environment the prelude activates on the node
+    env_bin.mkdir(parents=True)
+    (env_bin / "nnunet-launch").write_text("#!/bin/sh\n")
+    (env_bin / "nnunet-launch").chmod(0o755)
+    prelude = _prelude(tmp_path, f'export PATH={shlex.quote(str(env_bin))}:"$PATH"\n')
+    make = jobs.array_script if kind == "array" else jobs.verify_script
+    result, srun_args = _run_script(tmp_path, make(["-o", "/out"], _job(prelude)))
+    assert result.returncode == 7, "srun's status (the launcher's) is the job's"
+    assert srun_args is not None and sys.executable not in srun_args
+    launcher_at = srun_args.index(str(env_bin / "nnunet-launch"))
+    assert srun_args[:launcher_at][0] == "--ntasks=1", srun_args
+    assert srun_args[launcher_at + 1 : launcher_at + 4] == ["run" if kind == "array" else "verify", "-o", "/out"]
+    if kind == "array":
+        assert srun_args[-2:] == ["--node", "1"]
+
+
+def test_with_a_prelude_that_leaves_nnunet_launch_off_path_the_task_stops_saying_so(tmp_path):
+    prelude = _prelude(tmp_path, "module load cuda/12.1 2>/dev/null\n")  # no environment activated
+    result, srun_args = _run_script(tmp_path, jobs.array_script(["-o", "/out"], _job(prelude)))
+    assert result.returncode == 127 and srun_args is None
+    assert "nnunet-launch: no nnunet-launch on PATH after the --prelude lines" in result.stderr
+
+
+def test_verify_job_leaves_out_gpu_modules_and_keeps_every_other_prelude_line(small, tmp_path):
+    lines = [
+        "module load cuda/12.1",
+        "module load CUDA/12.1 cuDNN/8.9 python/3.11",
+        "ml nvhpc/24.1",
+        "module load gcc/12",
+        "source /shared/venvs/nnunet-cuda12/bin/activate",  # a venv path may say cuda: kept
+        'export LD_LIBRARY_PATH=/opt/cuda/lib64:"$LD_LIBRARY_PATH"',
+    ]
+    out = tmp_path / "out"
+    result = cli(*cpu_array(small, out, "--prelude", _prelude(tmp_path, "\n".join(lines) + "\n")))
+    assert result.returncode == 0, result.stderr
+    folder = out / ".nnunet-launch" / "slurm"
+    array = (folder / "array.sbatch").read_text().splitlines()
+    assert array[array.index("# --prelude") + 1 :][: len(lines)] == lines, "the array keeps every line"
+    verify = (folder / "verify.sbatch").read_text().splitlines()
+    assert verify[verify.index("# --prelude") + 1 :][:7] == [
+        "# GPU modules left out (this job runs on the CPU): module load cuda/12.1",
+        "# GPU modules left out (this job runs on the CPU): module load CUDA/12.1 cuDNN/8.9 python/3.11",
+        "module load python/3.11",
+        "# GPU modules left out (this job runs on the CPU): ml nvhpc/24.1",
+        "module load gcc/12",
+        "source /shared/venvs/nnunet-cuda12/bin/activate",
+        'export LD_LIBRARY_PATH=/opt/cuda/lib64:"$LD_LIBRARY_PATH"',
+    ]
+
+
+def test_default_memory_holds_what_the_launcher_estimates_for_the_largest_case_and_its_weights():
+    """The default --mem covers planning.memory_warning's estimate (so a node that has it gets no
+    warning), plus the workers' processes, to the GiB: a change to either estimate fails this."""
+    workers, cpus, voxels, channels, labels, weights = 4, 16, 512**3, 2, 5, 3 * 2**30
+    gib = jobs.default_memory_gib(workers, cpus, voxels, channels, labels, weights, None, None)
+    npp = nps = 3  # 16 CPUs for 4 workers: 4 each, at most nnU-Net's default 3
+    slots = [Slot(k, None, None) for k in range(workers)]
+    plan = Plan(cases={}, slots=slots, parts={}, threads=1, npp=npp, nps=nps, largest_voxels=voxels)
+    processes = workers * (1 + npp + nps) * jobs.MEMORY_PER_PROCESS
+    assert memory_warning(plan, channels, labels, gib * 2**30 - processes, weights) is None
+    assert memory_warning(plan, channels, labels, (gib - 1) * 2**30 - processes, weights) is not None
+    # a small model and small cases: the floor of 8 GiB per worker
+    assert jobs.default_memory_gib(workers, cpus, 64**3, 1, 2, 2**20, None, None) == 8 * workers
+
+
+@pytest.mark.parametrize(
+    "extra, directive",
+    [
+        ([], "#SBATCH --mem=16G"),  # 2 workers of a tiny model: the floor
+        (["--sbatch-arg=--mem=64G"], "#SBATCH --mem=64G"),
+        (["--sbatch-arg=--mem-per-cpu=2G"], None),
+        (["--sbatch-arg=--mem-bind=local"], "#SBATCH --mem=16G"),  # binding, not an amount
+    ],
+    ids=["default", "mem", "mem-per-cpu", "mem-bind"],
+)
+def test_default_mem_is_written_unless_an_sbatch_arg_asks_for_memory(small, tmp_path, extra, directive):
+    out = tmp_path / "out"
+    args = slurm_args(small, out, "-device", "cpu", "--workers", "2", "--nodes", "2", *extra)
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    mem = [
+        line
+        for line in (out / ".nnunet-launch" / "slurm" / "array.sbatch").read_text().splitlines()
+        if line.startswith("#SBATCH --mem=")
+    ]
+    assert mem == ([directive] if directive else []), mem
+
+
 def test_a_line_break_in_an_nnunet_variable_is_refused(small, tmp_path):
     result = cli(*cpu_array(small, tmp_path / "out"), env={"nnUNet_raw": "/data\nid"})
     assert result.returncode == 2 and "environment variable nnUNet_raw" in result.stderr
@@ -331,7 +474,9 @@ def test_fresh_array_discards_once_at_submit_and_its_resubmission_keeps_every_fi
     before = _predictions(out)
     assert len(before) == 8
 
-    array_id, verify_id, printed = _submit(cluster, cpu_array(cases, out, "--fresh"), env=env)
+    # with a prelude, the tasks run the nnunet-launch of the environment it activates
+    prelude = _prelude(tmp_path, f"source {shlex.quote(str(Path(sys.executable).parent / 'activate'))}\n")
+    array_id, verify_id, printed = _submit(cluster, cpu_array(cases, out, "--fresh", "--prelude", prelude), env=env)
     assert "--fresh: discarded the previous run's state and 8 output file(s)" in printed
     for name in ("array.sbatch", "verify.sbatch"):
         assert "--fresh" not in (out / ".nnunet-launch" / "slurm" / name).read_text()
@@ -383,9 +528,13 @@ def test_sigterm_to_tasks_then_resubmission_completes_with_no_case_failed_and_no
     array_id, verify_id, _ = _submit(cluster, cpu_array(cases, out), env=env)
     _wait_done_cases(out, 0, 1, 120)
     _wait_done_cases(out, 1, 1, 120)
-    # node 0: every process of the task (preemption, scancel, the time limit's own SIGTERM);
-    # node 1: the launcher alone, as `#SBATCH --signal=B:TERM@120` does before the time limit
-    cluster.run("scancel", "--signal=TERM", "--full", f"{array_id}_0")
+    # the work runs as each task's srun step, beside its batch step
+    steps = cluster.run("squeue", "--steps", "--noheader", "--format=%i", "--jobs", array_id).stdout.split()
+    assert {f"{array_id}_0.0", f"{array_id}_1.0"} <= set(steps), steps
+    # node 0: the task's steps, as `scancel --signal=TERM` and `#SBATCH --signal=TERM@120` (before
+    # the time limit) do; node 1: the batch shell alone, which passes the signal on to its step.
+    # (Every process at once, the job's end, is the requeue test's.)
+    cluster.run("scancel", "--signal=TERM", f"{array_id}_0")
     cluster.run("scancel", "--signal=TERM", "--batch", f"{array_id}_1")
     states = cluster.wait_done(array_id, 120)
     assert states == {f"{array_id}_0": ("FAILED", "130:0"), f"{array_id}_1": ("FAILED", "130:0")}, states
@@ -435,3 +584,24 @@ def test_a_best_ensemble_array_predicts_each_nodes_cases_through_every_stage_and
     assert status["stages"] == {"2d": {"done": 8}, "3d_fullres": {"done": 8}, "final": {"done": 8}}
     for node in (0, 1):
         assert not list((out / ".nnunet-launch" / f"node-{node}" / "stages").rglob("*.nii.gz"))
+
+
+@pytest.mark.parametrize(
+    "extra, asked",
+    [
+        (["--cpus-per-task", "64"], "64 CPU(s) (--cpus-per-task), 8 GiB (the default --mem; set it with --sbatch-arg"),
+        (["--cpus-per-task", "1", "--sbatch-arg=--mem=100000G"], "1 CPU(s) (--cpus-per-task), the memory your"),
+    ],
+    ids=["cpus", "memory"],
+)
+def test_a_request_no_node_can_hold_is_refused_naming_the_flags_to_change(cluster, small, tmp_path, extra, asked):
+    out = tmp_path / "out"
+    args = slurm_args(small, out, "-device", "cpu", "--workers", "1", "--nodes", "2", *extra, "--submit")
+    result = cluster.run(sys.executable, "-m", "launcher", *args, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        "nnunet-launch: error: sbatch refuses the array job: allocation failure: Requested node configuration is "
+        "not available; no node of the partition has what one task asks for: "
+    ), result.stderr
+    assert asked in result.stderr and result.stderr.endswith("; lower these or choose another --partition\n")
+    assert not out.exists()
