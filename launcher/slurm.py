@@ -30,24 +30,35 @@ end (scancel, preemption, requeue, time limit) signals the steps itself, with Ki
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 
 from launcher.cases import Case
 from launcher.config import RunConfig
 from launcher.errors import LauncherError
 from launcher.journal import DONE, Journal, OutLock
-from launcher.outputs import case_outputs, journal_path, lock_path, node_state_dirs, slurm_dir, state_dir
+from launcher.outputs import (
+    case_outputs,
+    journal_path,
+    lock_path,
+    node_state_dirs,
+    slurm_dir,
+    state_dir,
+    write_text_atomically,
+)
 from launcher.planning import NNUNET_DEFAULT_PROCESSES, checkpoint_bytes, survey
 from launcher.scheduler import static_parts
 
 ARRAY_SCRIPT = "array.sbatch"
 VERIFY_SCRIPT = "verify.sbatch"
+SUBMITTED_FILE = "submitted.json"  # the job ids of the last `slurm --submit`, for `status`
 # SIGTERM this long before the time limit: the launcher stops in seconds (5 s grace for its
 # workers), and SLURM may send the signal up to 60 s early. To the job's steps (the launcher's
 # srun step), not to the batch shell: see the module docstring
@@ -472,6 +483,10 @@ def verify_script(run_args: list[str], job: JobSpec) -> str:
 
 def write_scripts(out: str, array_text: str, verify_text: str) -> tuple[str, str]:
     os.makedirs(slurm_dir(out), exist_ok=True)
+    try:  # new scripts: the jobs of an earlier submission are not theirs (submit() records anew)
+        os.remove(os.path.join(slurm_dir(out), SUBMITTED_FILE))
+    except FileNotFoundError:
+        pass
     paths = []
     for name, text in ((ARRAY_SCRIPT, array_text), (VERIFY_SCRIPT, verify_text)):
         path = os.path.join(slurm_dir(out), name)
@@ -597,11 +612,14 @@ def _refusal(result: subprocess.CompletedProcess, job: JobSpec, which: str) -> s
 
 def submit(out: str, array_path: str, verify_path: str, job: JobSpec) -> tuple[str, str]:
     """Submit the array, then the verify job after it (afterany: it runs even when tasks fail,
-    to say what is missing). Returns the two job ids."""
+    to say what is missing). Records the job ids for `status` (until a task starts, OUT holds
+    nothing else that says the run exists). Returns the two job ids."""
     sbatch = require_sbatch()
     chdir = f"--chdir={slurm_dir(out)}"
     array_id = _sbatch([sbatch, "--parsable", chdir, array_path], job, "array")
     verify_id = _sbatch([sbatch, "--parsable", chdir, f"--dependency=afterany:{array_id}", verify_path], job, "verify")
+    record = {"array_job": array_id, "verify_job": verify_id, "nodes": job.nodes, "submitted": time.time()}
+    write_text_atomically(os.path.join(slurm_dir(out), SUBMITTED_FILE), json.dumps(record), slurm_dir(out))
     return array_id, verify_id
 
 
@@ -610,3 +628,36 @@ def _sbatch(command: list[str], job: JobSpec, which: str) -> str:
     if result.returncode != 0:
         raise LauncherError(_refusal(result, job, which))
     return result.stdout.strip().split(";")[0]
+
+
+# --- status before the tasks start ------------------------------------------------------------
+def read_submitted(out: str) -> dict | None:
+    """What the last `slurm --submit` on OUT recorded, or None."""
+    try:
+        with open(os.path.join(slurm_dir(out), SUBMITTED_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "array_job" in record else None
+
+
+def queue_states(job_id: str) -> dict[str, int] | None:
+    """{state: number of tasks} of a job in squeue ({} once it left the queue); None without squeue."""
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return None
+    try:
+        result = subprocess.run(
+            [squeue, "--noheader", "--array", "--jobs", job_id, "--format=%T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:  # "Invalid job id specified": the job ended and was purged
+        return {} if "Invalid job id" in result.stderr else None
+    states: dict[str, int] = {}
+    for state in result.stdout.split():
+        states[state] = states.get(state, 0) + 1
+    return states

@@ -32,6 +32,7 @@ import os
 import sqlite3
 import time
 
+from launcher import slurm
 from launcher.errors import LauncherError
 from launcher.journal import Journal, lock_info, on_network_filesystem, this_host
 from launcher.outputs import journal_path, lock_path, numbered_state_dirs, state_dir, tmp_dir, write_text_atomically
@@ -145,6 +146,9 @@ def status_and_cases(out: str, with_rows: bool = True) -> tuple[dict, list[dict]
     plain = [s for s in states if s[0] == "run"]
     shown = nodes or (plain if plain and _has_cases(plain[0][2]) else [s for s in states if s not in plain])
     if not shown:
+        submitted = slurm.read_submitted(out)
+        if submitted is not None:  # `slurm --submit` ran, and no task has started the launcher yet
+            return _submitted_status(submitted), []
         return _state_status(state_dir(out), with_rows)
     if len(shown) == 1 and shown[0][1] is None:
         info, rows = _state_status(shown[0][2], with_rows)
@@ -155,6 +159,30 @@ def status_and_cases(out: str, with_rows: bool = True) -> tuple[dict, list[dict]
     if others:
         info["other_runs"] = others
     return info, rows
+
+
+def _submitted_status(submitted: dict) -> dict:
+    """Status of an OUT whose SLURM array was submitted but has no launcher state yet: the jobs,
+    and what squeue says of them (a job no longer queued ended before any task started)."""
+    queue = slurm.queue_states(str(submitted["array_job"]))
+    info: dict = dict.fromkeys(COUNTS, 0)
+    info.update(parts=[], failed_cases=[], last_run=None, source="slurm")
+    info.update(launcher_running=False, launcher_pid=None, launcher_host=None)
+    info["slurm"] = {**submitted, "queue": queue}
+    return info
+
+
+def _submission(slurm_info: dict) -> str:
+    job, queue = slurm_info["array_job"], slurm_info["queue"]
+    if queue is None:
+        return f"submitted as job {job}; squeue not available"
+    if not queue:
+        return (
+            f"submitted as job {job}, no longer in squeue, and no task started the launcher: "
+            "see task-K.log in OUT/.nnunet-launch/slurm"
+        )
+    states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(queue.items()))
+    return f"submitted as job {job} ({states}); no task has started the launcher yet"
 
 
 def _has_cases(state: str) -> bool:
@@ -204,9 +232,12 @@ def status_dict(out: str) -> dict:
 
 def exit_code(info: dict) -> int:
     """`status`'s own exit code, for scripts: 0 while a run goes on or when every case is
-    predicted; 1 when cases failed or the last run ended before finishing them."""
+    predicted; 1 when cases failed or the last run ended before finishing them (or a submitted
+    array left the queue without starting)."""
     if info["launcher_running"]:
         return 0
+    if "slurm" in info:
+        return 1 if info["slurm"]["queue"] == {} else 0
     return 1 if info["failed"] or info["pending"] or info["running"] else 0
 
 
@@ -221,6 +252,8 @@ def _launcher_state(info: dict) -> str:
 
 
 def render_status(info: dict) -> str:
+    if "slurm" in info:
+        return f"launcher: not started; {_submission(info['slurm'])}"
     state = _launcher_state(info)
     last = info.get("last_run") or {}
     if not info["launcher_running"] and last.get("ended"):

@@ -586,6 +586,33 @@ def test_a_best_ensemble_array_predicts_each_nodes_cases_through_every_stage_and
         assert not list((out / ".nnunet-launch" / f"node-{node}" / "stages").rglob("*.nii.gz"))
 
 
+def test_status_of_a_submitted_array_before_any_task_starts_names_its_job_and_what_squeue_says(
+    cluster, small, tmp_path
+):
+    out = tmp_path / "out"
+    # held back an hour: submitted and pending, and no task has made any state in OUT
+    array_id, verify_id, _ = _submit(cluster, cpu_array(small, out, "--sbatch-arg=--begin=now+1hour"))
+    try:
+        pending = cli("status", str(out), env=cluster.env)
+        assert pending.returncode == 0, pending.stderr
+        assert pending.stdout == (
+            f"launcher: not started; submitted as job {array_id} (2 pending); no task has started the launcher yet\n"
+        )
+        info = json.loads(cli("status", str(out), "--json", env=cluster.env).stdout)
+        assert info["slurm"]["array_job"] == array_id and info["slurm"]["verify_job"] == verify_id
+        assert info["slurm"]["queue"] == {"PENDING": 2} and info["total"] == 0 and not info["launcher_running"]
+        blind = cli("status", str(out), env={"PATH": "/nonexistent"})
+        assert blind.returncode == 0 and f"submitted as job {array_id}; squeue not available" in blind.stdout
+    finally:
+        cluster.run("scancel", array_id, verify_id)
+    deadline = time.monotonic() + 30
+    while "no longer in squeue" not in (ended := cli("status", str(out), env=cluster.env)).stdout:
+        assert time.monotonic() < deadline, ended.stdout
+        time.sleep(0.5)
+    assert ended.returncode == 1, "the array left the queue without predicting anything"
+    assert f"submitted as job {array_id}, no longer in squeue, and no task started the launcher" in ended.stdout
+
+
 @pytest.mark.parametrize(
     "extra, asked",
     [
