@@ -74,10 +74,10 @@ class CasePipeline:
         self.pool_processes.update({p: "export" for p in self.export_pool._pool})
         self.exporting: list[tuple[WorkCase, object, dict]] = []  # (case, export job, its clock so far)
 
-    def close(self) -> None:
+    def terminate(self) -> None:
+        """End the helpers at once (their work is done, or lost with the worker anyway)."""
         for pool in (self.prep_pool, self.export_pool):
-            pool.close()
-            pool.join()
+            pool.terminate()
 
     def run(self, feed, emit: Callable[[tuple], None]) -> None:
         """Predict every case the feed gives (see worker.CaseFeed) until it is exhausted."""

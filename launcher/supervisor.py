@@ -66,6 +66,7 @@ class Supervisor:
         self.attempts = {s.part_id: 0 for s in plan.slots}  # workers started per part (log names)
         self.serials = 0
         self.last_watchdog = self.last_flush = 0.0
+        self.finished_seen = 0
         self.announced_ready = False
         self.stop_signals = 0
         self.unreaped: list[int] = []
@@ -120,10 +121,12 @@ class Supervisor:
         if now - self.last_watchdog >= WATCHDOG_EVERY_S:
             self.last_watchdog = now
             self._watchdog(now)
-        if now - self.last_flush >= FLUSH_EVERY_S:
-            self.last_flush = now
+        finished = len(self.book.done) + len(self.book.failed)
+        # a case ended: the journal first, so that the lines the reporter prints agree with the log's
+        if now - self.last_flush >= FLUSH_EVERY_S or finished != self.finished_seen:
+            self.last_flush, self.finished_seen = now, finished
             self.books.flush()
-        self.reporter.refresh(len(self.book.done) + len(self.book.failed))
+        self.reporter.refresh(finished)
         return True
 
     def _install_signal_handlers(self) -> dict:
