@@ -113,6 +113,13 @@ PREDICT_OPTIONS = [
             "slowest finished case scaled by size, at least 300; 900 before any case finished]",
         ),
     ),
+    (
+        ("--on-finish", "on_finish"),
+        dict(
+            help="a shell command run once when the run ends, with NNUNET_LAUNCH_EXIT_CODE, NNUNET_LAUNCH_SUMMARY "
+            "and more in its environment (samples in configs/); its failure is logged, never the run's",
+        ),
+    ),
     (("--fresh", "fresh"), dict(is_flag=True, default=None, help="discard this OUT's previous run")),
     (("--skip-busy", "skip_busy"), dict(is_flag=True, default=None, help="leave out GPUs other programs use")),
     (
@@ -445,11 +452,22 @@ def plan(as_json, **values):
 @cli.command()
 @click.argument("output_folder")
 @click.option("--json", "as_json", is_flag=True)
-def status(output_folder, as_json):
+@click.option(
+    "--watch",
+    "watch_every",
+    is_flag=False,
+    flag_value=2.0,
+    type=click.FloatRange(min=0.5),
+    default=None,
+    help="refresh every N seconds (default 2) until the run ends or Ctrl-C",
+)
+def status(output_folder, as_json, watch_every):
     """Progress of the run on OUTPUT_FOLDER (read-only; safe during a run). Exit 0 while it runs or
     when every case is predicted, 1 when cases failed or the last run stopped before the end."""
-    from launcher.status import exit_code, render_status, status_dict
+    from launcher.status import exit_code, render_status, status_dict, watch
 
+    if watch_every is not None:
+        sys.exit(watch(output_folder, watch_every, as_json))
     info = status_dict(output_folder)
     click.echo(json.dumps(info, indent=2) if as_json else render_status(info))
     sys.exit(exit_code(info))

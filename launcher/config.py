@@ -57,6 +57,7 @@ class RunConfig:
     max_restarts: int = 3
     case_retries: int = 2
     hang_timeout: float | None = None
+    on_finish: str | None = None  # a shell command run once at the end (notify.py)
     fresh: bool = False
     skip_busy: bool = False
     # set by the SLURM array script, not by users: this node's share of a K-node run

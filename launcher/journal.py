@@ -190,8 +190,25 @@ class Journal:
 
     def clear(self) -> None:
         with self._tx() as db:
-            for table in ("meta", "cases", "parts", "events", "runs"):
+            for table in ("meta", "cases", "parts", "events", "runs", "attempts", "gpu_samples"):
                 db.execute(f"DELETE FROM {table}")
+
+    def run_history(self) -> list[dict]:
+        """Every run on this OUT: its start, end, exit code and what its attempts came to."""
+        outcomes: dict = {}
+        for run, outcome, count in self.db.execute("SELECT run, outcome, COUNT(*) FROM attempts GROUP BY 1, 2"):
+            outcomes.setdefault(run, {})[outcome] = count
+        history = []
+        for run_id, started, ended, exit_code in self.db.execute(
+            "SELECT id, started, ended, exit_code FROM runs ORDER BY id"
+        ):
+            counts = outcomes.get(run_id, {})
+            wall = round(ended - started, 2) if ended is not None and started is not None else None
+            history.append(
+                {"run": run_id, "started": started, "ended": ended, "wall_seconds": wall, "exit_code": exit_code}
+                | {k: counts.get(k, 0) for k in ("done", "failed", "released")}
+            )
+        return history
 
     # --- cases -----------------------------------------------------------------------------
     def cases_in_state(self, state: str, part: int | None = None) -> list[str]:

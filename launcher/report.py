@@ -33,6 +33,13 @@ def write_summary(state: str, journal: Journal, exit_code: int, started: float, 
         **(context or {}),
         **supervisor_resources(),
     }
+    runs = [{**r, "started": iso_time(r["started"]), "ended": iso_time(r["ended"])} for r in journal.run_history()]
+    facts["runs"] = runs  # every run on this OUT (a resumed night is several), and their totals:
+    facts["over_all_runs"] = {
+        "runs": len(runs),
+        "wall_seconds": round(sum(r["wall_seconds"] or 0.0 for r in runs), 2),
+        **{k: sum(r[k] for r in runs) for k in ("done", "failed", "released")},
+    }
     return write_report_files(state, snapshot, journal.case_rows(), exit_code, round(ended - started, 2), facts)
 
 
@@ -89,7 +96,9 @@ def write_report_files(
     return summary
 
 
-def summary_lines(summary: dict, out: str, state: str, command_hint: str | None) -> list[str]:
+def summary_lines(
+    summary: dict, out: str, state: str, command_hint: str | None, picture: str | None = None
+) -> list[str]:
     cases = summary["cases"]
     units = ""
     if "stages" in summary:  # a multi-stage run: cases are its final units
@@ -114,6 +123,8 @@ def summary_lines(summary: dict, out: str, state: str, command_hint: str | None)
     for failed in summary["failed_cases"]:
         lines.append(f"  FAILED {failed['case']}: {failed['error']}")
     lines.append(f"  outputs: {out}   logs: {logs_dir(state)}")
+    if picture:
+        lines.append(f"  the run's picture: {picture}")
     if summary["exit_code"] == 130 and command_hint:
         lines.append(f"  resume with: {command_hint}")
     return lines

@@ -16,6 +16,7 @@ import psutil
 from launcher.config import RunConfig, RunIdentity, output_identity, run_state_dir
 from launcher.errors import LauncherError
 from launcher.journal import DONE, Journal, JournalRow, JournalWriteError, OutLock, lock_holder
+from launcher.notify import notify_finished
 from launcher.outputs import (
     case_outputs,
     clear_tmp,
@@ -30,6 +31,7 @@ from launcher.outputs import (
     write_run_metadata,
     write_text_atomically,
 )
+from launcher.picture import write_picture
 from launcher.planning import Plan, checkpoint_bytes, make_plan, memory_warning
 from launcher.progress import Reporter, wants_live_view
 from launcher.report import summary_lines, write_summary
@@ -48,21 +50,39 @@ def run(config: RunConfig, argv: list[str]) -> int:
     plan = make_plan(config)
     view = inspect_out(config, plan)  # refusals first: exit 2 writes nothing into OUT
     state = run_state_dir(config)
+    if nothing_to_predict(config, view):  # a rerun of a finished OUT: no run, its report stays
+        summary = os.path.join(state, "summary.json")
+        print(f"nnunet-launch: nothing to predict: all {len(plan.cases)} case(s) are done in {config.output_folder} "
+              f"(the last run's report: {summary})")  # fmt: skip
+        return 0
     try:
         os.makedirs(state, exist_ok=True)
     except OSError as exc:
         raise LauncherError(f"cannot create the output folder {config.output_folder!r}: {exc.strerror}") from None
     lock = OutLock(lock_path(state))
     lock.acquire()
+    exit_code = EXIT_INTERNAL_ERROR
     try:
         _refuse_running_neighbour(config, state)
         journal = Journal.open(journal_path(state))
         try:
-            return _supervise(config, plan, journal, view, argv)
+            exit_code = _supervise(config, plan, journal, view, argv)
+            return exit_code
         finally:
             journal.close()
+    except LauncherError:
+        exit_code = None  # refused before the run started: nothing to tell
+        raise
     finally:
         lock.release()
+        if config.on_finish and exit_code is not None:
+            notify_finished(config.on_finish, config.output_folder, state, exit_code)
+
+
+def nothing_to_predict(config: RunConfig, view: OutView) -> bool:
+    """Every planned unit is done and whole in OUT (and --fresh was not asked)."""
+    book = view.book
+    return not config.fresh and bool(book.work) and len(book.done) == len(book.work)
 
 
 @dataclass(frozen=True)
@@ -281,8 +301,13 @@ def _finish(
     except OSError as exc:
         print(f"nnunet-launch: could not write the run's summary: {exc}", file=sys.stderr)
         return
+    try:  # the picture of the run is a bonus: it never changes how the run ends
+        picture = write_picture(state, journal)[0]
+    except Exception as exc:  # noqa: BLE001 - matplotlib, the disk, anything
+        reporter.append_to_file([f"nnunet-launch: could not draw the run's picture: {exc}"])
+        picture = None
     hint = "nnunet-launch " + shlex.join(resume_argv(argv))
-    lines = summary_lines(summary, config.output_folder, state, hint)
+    lines = summary_lines(summary, config.output_folder, state, hint, picture)
     for line in lines:
         print(line, file=sys.stderr if exit_code else sys.stdout, flush=True)
     reporter.append_to_file(lines)

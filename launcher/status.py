@@ -30,18 +30,20 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 import time
 
 from launcher import slurm
 from launcher.errors import LauncherError
 from launcher.journal import Journal, lock_info, on_network_filesystem, this_host
+from launcher.numbers import count_line, hms, progress_line, stage_text
 from launcher.outputs import journal_path, lock_path, numbered_state_dirs, state_dir, tmp_dir, write_text_atomically
-from launcher.report import EXIT_MEANING
+from launcher.report import EXIT_MEANING, unassigned_line
 
 COUNTS = ("total", "done", "failed", "running", "pending")
 SNAPSHOT_FILE = "status.json"
 SNAPSHOT_EVERY_S = 5.0
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: numbers.py's counts, ETA and the cases in work
 
 
 def snapshot_path(state: str) -> str:
@@ -203,6 +205,11 @@ def _merged(states: list[tuple[str, int | None, str]], with_rows: bool) -> tuple
         where = {"node": node, "run": name}
         for key in COUNTS:
             merged[key] += info[key]
+        for block in ("cases", "steps", "unassigned"):
+            if block in info:
+                merged[block] = {k: merged.get(block, {}).get(k, 0) + v for k, v in info[block].items()}
+        if info.get("eta_s") is not None:  # the nodes run at once: the last one to finish
+            merged["eta_s"] = max(merged.get("eta_s") or 0, info["eta_s"])
         merged["parts"] += [{**p, **where} for p in info["parts"]]
         merged["failed_cases"] += [{**f, **where} for f in info["failed_cases"]]
         merged["nodes"].append(
@@ -261,14 +268,10 @@ def render_status(info: dict) -> str:
         meaning = EXIT_MEANING.get(last["exit_code"], "error")
         state += (
             f"; last run ended {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['ended']))} "
-            f"after {wall:.0f} s, exit {last['exit_code']} ({meaning})"
+            f"after {hms(wall)}, exit {last['exit_code']} ({meaning})"
         )
-    units = "work units (case x stage)" if info.get("stages") else "cases"
-    lines = [
-        f"launcher: {state}",
-        f"{units}: {info['done']}/{info['total']} done, {info['running']} running, "
-        f"{info['pending']} pending, {info['failed']} failed",
-    ]
+    running = info["launcher_running"]
+    lines = [f"launcher: {state}", progress_line(info) if running else count_line(info)]
     for stage, counts in info.get("stages", {}).items():
         failed = f", {counts['failed']} failed" if counts.get("failed") else ""
         lines.append(f"  stage {stage}: {counts.get('done', 0)}/{sum(counts.values())} case(s) done{failed}")
@@ -276,16 +279,56 @@ def render_status(info: dict) -> str:
         counts = f"{n['done']}/{n['total']} done, {n['failed']} failed"
         lines.append(f"  {n['run']}: {counts}, launcher {_launcher_state(n)}")
     for p in info["parts"]:
-        eta = f", ETA {p['eta_s']:.0f} s" if p["eta_s"] is not None and info["launcher_running"] else ""
+        eta = f", ETA {hms(p['eta_s'])}" if p.get("eta_s") is not None and running else ""
         rate = f", {p['rate_per_min']}/min" if p["rate_per_min"] else ""
-        current = f", on {p['current_case']}" if p["current_case"] else ""
+        stage = stage_text(p.get("current_stage"), p.get("current_progress_pct"))
+        current = f", on {p['current_case']} ({stage})" if p["current_case"] else ""
         failed = f", {p['failed']} failed" if p.get("failed") else ""
+        queued = f", {p['queued']} queued" if p.get("queued") else ""
         lines.append(
-            f"  part {p['part_id']} ({p['gpu']}): {p['done']}/{p['total']} done{failed}, "
+            f"  part {p['part_id']} ({p['gpu']}): {p['done']}/{p['total']} done{failed}{queued}, "
             f"{p['restarts']} restart(s){current}{rate}{eta}"
         )
+    if line := unassigned_line(info):
+        lines.append(f"  {line}")
     for f in info["failed_cases"]:
         lines.append(f"  FAILED {f['case']}: {f['error']}")
     for other in info.get("other_runs", []):  # shown apart: they predicted some of the same cases
         lines.append(f"  also on this output folder, {other['run']}: {other['done']}/{other['total']} done")
     return "\n".join(lines)
+
+
+def watch(out: str, every_s: float, as_json: bool = False) -> int:
+    """`status --watch`: the status again every `every_s` seconds, in place on a terminal (one
+    frame after another elsewhere), until the launcher is no longer running or Ctrl-C. Returns
+    the exit code of the last frame."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    def frame() -> tuple[dict, str]:
+        info = status_dict(out)
+        shown = json.dumps(info) if as_json else render_status(info)
+        return info, f"{time.strftime('%H:%M:%S')}  nnunet-launch status {out}\n{shown}"
+
+    info, text = frame()
+    terminal = sys.stdout.isatty() and not as_json
+    live = Live(Text(text), console=Console(), auto_refresh=False) if terminal else None
+    try:
+        if live is not None:
+            live.start()
+        else:
+            print(text, flush=True)
+        while info["launcher_running"]:
+            time.sleep(every_s)
+            info, text = frame()
+            if live is not None:
+                live.update(Text(text), refresh=True)
+            else:
+                print(text, flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if live is not None:
+            live.stop()
+    return exit_code(info)

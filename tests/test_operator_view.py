@@ -42,7 +42,9 @@ def _shown(journal: Journal, width: int) -> str:
 def test_live_view_renders_counts_of_a_run_in_progress(tmp_path):
     journal = _journal_in_progress(tmp_path, gpus=True)
     text = _shown(journal, 160)
-    assert re.search(r"0\s+│\s+running\s+│\s+1/2\s+│\s+\[b\]\s+│\s+predict\s+│\s+H100 #0\s+│\s+-\s+│\s+0\s+│", text), text
+    assert re.search(r"0\s+│\s+running\s+│\s+1/2\s+│\s+\[b\]\s+│\s+predict\s+│\s+H100 #0\s+│\s+-\s+│\s+0\s+│", text), (
+        text
+    )
     assert "87%" in text and "3.0/80 GiB" in text
     assert re.search(r"1\s+│\s+running\s+│\s+1/2\s+│\s+-\s+│\s+-\s+│\s+gpu1\s+│\s+-\s+│\s+1\s+│", text), text
     assert "2/5 cases done, 1 failed, 1 working, 0 queued in workers, 1 waiting; ETA —" in text
@@ -247,3 +249,20 @@ def test_status_watch_shows_each_workers_case_stage_and_window_progress_until_th
     assert "24/24 cases done" in frames[-1] and "launcher: not running" in frames[-1], frames[-1]
     code, _, err = run.wait(120)
     assert code == 0, err
+
+
+def test_on_finish_runs_once_with_the_exit_code_and_summary_in_its_environment_and_its_failure_changes_nothing(
+    cases, tmp_path
+):
+    out = tmp_path / "o u't $HOME `x`"
+    record = tmp_path / "notified.txt"
+    fields = '"$NNUNET_LAUNCH_EXIT_CODE" "$NNUNET_LAUNCH_SUMMARY" "$NNUNET_LAUNCH_RESULT"'
+    command = f'printf "%s|%s|%s\\n" {fields} >> {record}; exit 5'
+    env = fake_env(tmp_path, {cases["ids"][0]: "unreadable"})
+    result = cli(*run_args(cases, out, "--workers", "2", "--on-finish", command), env=env, timeout=300)
+    assert result.returncode == 1, "a case failed: 1, whatever the command did"
+    summary = out / ".nnunet-launch" / "summary.json"
+    assert record.read_text().splitlines() == [f"1|{summary}|finished, but some cases failed"]
+    assert "--on-finish command failed (exit code 5)" in result.stderr
+    assert "--on-finish command failed" in (out / ".nnunet-launch" / "logs" / "supervisor.log").read_text()
+    assert json.loads(summary.read_text())["exit_code"] == 1

@@ -21,9 +21,15 @@ def test_two_static_cpu_workers_give_outputs_identical_to_plain_nnunet_and_no_ex
     assert status["done"] == status["total"] == NUM_CASES and status["launcher_running"] is False
     assert [(p["part_id"], p["done"], p["restarts"]) for p in status["parts"]] == [(0, 6, 0), (1, 6, 0)]
 
-    # a rerun of the finished run predicts nothing and touches no file in OUT
+    # a rerun of the finished run says so in one line, starts no run and keeps its report
     before = copy_outputs_mtimes(out)
+    report = (out / ".nnunet-launch" / "summary.json").read_text()
     again = cli(*run_args(tiny, out, "--workers", "2", "--schedule", "static"), timeout=120)
     assert again.returncode == 0, again.stderr
-    assert f"{NUM_CASES} already done" in again.stdout
+    assert again.stdout.splitlines() == [
+        f"nnunet-launch: nothing to predict: all {NUM_CASES} case(s) are done in {out} "
+        f"(the last run's report: {out / '.nnunet-launch' / 'summary.json'})"
+    ]
     assert copy_outputs_mtimes(out) == before
+    assert (out / ".nnunet-launch" / "summary.json").read_text() == report
+    assert len(json.loads(report)["runs"]) == 1 and status_json(out)["last_run"]["exit_code"] == 0

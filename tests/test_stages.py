@@ -100,7 +100,7 @@ def test_an_ensemble_with_postprocessing_equals_the_manual_chain_and_a_rerun_doe
     before = copy_outputs_mtimes(out)
     again = cli(*ensemble_args(stages, out), timeout=120)
     assert again.returncode == 0, again.stderr
-    assert f"{NUM_CASES} already done" in again.stdout
+    assert f"nothing to predict: all {NUM_CASES} case(s) are done" in again.stdout
     assert copy_outputs_mtimes(out) == before
 
     status = cli("status", str(out))
