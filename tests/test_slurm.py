@@ -493,7 +493,10 @@ def test_fresh_array_discards_once_at_submit_and_its_resubmission_keeps_every_fi
     assert _predictions(out) == fresh, "finished outputs were kept"
     assert_fake_outputs(out, cases["inputs"], cases["ids"])
     for node in (0, 1):
-        assert "4 case(s), 4 already done" in (out / ".nnunet-launch" / "slurm" / f"task-{node}.log").read_text()
+        assert (
+            "nothing to predict: all 4 case(s) are done"
+            in (out / ".nnunet-launch" / "slurm" / f"task-{node}.log").read_text()
+        )
     _assert_every_case_done_once_uncharged(out, cases["ids"])
 
 
