@@ -49,31 +49,43 @@ def discover_with_skipped(input_folder: str, file_ending: str, num_channels: int
         )
     channel_file = re.compile(r"(.*)_(\d{4})" + re.escape(file_ending))
     channels: dict[str, dict[int, str]] = {}
+    misnamed = []
     for name in names:
         match = channel_file.fullmatch(name)
         if not match:
-            raise LauncherError(
-                f"{name!r} in the input folder does not follow nnU-Net's naming "
-                f"CASE_XXXX{file_ending} (XXXX = channel number)"
-            )
+            misnamed.append(name)
+            continue
         channels.setdefault(match.group(1), {})[int(match.group(2))] = os.path.join(input_folder, name)
-    cases = []
+    if misnamed:  # every one at once: a user renames them in one go
+        raise LauncherError(
+            f"{_some(misnamed)} in the input folder {'does' if len(misnamed) == 1 else 'do'} not follow nnU-Net's "
+            f"naming CASE_XXXX{file_ending} (XXXX = channel number)"
+        )
+    cases, problems = [], []
     for case_id in sorted(channels):
         found = channels[case_id]
-        for channel in range(num_channels):
-            if channel not in found:
-                raise LauncherError(
-                    f"case {case_id!r} is missing channel {channel:04d} "
-                    f"({case_id}_{channel:04d}{file_ending}); the model expects "
-                    f"{num_channels} channel(s)"
-                )
+        missing = [c for c in range(num_channels) if c not in found]
         extra = sorted(set(found) - set(range(num_channels)))
-        if extra:
-            raise LauncherError(
-                f"case {case_id!r} has channel {extra[0]:04d}, but the model expects only {num_channels} channel(s)"
+        if missing:
+            problems.append(
+                f"case {case_id!r} is missing channel {missing[0]:04d} ({case_id}_{missing[0]:04d}{file_ending})"
             )
-        cases.append(Case(case_id, tuple(found[c] for c in range(num_channels))))
+        elif extra:
+            problems.append(f"case {case_id!r} has channel {extra[0]:04d}")
+        else:
+            cases.append(Case(case_id, tuple(found[c] for c in range(num_channels))))
+    if problems:
+        raise LauncherError(f"{_some(problems, quote=False)}; the model expects {num_channels} channel(s)")
     return cases, skipped
+
+
+SHOWN = 5
+
+
+def _some(items: list[str], quote: bool = True) -> str:
+    """The first few of `items`, and how many more: one line however many there are."""
+    shown = "; ".join(repr(i) if quote else i for i in items[:SHOWN])
+    return shown + (f" (and {len(items) - SHOWN} more)" if len(items) > SHOWN else "")
 
 
 def _has_scans(folder: str, file_ending: str) -> bool:

@@ -403,25 +403,33 @@ def plan(as_json, **values):
     """Dry run: what `run` would do with the same arguments (the parts, their GPUs and cases,
     what OUT already holds); it refuses what `run` refuses; starts nothing, writes nothing."""
     from launcher.planning import make_plan
-    from launcher.runner import FRESH_NAMES_SHOWN, describe_fresh, inspect_out, stage_facts
+    from launcher.runner import FRESH_NAMES_SHOWN, describe_fresh, inspect_out, nothing_to_predict, stage_facts
     from launcher.stages import describe_stages
 
     config = build_config(values)
     the_plan = make_plan(config)
     view = inspect_out(config, the_plan)
     to_do = len(the_plan.cases) - len(view.done)
+    kept = len(view.book.verify)
+    assignment = the_plan.to_do(view.book.done)
+    work = {k: sum(the_plan.work.get(c, 0.0) for c in ids) for k, ids in assignment.items()}
     facts = {
         "model_folder": config.model.folder,
         "done": len(view.done),
         "to_do": to_do,
         "failed_tried_again": view.book.retried,
+        "outputs_verified_and_kept_if_whole": kept,
+        "broken_inputs": the_plan.broken,
         "fresh_would_delete": len(view.fresh_would_delete),
         "fresh_would_delete_files": view.fresh_would_delete,
         "assignment": "estimate" if the_plan.schedule == "dynamic" else "exact",
         **({"stages": stage_facts(the_plan, view)} if the_plan.stages else {}),
     }
     if as_json:
-        click.echo(json.dumps({**the_plan.to_json(), **facts}, indent=2))
+        planned = the_plan.to_json()
+        for part in planned["parts"]:
+            part["cases"], part["estimated_work"] = assignment[part["part_id"]], work[part["part_id"]]
+        click.echo(json.dumps({**planned, **facts}, indent=2))
         return
     for warning in the_plan.warnings:
         click.echo(f"nnunet-launch: warning: {warning}", err=True)
@@ -430,10 +438,19 @@ def plan(as_json, **values):
         click.echo(f"stages per case: {describe_stages(the_plan.stages)}")
         for stage, counts in facts["stages"]["per_stage"].items():
             click.echo(f"  stage {stage}: {counts['done']}/{counts['total']} case(s) done")
+    if nothing_to_predict(config, view):
+        click.echo(f"{len(the_plan.cases)} case(s), all done in the output folder: nothing to predict")
+        return
+    notes = [f"{view.book.retried} that failed before are tried again"] if view.book.retried else []
+    notes += [f"{kept} output(s) already in the output folder are verified and kept if whole"] if kept else []
     click.echo(
         f"{len(the_plan.cases)} case(s): {len(view.done)} already done in the output folder, {to_do} to predict"
-        + (f" ({view.book.retried} that failed before are tried again)" if view.book.retried else "")
+        + (f" ({'; '.join(notes)})" if notes else "")
     )
+    if the_plan.broken:
+        names = sorted(the_plan.broken)
+        shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+        click.echo(f"{len(names)} case(s) with a cut or corrupt input are not predicted: {shown}")
     if config.fresh:
         listed = "plan --json" if len(view.fresh_would_delete) > FRESH_NAMES_SHOWN else None
         click.echo(f"--fresh would delete {describe_fresh(view.fresh_would_delete, listed)} and the launcher's state")
@@ -442,11 +459,20 @@ def plan(as_json, **values):
         f"npp={the_plan.npp}, nps={the_plan.nps}"
     )
     if the_plan.schedule == "dynamic":
-        click.echo("dynamic schedule: the assignment below is an estimate; idle workers take the largest case left")
-    for entry in the_plan.to_json()["parts"]:
-        ids = entry["cases"]
-        shown = ", ".join(ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
-        click.echo(f"  part {entry['part_id']} on {entry['gpu']}: {shown}")
+        click.echo(
+            "dynamic schedule: idle workers take the largest case left; the split below is the launcher's own "
+            "feeding with each case's time taken as proportional to its size (an estimate)"
+        )
+    total = sum(work.values()) or 1.0
+    labels = {s.part_id: s.label for s in the_plan.slots}
+    for part_id, ids in assignment.items():
+        if ids:
+            shown = ", ".join(ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
+            share = f"{100 * work[part_id] / total:.0f}% of the work"
+            click.echo(f"  part {part_id} on {labels[part_id]}: {len(ids)} case(s), {share}: {shown}")
+    idle = sum(1 for ids in assignment.values() if not ids)
+    if idle:
+        click.echo(f"  {idle} part(s) get nothing (more parts than cases to predict)")
 
 
 @cli.command()

@@ -12,7 +12,7 @@ from launcher.cases import Case, discover_with_skipped
 from launcher.config import RunConfig
 from launcher.errors import LauncherError
 from launcher.headers import gzip_size_mismatch, gzip_stream_intact, read_header
-from launcher.scheduler import DYNAMIC_PLAN_LOOKAHEAD, Slot, make_slots, simulate_dynamic, static_parts
+from launcher.scheduler import Slot, make_slots, simulate_feeding, static_parts
 from launcher.spec import PredictSettings, WorkCase
 from launcher.stages import COMBINE_WORK_FRACTION, StagePlan, split_unit
 
@@ -64,6 +64,13 @@ class Plan:
             return dict.fromkeys(self.unit_deps)
         return {case_id: k for k, ids in self.parts.items() for case_id in ids}
 
+    def to_do(self, done: set[str]) -> dict[int, list[str]]:
+        """Each part's cases among those not done: nnU-Net's split (static), or what the
+        launcher's feeding would give each worker (dynamic, an estimate from the cases' sizes)."""
+        if self.schedule == "static":
+            return {k: [c for c in ids if c not in done] for k, ids in self.parts.items()}
+        return expected_parts({c: w for c, w in self.work.items() if c not in done}, self.slots)
+
     def to_json(self) -> dict:
         return {
             "num_parts": self.num_parts,
@@ -87,6 +94,11 @@ class Plan:
                 for s in self.slots
             ],
         }
+
+
+def expected_parts(work: dict[str, float], slots: list[Slot]) -> dict[int, list[str]]:
+    expected = simulate_feeding(work, len(slots))
+    return {slot.part_id: ids for slot, ids in zip(slots, expected, strict=True)}
 
 
 def available_cores() -> int:
@@ -139,11 +151,7 @@ def make_plan(config: RunConfig) -> Plan:
         broken = {c: why for c, why in broken.items() if c in owned}
     else:
         static = dict(enumerate(static_parts([c.id for c in cases], len(slots))))
-    if config.schedule == "dynamic":
-        expected = simulate_dynamic(work, len(slots), DYNAMIC_PLAN_LOOKAHEAD)[1]
-        parts = {slot.part_id: ids for slot, ids in zip(slots, expected, strict=True)}
-    else:
-        parts = static
+    parts = static if config.schedule == "static" else expected_parts(work, slots)
     return Plan(
         cases={c.id: c for c in cases},
         slots=slots,

@@ -105,6 +105,7 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
     launcher without --continue_prediction/--fresh, or a run with other output-changing settings
     without --fresh. Reads the journal read-only."""
     _refuse_running_neighbour(config, run_state_dir(config))
+    _refuse_uncreatable(config.output_folder)
     strays, complete = _existing_outputs(config, plan)
     path = journal_path(run_state_dir(config))
     previous, rows = None, {}
@@ -134,6 +135,18 @@ def resume_book(plan: Plan, rows: dict[str, JournalRow], strays: list[str], comp
     )
     static = plan.part_of() if plan.schedule == "static" else None
     return CaseBook.resume(plan.unit_work(), rows, facts, plan.part_of(), static, plan.unit_deps, time.time())
+
+
+def _refuse_uncreatable(out: str) -> None:
+    """OUT must be creatable where it is: `plan` says so as `run` would, writing nothing to find
+    out (the nearest folder that exists must be writable, on a filesystem mounted read-write)."""
+    path = os.path.abspath(out)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return  # config.py refuses an OUT inside a file, naming it
+    if not os.access(path, os.W_OK | os.X_OK) or os.statvfs(path).f_flag & os.ST_RDONLY:
+        raise LauncherError(f"cannot create the output folder {out!r}: {path!r} is not writable")
 
 
 def _refuse_foreign(config: RunConfig, foreign: list[str]) -> None:

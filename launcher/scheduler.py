@@ -14,7 +14,7 @@ from launcher.spec import STAGES, CaseTimes
 from launcher.stages import split_unit
 
 # cases each worker holds queued beyond the one it works on (the supervisor's top-up, plus
-# the preprocessing lookahead): the plan's estimate and the benchmark model it
+# the preprocessing lookahead): bench_schedule.py's model of it
 DYNAMIC_PLAN_LOOKAHEAD = 3
 
 
@@ -559,3 +559,32 @@ def give_back_donor(book: CaseBook, idle: Feed, askable: set[int]) -> tuple[int,
         return None
     donor = max(donors, key=lambda w: len(held[w]))
     return donor, held[donor]
+
+
+def simulate_feeding(work: dict[str, float], num_slots: int) -> list[list[str]]:
+    """The dynamic schedule as the supervisor feeds it (cases_for_new_worker, then top_up with
+    its fair share, on the case book), each case taking time in proportion to its work: the cases
+    each slot would run. `plan` shows this; a real run differs as real times differ from sizes."""
+    book = CaseBook(work, {}, {})
+    feeds = [Feed(k, None, k, False) for k in range(num_slots)]
+    held: list[deque] = [deque(cases_for_new_worker(book, f, 0.0, num_slots).cases) for f in feeds]
+    assignment: list[list[str]] = [[] for _ in range(num_slots)]
+    running: list[tuple[float, int, str]] = []
+
+    def start_next(k: int, now: float) -> None:
+        if held[k]:
+            case_id = held[k].popleft()
+            book.enter_stage(case_id, "predict", now, "sim", now)
+            heapq.heappush(running, (now + work[case_id], k, case_id))
+
+    for k in range(num_slots):
+        start_next(k, 0.0)
+    while running:
+        now, k, case_id = heapq.heappop(running)
+        book.finish(case_id, now)
+        assignment[k].append(case_id)
+        for other in range(num_slots):  # every live worker is topped up on each message
+            held[other].extend(top_up(book, feeds[other], now, num_slots).cases)
+            if not any(r[1] == other for r in running):
+                start_next(other, now)
+    return assignment

@@ -93,6 +93,12 @@ ROWS = [
         {},
         "does not follow nnU-Net's naming",
     ),
+    (
+        "every bad file name at once",
+        lambda w: [(w["inputs"] / n).write_bytes(b"") for n in ("scan.nii.gz", "x_1.nii.gz")] and _base(w),
+        {},
+        "'scan.nii.gz'; 'x_1.nii.gz' in the input folder do not follow nnU-Net's naming",
+    ),
     ("model missing", lambda w: _base(w, **{"-m": w["tmp"] / "no model"}), {}, "does not exist"),
     ("fold missing", lambda w: _base(w, **{"-f": "3"}), {}, "folds with checkpoint_final.pth: 0"),
     (
@@ -236,10 +242,16 @@ def test_a_refused_resume_writes_nothing_into_out_not_even_the_lock(world):
     assert after == before
 
 
-def test_an_output_folder_that_cannot_be_created_is_one_line_and_exit_2(world):
+def test_an_output_folder_that_cannot_be_created_is_one_line_and_exit_2_for_run_and_plan(world):
     result = cli("run", *_base(world, **{"-o": "/proc/no such process/out"}))
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "cannot create the output folder" in result.stderr
+    a_file = world["tmp"] / "a file"
+    a_file.write_text("")
+    for command in ("run", "plan"):  # plan refuses what run refuses, writing nothing to find out
+        result = cli(command, *_base(world, **{"-o": str(a_file / "out")}))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "is not a folder" in result.stderr
 
 
 # --- gzip inputs that are whole although their last trailer does not size the file ---------------

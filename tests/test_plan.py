@@ -8,12 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import cli, model_args
+from conftest import NUM_CASES, cli, model_args
 from launcher.scheduler import (
     LargestFirstQueue,
     lower_bound,
     make_slots,
     simulate_dynamic,
+    simulate_feeding,
     simulate_static,
     static_parts,
 )
@@ -97,3 +98,27 @@ def test_dynamic_beats_the_static_split_on_a_skewed_set():
     assert lower_bound(work, 2) == 34.5
     assert simulate_dynamic(work, 2, 0)[0] == 35  # one small case above the bound
     assert simulate_dynamic(work, 2, 3)[0] == 35
+
+
+def test_plan_on_more_workers_than_cases_says_in_one_line_how_many_parts_get_nothing(tiny, tmp_path):
+    args = model_args(tiny, tmp_path / "out")
+    result = cli("plan", *args, "-device", "cpu", "--workers", "64")
+    assert result.returncode == 0, result.stderr
+    part_lines = [line for line in result.stdout.splitlines() if line.startswith("  part ")]
+    assert len(part_lines) == NUM_CASES, "one line per part that gets cases"
+    assert f"  {64 - NUM_CASES} part(s) get nothing (more parts than cases to predict)" in result.stdout
+
+
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=40), st.integers(1, 6))
+def test_the_plans_dynamic_split_is_the_launchers_own_feeding_and_covers_every_case_once(sizes, slots):
+    work = {f"c{i:02d}": float(s) for i, s in enumerate(sizes)}
+    assignment = simulate_feeding(work, slots)
+    assert sorted(c for part in assignment for c in part) == sorted(work)
+    assert assignment[0][0] == min(work, key=lambda c: (-work[c], c)), "the largest case first (ties by id)"
+
+
+def test_the_first_of_two_workers_takes_only_its_fair_share_of_four_cases():
+    """The issue's example: the plan said 3 + 1 while the run did 1 + 3; both now feed the same way."""
+    work = {"a": 10.0, "b": 4.0, "c": 3.0, "d": 3.0}
+    first, second = simulate_feeding(work, 2)
+    assert first[0] == "a" and sorted(second[:3]) == ["b", "c", "d"]
