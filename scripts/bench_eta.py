@@ -1,0 +1,89 @@
+"""The ETA against the truth: a real run (real nnU-Net on the CPU, the bundled tiny model) over a
+skewed set, largest case first, with `status --json` read every half second. At the first reading
+with a quarter, half and three quarters of the cases done, the ETA it showed is set against the
+time really left until the last case was done. Also: how long the launcher took from its last
+output in place to its exit.
+
+    python scripts/bench_eta.py [--cases 24] [--workers 2] [--big-case-edge 96] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.join(os.path.dirname(sys.executable), "nnunet-launch")
+MILESTONES = (0.25, 0.5, 0.75)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=24)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--big-case-edge", type=int, default=96, help="case 0 a cube of this edge: the skew")
+    parser.add_argument("--tta", action="store_true", help="with test-time augmentation (slower)")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-eta-")
+    model, inputs, out = (os.path.join(work, name) for name in ("model", "in", "out"))
+    subprocess.run(
+        [sys.executable, os.path.join(HERE, "make_tiny_model.py"), "--model", model, "--inputs", inputs,
+         "--cases", str(args.cases), "--big-case-edge", str(args.big_case_edge)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    command = [BIN, "run", "-i", inputs, "-o", out, "-m", model, "-f", "0", "-device", "cpu"]
+    command += ["--workers", str(args.workers)] + ([] if args.tta else ["--disable_tta"])
+    started = time.time()
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    readings = []
+    while run.poll() is None:
+        time.sleep(0.5)
+        status = subprocess.run([BIN, "status", out, "--json"], capture_output=True, text=True)
+        if status.returncode in (0, 1) and status.stdout:
+            info = json.loads(status.stdout)
+            readings.append((time.time(), info["cases"]["done"], info["cases"]["total"], info.get("eta_s")))
+    exited = time.time()
+    assert run.returncode == 0, f"the run failed ({run.returncode})"
+    last_done = max(os.stat(os.path.join(out, n)).st_mtime for n in os.listdir(out) if n.endswith(".nii.gz"))
+    rows = []
+    for milestone in MILESTONES:
+        at = next(r for r in readings if r[2] and r[1] / r[2] >= milestone)
+        real = last_done - at[0]
+        error = None if at[3] is None else (at[3] - real) / real
+        rows.append({"done": f"{at[1]}/{at[2]}", "eta_s": at[3], "real_s": round(real, 1), "error": error})
+    first_eta = next((r for r in readings if r[3] is not None), None)
+    result = {
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), {os.cpu_count()} cores",
+        "date": datetime.date.today().isoformat(),
+        "cases": args.cases,
+        "workers": args.workers,
+        "big_case_edge": args.big_case_edge,
+        "tta": args.tta,
+        "run_seconds": round(exited - started, 1),
+        "first_eta_after_s": round(first_eta[0] - started, 1) if first_eta else None,
+        "milestones": rows,
+        "last_output_to_exit_s": round(exited - last_done, 2),
+    }
+    print(f"# bench_eta on {result['machine']}, {result['date']}: {args.cases} cases, {args.workers} CPU workers")
+    print("| cases done | ETA shown | really left | error |")
+    print("|---|---|---|---|")
+    for row in rows:
+        error = "—" if row["error"] is None else f"{row['error']:+.0%}"
+        print(f"| {row['done']} | {row['eta_s']} s | {row['real_s']} s | {error} |")
+    print(f"run {result['run_seconds']} s; first ETA {result['first_eta_after_s']} s after the start; "
+          f"last output to exit {result['last_output_to_exit_s']} s")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
