@@ -192,14 +192,20 @@ def _refuse_other_run(config: RunConfig, previous: dict | None) -> None:
     """OUT holds another run's outputs: refused, naming every field that differs."""
     if previous is None or config.fresh:
         return
-    old, new = RunIdentity.from_json(previous), output_identity(config)
+    refusal = identity_refusal(config.output_folder, RunIdentity.from_json(previous), output_identity(config))
+    if refusal:
+        raise LauncherError(refusal)
+
+
+def identity_refusal(out: str, old: RunIdentity, new: RunIdentity) -> str | None:
     changed = old.diff(new)
-    if changed:
-        what = "; ".join(f"{name} ({getattr(old, name)!r}, now {getattr(new, name)!r})" for name in changed)
-        raise LauncherError(
-            f"{config.output_folder!r} holds a run with a different {what}; use another output folder, "
-            "or --fresh to discard it"
-        )
+    if not changed:
+        return None
+    what = "; ".join(f"{name} ({getattr(old, name)!r}, now {getattr(new, name)!r})" for name in changed)
+    why = ""
+    if changed == ["folds"] and sorted(old.folds) == sorted(new.folds):
+        why = " (nnU-Net sums the folds' predictions in the order given, and float sums differ by order)"
+    return f"{out!r} holds a run with a different {what}{why}; use another output folder, or --fresh to discard it"
 
 
 def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, argv: list[str]) -> int:

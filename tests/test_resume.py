@@ -98,6 +98,22 @@ def test_the_run_identity_is_one_schema_every_field_present_and_one_diff():
     assert single.diff(RunIdentity.from_json({**stored, "profile": "fast", "folds": ["1"]})) == ["folds", "profile"]
 
 
+def test_folds_in_another_order_are_refused_saying_why_order_matters():
+    from launcher.config import RunIdentity
+    from launcher.runner import identity_refusal
+
+    first = RunIdentity("/m", "3d_fullres", ("0", "1"), "checkpoint_final.pth", "/in", 0.5, False, False)
+    swapped = RunIdentity.from_json({**first.to_json(), "folds": ["1", "0"]})
+    refusal = identity_refusal("OUT", first, swapped)
+    assert (
+        "different folds (('0', '1'), now ('1', '0'))" in refusal
+        and "sums the folds' predictions in the order" in refusal
+    )
+    assert identity_refusal("OUT", first, first) is None
+    other = identity_refusal("OUT", first, RunIdentity.from_json({**first.to_json(), "folds": ["2"]}))
+    assert "in the order" not in other, "another set of folds needs no word on order"
+
+
 def test_another_tools_output_for_a_new_case_is_refused_after_a_finished_run_as_on_a_first_run(tiny, tmp_path):
     """Once a journal exists, an output in OUT for a case the launcher never started is another
     tool's: refused (exit 2, nothing changed) unless --continue_prediction keeps it if it decodes."""
