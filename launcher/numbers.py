@@ -31,7 +31,7 @@ def hms(seconds: float | None) -> str:
     """h:mm:ss, or "—" when it cannot be known yet."""
     if seconds is None:
         return "—"
-    minutes, secs = divmod(round(seconds), 60)
+    minutes, secs = divmod(round(max(seconds, 0.0)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from launcher.errors import LauncherError
 from launcher.journal import Journal, lock_info
+from launcher.numbers import hms
 from launcher.outputs import journal_path, lock_path, numbered_state_dirs, state_dir, tmp_dir, write_text_atomically
 
 HTML_FILE, PNG_FILE = "report.html", "report.png"
@@ -182,11 +183,6 @@ def esc(value: object) -> str:
     """Journal text for HTML and SVG: escaped, and characters XML forbids (a traceback's terminal
     colour codes) replaced, so the SVG stays parseable."""
     return html.escape(_NOT_XML.sub("\ufffd", str(value)), quote=True)
-
-
-def hms(seconds: float) -> str:
-    seconds = int(round(max(seconds, 0.0)))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def clock(epoch: float | None) -> str:
