@@ -193,6 +193,17 @@ class Journal:
             for table in ("meta", "cases", "parts", "events", "runs", "attempts", "gpu_samples"):
                 db.execute(f"DELETE FROM {table}")
 
+    def busy(self, since: float) -> tuple[dict, dict]:
+        """Since `since` (this run's start): seconds each part's attempts spent predicting, and
+        each GPU's mean NVML utilisation % over its samples."""
+        predicting = dict(
+            self.db.execute("SELECT part, TOTAL(predict_s) FROM attempts WHERE started >= ? GROUP BY part", (since,))
+        )
+        utilisation = dict(
+            self.db.execute("SELECT gpu_uuid, AVG(util) FROM gpu_samples WHERE ts >= ? GROUP BY gpu_uuid", (since,))
+        )
+        return predicting, utilisation
+
     def run_history(self) -> list[dict]:
         """Every run on this OUT: its start, end, exit code and what its attempts came to."""
         outcomes: dict = {}

@@ -40,6 +40,11 @@ def write_summary(state: str, journal: Journal, exit_code: int, started: float, 
         "wall_seconds": round(sum(r["wall_seconds"] or 0.0 for r in runs), 2),
         **{k: sum(r[k] for r in runs) for k in ("done", "failed", "released")},
     }
+    predicting, utilisation = journal.busy(started)
+    for part in snapshot["parts"]:  # how busy each worker kept its device over this run
+        part["busy_pct"] = round(100 * predicting.get(part["part_id"], 0.0) / max(ended - started, 1e-9), 1)
+        if part["gpu_uuid"] in utilisation:
+            part["gpu_util_mean_pct"] = round(utilisation[part["gpu_uuid"]], 1)
     return write_report_files(state, snapshot, journal.case_rows(), exit_code, round(ended - started, 2), facts)
 
 
@@ -114,9 +119,13 @@ def summary_lines(
     ]
     for part in summary["parts"]:
         failed = f", {part['failed']} failed" if part.get("failed") else ""
+        busy = f", predicting {part['busy_pct']:.0f}% of the time" if part.get("busy_pct") is not None else ""
+        util = (
+            f", GPU {part['gpu_util_mean_pct']:.0f}% busy (NVML)" if part.get("gpu_util_mean_pct") is not None else ""
+        )
         lines.append(
             f"  part {part['part_id']} on {part['gpu']}: {part['done']}/{part['total']} done{failed}, "
-            f"{part['restarts']} restart(s)"
+            f"{part['restarts']} restart(s){busy}{util}"
         )
     if line := unassigned_line(summary):
         lines.append(f"  {line}")

@@ -93,6 +93,7 @@ def test_plain_output_has_a_timestamped_line_per_case_and_reports_agree(small, t
     assert summary["folds"] == ["0"] and set(summary["versions"]) == {"nnunet-launch", "nnunetv2", "torch"}
     assert summary["started"] < summary["ended"] and summary["supervisor_cpu_seconds"] > 0
     assert sum(p["done"] for p in summary["parts"]) == 6
+    assert all(0 < p["busy_pct"] <= 100 for p in summary["parts"]), "each worker's share of the run spent predicting"
     assert (state / "logs" / "supervisor.log").read_text().count("] done case_") == 6
     assert sorted(p.name for p in (state / "logs").iterdir()) == [
         "run-1.part-0.attempt-1.log",
