@@ -59,7 +59,9 @@ def test_plan_tells_what_run_would_do_on_an_existing_output_folder(tiny, tmp_pat
     text = cli("plan", *run_args(tiny, out, "--workers", "2", "--fresh")[1:]).stdout
     assert f"--fresh would delete 11 output file(s): {cases[1]}.nii.gz, " in text
     text = cli("plan", *run_args(tiny, out, "--workers", "2")[1:]).stdout
-    assert "11 already done in the output folder, 1 to predict" in text and "is an estimate" in text
+    assert "11 already done in the output folder, 1 to predict" in text and "(an estimate)" in text
+    assert "  part 0 on cpu: 1 case(s), 100% of the work" in text, "only the cases still to predict"
+    assert "1 part(s) get nothing" in text
     assert sorted(p.name for p in out.glob("case_*")) == sorted(f"{c}.nii.gz" for c in cases[1:]), "plan wrote nothing"
 
 
