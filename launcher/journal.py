@@ -302,6 +302,9 @@ class Journal:
                     (DONE, run_started),
                 )
             }
+            first_done = db.execute(
+                "SELECT ended, work FROM cases WHERE state=? AND ended >= ? ORDER BY ended LIMIT 1", (DONE, run_started)
+            ).fetchone()
             shares = numbers.stage_shares(self._recent_stage_seconds(run_started))
             working = self._working(shares)
             parts = [self._part(row, per_part, this_run, working, run_started) for row in db.execute(PARTS_SQL)]
@@ -316,7 +319,8 @@ class Journal:
         work_left = sum(left_per_part.values())
         work_done = sum(work for _, _, work in this_run.values())
         in_flight = sum(w["behind"] for w in working)
-        eta = numbers.eta_s(work_left, work_done, in_flight, working_since, now)
+        first_done = (first_done[0], first_done[1] or 0.0) if first_done else None
+        eta = numbers.eta_s(work_left, work_done, in_flight, working_since, now, first_done)
         for part in parts:  # a part's share of the overall rate; a finished part has no ETA
             left = left_per_part.get(part["part_id"], 0.0) - sum(w["behind"] for w in part["working"])
             busy = sum(1 for p in parts if p["state"] == "running") or 1

@@ -68,17 +68,21 @@ def in_flight_share(stage: str, step_done: int | None, step_total: int | None, s
 
 
 def eta_s(
-    work_left: float, work_done: float, in_flight: float, first_started: float | None, now: float
+    work_left: float, work_done: float, in_flight: float, since: float | None, now: float, first_done=None
 ) -> float | None:
     """Seconds left: the work left (voxels x channels, less what is behind the cases in flight)
-    over this run's rate since its first case started (model loading is not work), counting the
-    cases in flight by their progress. None until there is a rate to go by."""
-    if first_started is None or now - first_started < ETA_MIN_ELAPSED_S:
+    over the rate of work. The rate counts from the run's first finished case, `first_done` =
+    (when, its work): before it, workers load models and their helpers import nnU-Net, which says
+    nothing of the rest; until it is `ETA_MIN_ELAPSED_S` old, from the first case's start
+    (`since`). The cases in flight count by their progress. None until there is a rate."""
+    if first_done is not None and now - first_done[0] >= ETA_MIN_ELAPSED_S:
+        since, work_done = first_done[0], work_done - first_done[1]
+    if since is None or now - since < ETA_MIN_ELAPSED_S:
         return None
     behind = work_done + in_flight
     if behind <= 0:
         return None
-    return max(0.0, work_left - in_flight) * (now - first_started) / behind
+    return max(0.0, work_left - in_flight) * (now - since) / behind
 
 
 def rate_per_min(snapshot: dict) -> float | None:

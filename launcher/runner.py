@@ -44,9 +44,10 @@ EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug of ours; the traceback is in supe
 
 def run(config: RunConfig, argv: list[str]) -> int:
     # The supervisor spawns workers through torch.multiprocessing; importing torch takes seconds,
-    # so it runs while the input is planned and OUT is opened.
-    torch_import = threading.Thread(target=importlib.import_module, args=("torch.multiprocessing",), daemon=True)
-    torch_import.start()
+    # so it runs while the input is planned and OUT is opened; matplotlib (the run's picture at
+    # the end) likewise, so that the run's last output and its exit are not a second apart.
+    for module in ("torch.multiprocessing", "matplotlib.backends.backend_agg"):
+        threading.Thread(target=_import_quietly, args=(module,), daemon=True).start()
     plan = make_plan(config)
     view = inspect_out(config, plan)  # refusals first: exit 2 writes nothing into OUT
     state = run_state_dir(config)
@@ -77,6 +78,13 @@ def run(config: RunConfig, argv: list[str]) -> int:
         lock.release()
         if config.on_finish and exit_code is not None:
             notify_finished(config.on_finish, config.output_folder, state, exit_code)
+
+
+def _import_quietly(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pass  # said where it is needed
 
 
 def nothing_to_predict(config: RunConfig, view: OutView) -> bool:

@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,14 +44,16 @@ def main() -> None:
     command += ["--workers", str(args.workers)] + ([] if args.tta else ["--disable_tta"])
     started = time.time()
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    exit_times: list[float] = []  # the exit's own time, not when the polling loop notices it
+    threading.Thread(target=lambda: (run.wait(), exit_times.append(time.time())), daemon=True).start()
     readings = []
-    while run.poll() is None:
+    while not exit_times:
         time.sleep(0.5)
         status = subprocess.run([BIN, "status", out, "--json"], capture_output=True, text=True)
         if status.returncode in (0, 1) and status.stdout:
             info = json.loads(status.stdout)
             readings.append((time.time(), info["cases"]["done"], info["cases"]["total"], info.get("eta_s")))
-    exited = time.time()
+    exited = exit_times[0]
     assert run.returncode == 0, f"the run failed ({run.returncode})"
     last_done = max(os.stat(os.path.join(out, n)).st_mtime for n in os.listdir(out) if n.endswith(".nii.gz"))
     rows = []
