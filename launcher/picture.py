@@ -56,6 +56,13 @@ EVENT_NAMES = {
 # SVG geometry (pixels)
 LEFT, PLOT_W, RIGHT = 190, 900, 20
 TOP, LANE_H, BAR_Y, BAR_H = 26, 26, 6, 16
+ROW_H = 20  # a further row of bars in a lane (cases a worker's pipeline overlaps)
+
+
+def lane_height(lane: dict) -> int:
+    return LANE_H + (lane.get("rows", 1) - 1) * ROW_H
+
+
 GPU_H, GPU_GAP = 56, 14
 WIDTH = LEFT + PLOT_W + RIGHT
 
@@ -127,9 +134,26 @@ def read_picture(journal: Journal, source: str, live: bool) -> Picture:
     for part in {a["part"] for a in attempts} | {e["part"] for e in events}:
         if part is not None and part not in lanes:
             lanes[part] = {"part": part, "gpu": None, "gpu_uuid": None, "restarts": None}
-    return Picture(
-        source, runs, t0, t1, [lanes[k] for k in sorted(lanes)], attempts, events, samples, case_counts, part_cases
-    )
+    ordered = [lanes[k] for k in sorted(lanes)]
+    for lane in ordered:
+        lane["rows"] = stack_rows([a for a in attempts if a["part"] == lane["part"]])
+    return Picture(source, runs, t0, t1, ordered, attempts, events, samples, case_counts, part_cases)
+
+
+def stack_rows(attempts: list[dict]) -> int:
+    """Give each of a lane's attempts a row (`a["row"]`): the first row free when it was handed to
+    the worker. A worker's pipeline overlaps cases (one predicted while the next is preprocessed
+    and the last exported), so one row would hide all but the top bar. Returns the rows used."""
+    row_ends: list[float] = []
+    for a in sorted(attempts, key=lambda a: (_begin(a), a["ended"])):
+        free = next((i for i, end in enumerate(row_ends) if end <= _begin(a)), len(row_ends))
+        row_ends[free : free + 1] = [a["ended"]]
+        a["row"] = free
+    return max(len(row_ends), 1)
+
+
+def _begin(a: dict) -> float:
+    return min(a["taken"], a["started"]) if a["taken"] is not None else a["started"]
 
 
 def _rows(db: sqlite3.Connection, sql: str, args: tuple = ()) -> list[dict]:
@@ -221,7 +245,10 @@ def render_svg(picture: Picture) -> str:
         return LEFT + (min(max(t, picture.t0), picture.t1) - picture.t0) / span * PLOT_W
 
     gpus = [u for u in _gpu_order(picture) if picture.samples.get(u)]
-    lanes_bottom = TOP + LANE_H * max(len(picture.lanes), 1)
+    tops = [TOP]
+    for lane in picture.lanes:
+        tops.append(tops[-1] + lane_height(lane))
+    lanes_bottom = tops[-1] if picture.lanes else TOP + LANE_H
     gpu_top = lanes_bottom + 40
     plot_bottom = gpu_top + len(gpus) * (GPU_H + GPU_GAP) if gpus else lanes_bottom
     legend_top = plot_bottom + 34
@@ -249,7 +276,7 @@ def render_svg(picture: Picture) -> str:
         )
     out += _axis(picture, x, lanes_bottom)
     for i, lane in enumerate(picture.lanes):
-        out += _lane(picture, lane, TOP + i * LANE_H, x)
+        out += _lane(picture, lane, tops[i], x)
     for event in picture.events:  # without a part: it concerns every lane
         if event["part"] is None:
             ex = x(event["ts"])
@@ -285,29 +312,30 @@ def _lane(picture: Picture, lane: dict, y: float, x) -> list[str]:
     part = esc(lane["part"])
     out = [
         f'<g class="lane" data-part="{part}">',
-        f'<rect class="lanebg" x="{LEFT}" y="{y}" width="{PLOT_W}" height="{LANE_H}"/>',
+        f'<rect class="lanebg" x="{LEFT}" y="{y}" width="{PLOT_W}" height="{lane_height(lane)}"/>',
         f'<text x="{LEFT - 6}" y="{y + BAR_Y + BAR_H - 4}" text-anchor="end">{esc(lane_label(lane))}</text>',
     ]
     for a in picture.attempts:
         if a["part"] != lane["part"]:
             continue
         case = esc(a["case_id"])
+        bar_y = y + BAR_Y + a["row"] * ROW_H
         if a["taken"] is not None and a["taken"] < a["started"]:
             qx = x(a["taken"])
             out.append(
-                f'<rect class="queued" data-case="{case}" x="{qx:.1f}" y="{y + BAR_Y + BAR_H / 2 - 2}" '
+                f'<rect class="queued" data-case="{case}" x="{qx:.1f}" y="{bar_y + BAR_H / 2 - 2}" '
                 f'width="{max(x(a["started"]) - qx, 0.5):.1f}" height="4"/>'
             )
         for stage, start, end in stage_segments(a):
             sx = x(start)
             out.append(
                 f'<rect class="stage s-{esc(stage)}" data-case="{case}" data-stage="{esc(stage)}" x="{sx:.1f}" '
-                f'y="{y + BAR_Y}" width="{max(x(end) - sx, 0.5):.1f}" height="{BAR_H}"/>'
+                f'y="{bar_y}" width="{max(x(end) - sx, 0.5):.1f}" height="{BAR_H}"/>'
             )
         ax = x(a["started"])
         out.append(
             f'<rect class="attempt" data-case="{case}" data-part="{part}" data-outcome="{esc(a["outcome"])}" '
-            f'data-attempt="{esc(a["attempt"])}" x="{ax:.1f}" y="{y + BAR_Y}" '
+            f'data-attempt="{esc(a["attempt"])}" x="{ax:.1f}" y="{bar_y}" '
             f'width="{max(x(a["ended"]) - ax, 0.5):.1f}" height="{BAR_H}"><title>{esc(attempt_title(a))}</title></rect>'
         )
     for event in picture.events:
@@ -515,17 +543,19 @@ def render_png(picture: Picture, path: str) -> None:
     from matplotlib.ticker import FixedLocator, FuncFormatter
 
     gpus = [u for u in _gpu_order(picture) if picture.samples.get(u)]
-    n = max(len(picture.lanes), 1)
-    fig = Figure(figsize=(14, 1.5 + 0.4 * n + 1.3 * len(gpus)), dpi=100)
+    n = max(sum(lane["rows"] for lane in picture.lanes), 1)  # bar rows over all lanes
+    fig = Figure(figsize=(14, 1.5 + 0.3 * n + 1.3 * len(gpus)), dpi=100)
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2 if gpus else 1, 1, height_ratios=[n, 1.2 * len(gpus)] if gpus else [1])
     ax = fig.add_subplot(grid[0])
     rel = lambda t: t - picture.t0  # noqa: E731
-    index = {lane["part"]: i for i, lane in enumerate(picture.lanes)}
+    index, first_row = {}, 0  # each lane's first bar row, top down
+    for lane in picture.lanes:
+        index[lane["part"]], first_row = first_row, first_row + lane["rows"]
     # one collection per (lane, kind of segment): a night's thousands of bars draw in seconds
     bars: dict[tuple, list[tuple[float, float]]] = {}
     for a in picture.attempts:
-        y = index[a["part"]]
+        y = index[a["part"]] + a["row"]
         if a["taken"] is not None and a["taken"] < a["started"]:
             bars.setdefault((y, "queued"), []).append((rel(a["taken"]), a["started"] - a["taken"]))
         for stage, start, end in stage_segments(a):
@@ -549,7 +579,10 @@ def render_png(picture: Picture, path: str) -> None:
             ax.plot(rel(e["ts"]), index[e["part"]] - 0.38, markers[e["kind"]], color=EVENT_COLOURS[e["kind"]], ms=6)
     for run in picture.runs:
         ax.axvspan(rel(run["started"]), rel(run["end"]), color="#f6f8fb", zorder=0)
-    ax.set_yticks(range(len(picture.lanes)), [lane_label(lane) for lane in picture.lanes])
+    ax.set_yticks([index[lane["part"]] + (lane["rows"] - 1) / 2 for lane in picture.lanes])
+    ax.set_yticklabels([lane_label(lane) for lane in picture.lanes])
+    for lane in picture.lanes[1:]:  # a line between lanes
+        ax.axhline(index[lane["part"]] - 0.5, color="#c8ccd2", linewidth=0.8)
     ax.set_ylim(n - 0.5, -0.7)
     handles = [Patch(color=c, label=s) for s, c in STAGE_COLOURS.items()]
     handles += [

@@ -270,3 +270,17 @@ def test_without_matplotlib_only_the_html_and_it_says_why(tmp_path, monkeypatch)
     text = (state / "report.html").read_text(encoding="utf-8")
     assert "no report.png: matplotlib cannot be imported" in text
     assert len(attempts_of(svg_of(text))) == len(ATTEMPTS)
+
+
+def test_attempts_a_workers_pipeline_overlaps_get_rows_of_their_own_and_later_ones_reuse_them():
+    from launcher.picture import stack_rows
+
+    def attempt(case, taken, started, ended):
+        return {"case_id": case, "taken": taken, "started": started, "ended": ended}
+
+    lane = [attempt("a", 0, 1, 10), attempt("b", 0, 2, 12), attempt("c", 11, 11, 15), attempt("d", 12.5, 13, 14)]
+    assert stack_rows(lane) == 2
+    rows = {a["case_id"]: a["row"] for a in lane}
+    assert rows["a"] != rows["b"], "a predicts while b is preprocessed: two rows, both visible"
+    assert rows["c"] == rows["a"] and rows["d"] == rows["b"], "a row is reused once its bar ended"
+    assert stack_rows([]) == 1
