@@ -99,7 +99,10 @@ def progress_line(snapshot: dict, elapsed_s: float | None = None) -> str:
     rate = rate_per_min(snapshot)
     per = "steps" if snapshot.get("steps") else "cases"
     rate_text = f", {rate:.1f} {per}/min" if rate else ""
-    return f"{count_line(snapshot)}; ETA {hms(snapshot.get('eta_s'))}, elapsed {hms(elapsed)}{rate_text}"
+    cases = snapshot["cases"]
+    left = cases["working"] + cases["queued"] + cases["waiting"]
+    eta = f"ETA {hms(snapshot.get('eta_s'))}, " if left else ""  # a finished run has none
+    return f"{count_line(snapshot)}; {eta}elapsed {hms(elapsed)}{rate_text}"
 
 
 def stage_text(stage: str | None, progress_pct: int | None) -> str:
