@@ -3,6 +3,7 @@ no process of it survives. Real launcher processes, real nnU-Net on the CPU, rea
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -85,6 +86,11 @@ def test_sigint_stops_with_130_leaves_nothing_running_and_rerun_completes(tiny, 
     result = cli(*run_args(tiny, out, "--workers", "2"), timeout=300)
     assert result.returncode == 0, result.stderr
     assert_same_predictions(out, reference)
+    summary = json.loads((out / ".nnunet-launch" / "summary.json").read_text())
+    assert [r["exit_code"] for r in summary["runs"]] == [130, 0], "the report keeps every run"
+    totals = summary["over_all_runs"]
+    assert totals["runs"] == 2 and 0 < totals["done"] == sum(r["done"] for r in summary["runs"]) <= NUM_CASES
+    assert (out / ".nnunet-launch" / "report.html").is_file() and (out / ".nnunet-launch" / "report.png").is_file()
 
 
 def test_second_launcher_on_a_held_output_folder_is_refused_within_a_second(tiny, tmp_path, launch):

@@ -1,0 +1,36 @@
+"""numbers.py, the one place that says what the operator's numbers mean: counts in a person's
+words, the ETA's rate and its cases in flight, h:mm:ss."""
+
+from __future__ import annotations
+
+from launcher import numbers
+
+
+def test_the_eta_counts_from_the_first_finished_case_and_the_cases_in_flight_by_their_progress():
+    # nothing to go by yet: no case started, or started under ETA_MIN_ELAPSED_S ago
+    assert numbers.eta_s(100.0, 0.0, 0.0, None, 10.0) is None
+    assert numbers.eta_s(100.0, 0.0, 5.0, 8.0, 10.0) is None
+    # 10 s since the first case started, 20 units of work behind (5 of them in flight): 80 left
+    assert numbers.eta_s(100.0, 15.0, 5.0, 0.0, 10.0) == 95.0 * 10.0 / 20.0
+    # once the first finished case is 5 s old, the warm-up before it no longer counts:
+    # 30 units done, 10 of them the first case at t=20, now t=30: 20 units in 10 s
+    assert numbers.eta_s(60.0, 30.0, 0.0, 0.0, 30.0, first_done=(20.0, 10.0)) == 60.0 * 10.0 / 20.0
+    assert numbers.eta_s(60.0, 30.0, 0.0, 0.0, 22.0, first_done=(20.0, 10.0)) == 60.0 * 22.0 / 30.0
+
+
+def test_a_case_in_flight_counts_by_its_stage_and_its_sliding_window_steps():
+    shares = numbers.stage_shares({"preprocess": 1.0, "predict": 6.0, "export": 3.0})
+    assert numbers.in_flight_share("preprocess", None, None, shares) == 0.05
+    assert numbers.in_flight_share("predict", 0, 10, shares) == 0.1
+    assert abs(numbers.in_flight_share("predict", 5, 10, shares) - 0.4) < 1e-9
+    assert abs(numbers.in_flight_share("export", None, None, shares) - 0.85) < 1e-9
+    assert numbers.stage_shares({"preprocess": 0.0, "predict": 0.0, "export": 0.0}) == numbers.DEFAULT_SHARES
+
+
+def test_counts_are_in_a_persons_words_cases_first_then_steps():
+    cases = numbers.counts({"done": 2, "working": 0})
+    steps = numbers.counts({"done": 5, "working": 1})
+    snapshot = {"cases": cases, "steps": steps, "eta_s": None, "at": 0.0}
+    assert numbers.count_line(snapshot).startswith("2/2 cases done (5/6 steps), 0 failed, 0 working")
+    assert "ETA" not in numbers.progress_line(snapshot, 65.0), "nothing left of the cases: no ETA"
+    assert numbers.hms(3725.4) == "1:02:05" and numbers.hms(None) == "—" and numbers.hms(-3) == "0:00:00"
