@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from launcher.outputs import logs_dir
@@ -17,7 +18,9 @@ ON_FINISH_TIMEOUT_S = 120.0
 
 def notify_finished(command: str, out: str, state: str, exit_code: int) -> None:
     """Run `command` with /bin/sh; paths reach it as environment variables, never spliced into
-    the command line (a path with quotes or `$` stays one value)."""
+    the command line (a path with quotes or `$` stays one value). Nothing it does, prints or
+    leaves running reaches the run's exit code: its output goes to a file (a background job that
+    keeps it open cannot hold the launcher), only the shell itself is waited for."""
     env = {
         **os.environ,
         "NNUNET_LAUNCH_EXIT_CODE": str(exit_code),
@@ -28,21 +31,31 @@ def notify_finished(command: str, out: str, state: str, exit_code: int) -> None:
         "NNUNET_LAUNCH_HOST": os.uname().nodename,
     }
     try:
-        process = subprocess.Popen(
-            command, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
-        output, _ = process.communicate(timeout=ON_FINISH_TIMEOUT_S)
-        problem = f"exit code {process.returncode}" if process.returncode else None
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # its own session: the command and what it started
-        output, _ = process.communicate()
-        problem = f"still running after {ON_FINISH_TIMEOUT_S:.0f} s: killed"
-    except OSError as exc:
-        output, problem = "", str(exc)
+        with tempfile.TemporaryFile() as output:
+            process = subprocess.Popen(
+                command, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                code = process.wait(timeout=ON_FINISH_TIMEOUT_S)
+                problem = f"exit code {code}" if code else None
+            except subprocess.TimeoutExpired:
+                _kill_session(process.pid)
+                process.wait()
+                problem = f"still running after {ON_FINISH_TIMEOUT_S:.0f} s: killed"
+            output.seek(0)
+            said = output.read()[-2000:].decode(errors="replace").strip().splitlines()
+    except Exception as exc:  # noqa: BLE001 - a notification never ends the run badly
+        problem, said = f"{type(exc).__name__}: {exc}", []
     if problem:
-        last = (output or "").strip().splitlines()[-1:] or [""]
-        _log(state, f"nnunet-launch: --on-finish command failed ({problem}){': ' + last[0] if last[0] else ''}")
+        _log(state, f"nnunet-launch: --on-finish command failed ({problem})" + (f": {said[-1]}" if said else ""))
+
+
+def _kill_session(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)  # its own session: the command and what it started
+    except ProcessLookupError:
+        pass
 
 
 def _log(state: str, line: str) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import signal
 import sqlite3
 import subprocess
 from datetime import datetime
@@ -241,7 +243,7 @@ def test_status_watch_shows_each_workers_case_stage_and_window_progress_until_th
     part = next(p for p in seen["parts"] if p["current_stage"] == "predict")
     assert part["current_case"] in cases["ids"] and 0 < part["current_progress_pct"] <= 100
     watch = subprocess.run(
-        launcher_cmd("status", str(out), "--watch", "0.5"), capture_output=True, text=True, timeout=180
+        launcher_cmd("status", "--watch", "--every", "0.5", str(out)), capture_output=True, text=True, timeout=180
     )
     frames = watch.stdout.split("nnunet-launch status ")
     assert watch.returncode == 0 and len(frames) >= 3, watch.stdout[-2000:]
@@ -267,3 +269,18 @@ def test_on_finish_runs_once_with_the_exit_code_and_summary_in_its_environment_a
     assert "--on-finish command failed (exit code 5)" in result.stderr
     assert "--on-finish command failed" in (out / ".nnunet-launch" / "logs" / "supervisor.log").read_text()
     assert json.loads(summary.read_text())["exit_code"] == 1
+
+
+def test_an_on_finish_command_that_prints_bytes_and_leaves_a_job_running_changes_nothing(cases, tmp_path):
+    """Binary output, and a background job that keeps running: the run exits at once with its own
+    code (the job is ended here by its pid)."""
+    out = tmp_path / "out"
+    pid_file = tmp_path / "job.pid"
+    command = f"printf '\\377\\376'; sleep 300 & echo $! > {pid_file}"
+    try:
+        result = cli(*run_args(cases, out, "--workers", "2", "--on-finish", command), env=fake_env(tmp_path))
+        assert result.returncode == 0, result.stderr
+        assert "--on-finish" not in result.stderr, "the shell ended with 0: nothing to say"
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
