@@ -409,9 +409,10 @@ def plan(as_json, **values):
     config = build_config(values)
     the_plan = make_plan(config)
     view = inspect_out(config, the_plan)
-    to_do = len(the_plan.cases) - len(view.done)
+    broken = set(the_plan.broken) - view.done  # never predicted: not to do
+    to_do = len(the_plan.cases) - len(view.done) - len(broken)
     kept = len(view.book.verify)
-    assignment = the_plan.to_do(view.book.done)
+    assignment = the_plan.to_do(view.book.done | broken)
     work = {k: sum(the_plan.work.get(c, 0.0) for c in ids) for k, ids in assignment.items()}
     facts = {
         "model_folder": config.model.folder,
@@ -478,22 +479,18 @@ def plan(as_json, **values):
 @cli.command()
 @click.argument("output_folder")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--watch", is_flag=True, help="refresh until the run ends (or Ctrl-C)")
 @click.option(
-    "--watch",
-    "watch_every",
-    is_flag=False,
-    flag_value=2.0,
-    type=click.FloatRange(min=0.5),
-    default=None,
-    help="refresh every N seconds (default 2) until the run ends or Ctrl-C",
+    "--every", type=click.FloatRange(min=0.5), default=2.0, show_default=True, help="seconds between --watch frames"
 )
-def status(output_folder, as_json, watch_every):
+def status(output_folder, as_json, watch, every):
     """Progress of the run on OUTPUT_FOLDER (read-only; safe during a run). Exit 0 while it runs or
     when every case is predicted, 1 when cases failed or the last run stopped before the end."""
-    from launcher.status import exit_code, render_status, status_dict, watch
+    from launcher.status import exit_code, render_status, status_dict
+    from launcher.status import watch as watch_status
 
-    if watch_every is not None:
-        sys.exit(watch(output_folder, watch_every, as_json))
+    if watch:
+        sys.exit(watch_status(output_folder, every, as_json))
     info = status_dict(output_folder)
     click.echo(json.dumps(info, indent=2) if as_json else render_status(info))
     sys.exit(exit_code(info))

@@ -210,6 +210,12 @@ def _merged(states: list[tuple[str, int | None, str]], with_rows: bool) -> tuple
                 merged[block] = {k: merged.get(block, {}).get(k, 0) + v for k, v in info[block].items()}
         if info.get("eta_s") is not None:  # the nodes run at once: the last one to finish
             merged["eta_s"] = max(merged.get("eta_s") or 0, info["eta_s"])
+        # the array's clock: from its first node's first case, its cases done together
+        merged["at"] = max(merged.get("at") or 0.0, info.get("at") or 0.0)
+        merged["elapsed_s"] = max(merged.get("elapsed_s") or 0, info.get("elapsed_s") or 0) or None
+        merged["done_this_run"] = merged.get("done_this_run", 0) + info.get("done_this_run", 0)
+        if info.get("working_since") is not None:
+            merged["working_since"] = min(merged.get("working_since") or info["working_since"], info["working_since"])
         merged["parts"] += [{**p, **where} for p in info["parts"]]
         merged["failed_cases"] += [{**f, **where} for f in info["failed_cases"]]
         merged["nodes"].append(
@@ -298,6 +304,11 @@ def render_status(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _submitted_and_queued(info: dict) -> bool:
+    """A SLURM array submitted and still in the queue, no task started yet: worth watching."""
+    return bool((info.get("slurm") or {}).get("queue"))
+
+
 def watch(out: str, every_s: float, as_json: bool = False) -> int:
     """`status --watch`: the status again every `every_s` seconds, in place on a terminal (one
     frame after another elsewhere), until the launcher is no longer running or Ctrl-C. Returns
@@ -319,7 +330,7 @@ def watch(out: str, every_s: float, as_json: bool = False) -> int:
             live.start()
         else:
             print(text, flush=True)
-        while info["launcher_running"]:
+        while info["launcher_running"] or _submitted_and_queued(info):
             time.sleep(every_s)
             info, text = frame()
             if live is not None:
