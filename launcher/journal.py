@@ -74,7 +74,8 @@ ATTEMPT_COLUMNS += (*STAGE_SECONDS, "error")
 # snapshot's work and this-run queries, and prefixes every query by state.
 INDEXES = """
 DROP INDEX IF EXISTS cases_by_state;
-CREATE INDEX IF NOT EXISTS cases_by_state_ended ON cases(state, ended, part, work);
+DROP INDEX IF EXISTS cases_by_state_ended;
+CREATE INDEX IF NOT EXISTS cases_by_state_ended_seconds ON cases(state, ended, part, work, seconds);
 """
 # columns the case book may set (scheduler.CaseBook's updates)
 CASE_COLUMNS = {"state", "part", "stage", "attempts", "gpu", "started", "ended", "seconds", "error"}
@@ -176,6 +177,11 @@ class Journal:
             )
             cursor = db.execute("INSERT INTO runs (pid, started) VALUES (?, ?)", (os.getpid(), time.time()))
             return cursor.lastrowid
+
+    def last_run_ended(self) -> bool:
+        """Whether the latest run closed its books (a killed one did not write its report)."""
+        row = self.db.execute("SELECT ended FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        return row is None or row[0] is not None
 
     def run_working(self, run_id: int, since: float) -> None:
         """When the run's first case started (the ETA's rate counts from there: loading models is
@@ -297,13 +303,16 @@ class Journal:
             this_run = {
                 part: (count, last_end, work)
                 for part, count, last_end, work in db.execute(
+                    # a kept output (verified, seconds NULL) took no work: it is not this run's rate
                     "SELECT part, COUNT(*), MAX(ended), TOTAL(work) FROM cases "
-                    "WHERE state=? AND ended >= ? GROUP BY part",
+                    "WHERE state=? AND ended >= ? AND seconds IS NOT NULL GROUP BY part",
                     (DONE, run_started),
                 )
             }
             first_done = db.execute(
-                "SELECT ended, work FROM cases WHERE state=? AND ended >= ? ORDER BY ended LIMIT 1", (DONE, run_started)
+                "SELECT ended, work FROM cases WHERE state=? AND ended >= ? AND seconds IS NOT NULL ORDER BY ended "
+                "LIMIT 1",
+                (DONE, run_started),
             ).fetchone()
             shares = numbers.stage_shares(self._recent_stage_seconds(run_started))
             working = self._working(shares)
@@ -321,11 +330,14 @@ class Journal:
         in_flight = sum(w["behind"] for w in working)
         first_done = (first_done[0], first_done[1] or 0.0) if first_done else None
         eta = numbers.eta_s(work_left, work_done, in_flight, working_since, now, first_done)
-        for part in parts:  # a part's share of the overall rate; a finished part has no ETA
+        shared = per_part.get(None, {}).get("waiting", 0)  # a queue no part owns yet (dynamic schedule)
+        for part in parts:  # a part's share of the overall rate; a finished part has no ETA, and while
+            # cases wait in the shared queue nobody knows which part gets them: only the run's ETA
             left = left_per_part.get(part["part_id"], 0.0) - sum(w["behind"] for w in part["working"])
             busy = sum(1 for p in parts if p["state"] == "running") or 1
-            part["eta_s"] = None if eta is None or not part["left"] else round(eta * busy * left / max(work_left, 1e-9))
-        final = stages.get("stages", {}).get(stages.get("final_stage"))
+            known = eta is not None and part["left"] and not shared
+            part["eta_s"] = round(eta * busy * left / max(work_left, 1e-9)) if known else None
+        final = stages.pop("case_states", None)
         return {
             "at": now,
             # the cases in a person's words; a multi-stage run's steps (units of work) apart
@@ -436,7 +448,20 @@ class Journal:
         ):
             counts.setdefault(stage or final, {})[state] = count
         ordered = {stage: counts[stage] for stage in sorted(counts, key=lambda s: s == final)}  # final last
-        return {"stages": ordered, "final_stage": final}
+        return {"stages": ordered, "final_stage": final, "case_states": self._case_states(counts.get(final, {}))}
+
+    def _case_states(self, final: dict[str, int]) -> dict[str, int]:
+        """A multi-stage case's state from all its units: done or failed as its final unit
+        (`final`: the final stage's counts); else working while any unit is, queued while any
+        waits in a worker, else waiting. Only the units in flight are read (few, from the index)."""
+        working, queued = set(), set()
+        for unit, stage in self.db.execute("SELECT id, stage FROM cases WHERE state=?", (RUNNING,)):
+            (queued if stage == HELD else working).add(unit.rsplit("/", 1)[-1])
+        queued -= working
+        states = {"done": final.get("done", 0), "failed": final.get("failed", 0)}
+        states |= {"working": len(working), "queued": len(queued)}
+        states["waiting"] = sum(final.values()) - sum(states.values())
+        return states
 
     def case_rows(self) -> list[dict]:
         cursor = self.db.execute(

@@ -179,6 +179,7 @@ class CasePipeline:
 
         def on_step(done: int, total: int) -> None:
             self.feed.poll()  # answer a give-back request even during a long prediction
+            self._collect_exports()  # an export done meanwhile is placed now, not after this prediction
             now = time.monotonic()
             if now - last_report[0] >= STEP_REPORT_EVERY_S or done == total:
                 last_report[0] = now

@@ -72,6 +72,7 @@ class Plan:
         return expected_parts({c: w for c, w in self.work.items() if c not in done}, self.slots)
 
     def to_json(self) -> dict:
+        split, dynamic = self.to_do(set()), self.schedule == "dynamic"
         return {
             "num_parts": self.num_parts,
             "threads_per_worker": self.threads,
@@ -84,12 +85,8 @@ class Plan:
                     "part_id": s.part_id,
                     "gpu": s.label,
                     "gpu_uuid": s.gpu_uuid,
-                    "cases": self.parts[s.part_id],
-                    **(
-                        {"estimated_work": sum(self.work[c] for c in self.parts[s.part_id])}
-                        if self.schedule == "dynamic"
-                        else {}
-                    ),
+                    "cases": split[s.part_id],
+                    **({"estimated_work": sum(self.work[c] for c in split[s.part_id])} if dynamic else {}),
                 }
                 for s in self.slots
             ],
@@ -151,7 +148,7 @@ def make_plan(config: RunConfig) -> Plan:
         broken = {c: why for c, why in broken.items() if c in owned}
     else:
         static = dict(enumerate(static_parts([c.id for c in cases], len(slots))))
-    parts = static if config.schedule == "static" else expected_parts(work, slots)
+    parts = static if config.schedule == "static" else {}  # dynamic: Plan.to_do estimates it, for `plan`
     return Plan(
         cases={c.id: c for c in cases},
         slots=slots,

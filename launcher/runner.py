@@ -88,9 +88,10 @@ def _import_quietly(module: str) -> None:
 
 
 def nothing_to_predict(config: RunConfig, view: OutView) -> bool:
-    """Every planned unit is done and whole in OUT (and --fresh was not asked)."""
+    """Every planned unit is done and whole in OUT (and --fresh was not asked), and the last run
+    wrote its report (one killed before it gets a run that writes it, predicting nothing)."""
     book = view.book
-    return not config.fresh and bool(book.work) and len(book.done) == len(book.work)
+    return not config.fresh and view.reported and bool(book.work) and len(book.done) == len(book.work)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class OutView:
     complete: set[str]  # ... whose every output is there (with probabilities: .npz and .pkl too)
     book: CaseBook  # the case book this run starts from (CaseBook.resume of the journal, read-only)
     fresh_would_delete: list[str]  # the files --fresh would remove
+    reported: bool = False  # the last run ended and wrote its report
 
     @property
     def done(self) -> set[str]:
@@ -116,11 +118,11 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
     _refuse_uncreatable(config.output_folder)
     strays, complete = _existing_outputs(config, plan)
     path = journal_path(run_state_dir(config))
-    previous, rows = None, {}
+    previous, rows, ended = None, {}, False
     if os.path.isfile(path):
         journal = Journal.open_readonly(path)
         try:
-            previous, rows = journal.identity(), journal.book_rows()
+            previous, rows, ended = journal.identity(), journal.book_rows(), journal.last_run_ended()
         finally:
             journal.close()
     _refuse_other_run(config, previous)
@@ -129,7 +131,8 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
     fresh = _fresh_targets(config, plan, journaled_done) if config.fresh else []
     if config.fresh:
         strays, complete, rows = [], set(), {}
-    return OutView(strays, complete, resume_book(plan, rows, strays, complete), fresh)
+    reported = ended and os.path.isfile(os.path.join(run_state_dir(config), "summary.json"))
+    return OutView(strays, complete, resume_book(plan, rows, strays, complete), fresh, reported)
 
 
 def resume_book(plan: Plan, rows: dict[str, JournalRow], strays: list[str], complete: set[str]) -> CaseBook:

@@ -579,12 +579,15 @@ def simulate_feeding(work: dict[str, float], num_slots: int) -> list[list[str]]:
 
     for k in range(num_slots):
         start_next(k, 0.0)
+    idle: set[int] = set()
     while running:
         now, k, case_id = heapq.heappop(running)
         book.finish(case_id, now)
         assignment[k].append(case_id)
-        for other in range(num_slots):  # every live worker is topped up on each message
-            held[other].extend(top_up(book, feeds[other], now, num_slots).cases)
-            if not any(r[1] == other for r in running):
-                start_next(other, now)
+        idle.add(k)
+        for slot in list(idle):  # the one that finished and those with nothing (the fair share grew)
+            held[slot].extend(top_up(book, feeds[slot], now, num_slots).cases)
+            start_next(slot, now)
+            if held[slot] or book.on_worker(slot):
+                idle.discard(slot)
     return assignment

@@ -77,6 +77,8 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         from launcher.pipeline import CasePipeline
 
         os.makedirs(spec.tmp_dir, exist_ok=True)
+        # the helpers print into this worker's log and end by SIGTERM: unbuffered, nothing is lost
+        os.environ["PYTHONUNBUFFERED"] = "1"
         pipeline = CasePipeline(_backends(spec), spec.settings, spec.out_dir, spec.tmp_dir)
         conn.send(("ready",))
         pipeline.run(CaseFeed(conn, spec.cases), conn.send)
