@@ -34,3 +34,26 @@ def test_counts_are_in_a_persons_words_cases_first_then_steps():
     assert numbers.count_line(snapshot).startswith("2/2 cases done (5/6 steps), 0 failed, 0 working")
     assert "ETA" not in numbers.progress_line(snapshot, 65.0), "nothing left of the cases: no ETA"
     assert numbers.hms(3725.4) == "1:02:05" and numbers.hms(None) == "—" and numbers.hms(-3) == "0:00:00"
+
+
+def test_the_snapshot_leaves_kept_outputs_out_of_the_rate_and_gives_parts_no_eta_while_a_shared_queue_waits(tmp_path):
+    from launcher.journal import Journal
+
+    journal = Journal.open(str(tmp_path / "journal.sqlite"))
+    run = journal.start_run({}, [(0, "cpu", None), (1, "cpu", None)], dict.fromkeys("abcdef", 10.0))
+    t0 = journal.db.execute("SELECT started FROM runs").fetchone()[0]
+    journal.run_working(run, t0)
+    journal.part_worker(0, 1, "running")
+    journal.part_worker(1, 2, "running")
+    done = {"state": "done", "part": 0, "started": t0, "ended": t0 + 20, "seconds": 20.0}
+    kept = {"state": "done", "part": 1, "ended": t0 + 1, "seconds": None}  # an output verified and kept
+    working = {"state": "running", "stage": "predict", "part": 1, "started": t0 + 20}
+    journal.apply([("a", done), ("b", kept), ("c", working)])
+    snapshot = journal.snapshot(now=t0 + 30)
+    assert snapshot["done_this_run"] == 1 and snapshot["work_done_this_run"] == 10.0, "the kept one took no work"
+    assert snapshot["cases"]["waiting"] == 3 and snapshot["eta_s"] is not None
+    assert all(p["eta_s"] is None for p in snapshot["parts"]), "which part gets the waiting cases is not known"
+    journal.apply([(c, {"state": "running", "stage": "held", "part": 1}) for c in "def"])
+    parts = {p["part_id"]: p for p in journal.snapshot(now=t0 + 30)["parts"]}
+    assert parts[0]["eta_s"] is None and parts[1]["eta_s"] is not None, "a finished part has none, a busy one has"
+    journal.close()

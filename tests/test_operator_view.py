@@ -284,3 +284,16 @@ def test_an_on_finish_command_that_prints_bytes_and_leaves_a_job_running_changes
     finally:
         if pid_file.exists():
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_rerun_of_a_finished_run_that_was_killed_before_its_report_writes_the_report(cases, tmp_path):
+    out = tmp_path / "out"
+    assert cli(*run_args(cases, out, "--workers", "2"), env=fake_env(tmp_path)).returncode == 0
+    summary = out / ".nnunet-launch" / "summary.json"
+    summary.unlink()  # as if the run was killed between its last output and its report
+    again = cli(*run_args(cases, out, "--workers", "2"), env=fake_env(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert "nothing to predict" not in again.stdout and "24 already done" in again.stdout
+    assert [r["done"] for r in json.loads(summary.read_text())["runs"]] == [24, 0], "a run that predicted nothing"
+    third = cli(*run_args(cases, out, "--workers", "2"), env=fake_env(tmp_path))
+    assert third.stdout.startswith("nnunet-launch: nothing to predict: all 24 case(s) are done")
