@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 from launcher.errors import LauncherError
 
-_CHANNEL_SUFFIX_LEN = 5  # "_XXXX"
-
 
 @dataclass(frozen=True)
 class Case:

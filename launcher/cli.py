@@ -427,10 +427,7 @@ def plan(as_json, **values):
         **({"stages": stage_facts(the_plan, view)} if the_plan.stages else {}),
     }
     if as_json:
-        planned = the_plan.to_json()
-        for part in planned["parts"]:
-            part["cases"], part["estimated_work"] = assignment[part["part_id"]], work[part["part_id"]]
-        click.echo(json.dumps({**planned, **facts}, indent=2))
+        click.echo(json.dumps({**the_plan.to_json(assignment), **facts}, indent=2))
         return
     for warning in the_plan.warnings:
         click.echo(f"nnunet-launch: warning: {warning}", err=True)

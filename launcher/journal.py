@@ -331,10 +331,11 @@ class Journal:
         first_done = (first_done[0], first_done[1] or 0.0) if first_done else None
         eta = numbers.eta_s(work_left, work_done, in_flight, working_since, now, first_done)
         shared = per_part.get(None, {}).get("waiting", 0)  # a queue no part owns yet (dynamic schedule)
+        busy = sum(1 for p in parts if p["state"] == "running") or 1
         for part in parts:  # a part's share of the overall rate; a finished part has no ETA, and while
             # cases wait in the shared queue nobody knows which part gets them: only the run's ETA
-            left = left_per_part.get(part["part_id"], 0.0) - sum(w["behind"] for w in part["working"])
-            busy = sum(1 for p in parts if p["state"] == "running") or 1
+            left = left_per_part.get(part["part_id"], 0.0)
+            left -= sum(w["behind"] for w in working if w["part"] == part["part_id"])
             known = eta is not None and part["left"] and not shared
             part["eta_s"] = round(eta * busy * left / max(work_left, 1e-9)) if known else None
         final = stages.pop("case_states", None)
@@ -430,7 +431,7 @@ class Journal:
             "current_case": current["case"] if current else None,
             "current_stage": current["stage"] if current else None,
             "current_progress_pct": current["progress_pct"] if current else None,
-            "working": [w for w in working if w["part"] == part_id],
+            "working": cases,
             "rate_per_min": _rate_per_min(done_this_run, run_started, last_end),
         }
 

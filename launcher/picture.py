@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from launcher.errors import LauncherError
 from launcher.journal import Journal, lock_info
 from launcher.numbers import hms
-from launcher.outputs import journal_path, lock_path, numbered_state_dirs, state_dir, tmp_dir, write_text_atomically
+from launcher.outputs import journal_path, lock_path, tmp_dir, write_text_atomically
+from launcher.status import run_states
 
 HTML_FILE, PNG_FILE = "report.html", "report.png"
 STAGES = ("preprocess", "wait", "predict", "export")
@@ -651,17 +652,10 @@ def write_picture(state: str, journal: Journal) -> list[str]:
     return [html_path, *written]
 
 
-def journal_states(out: str) -> list[str]:
-    """The state folders on OUT with a journal: the plain run's, each SLURM node's, each
-    `-part_id k` run's (outputs.py's layout)."""
-    folders = [state_dir(out)]
-    folders += [path for _, path in numbered_state_dirs(out, "node-") + numbered_state_dirs(out, "part-")]
-    return [f for f in folders if os.path.isfile(journal_path(f))]
-
-
 def report(out: str) -> list[str]:
     """`nnunet-launch report OUT`: the picture of every run state on OUT, from read-only journals."""
-    states = journal_states(out)
+    # every run state on OUT (status's listing) that has a journal
+    states = [path for *_, path in run_states(out) if os.path.isfile(journal_path(path))]
     if not states:
         raise LauncherError(f"no launcher journal in {out!r}: was `nnunet-launch run` started with this output folder?")
     written = []

@@ -71,8 +71,8 @@ class Plan:
             return {k: [c for c in ids if c not in done] for k, ids in self.parts.items()}
         return expected_parts({c: w for c, w in self.work.items() if c not in done}, self.slots)
 
-    def to_json(self) -> dict:
-        split, dynamic = self.to_do(set()), self.schedule == "dynamic"
+    def to_json(self, split: dict[int, list[str]]) -> dict:
+        """The plan with `split` (to_do's) as each part's cases and their estimated work."""
         return {
             "num_parts": self.num_parts,
             "threads_per_worker": self.threads,
@@ -86,7 +86,7 @@ class Plan:
                     "gpu": s.label,
                     "gpu_uuid": s.gpu_uuid,
                     "cases": split[s.part_id],
-                    **({"estimated_work": sum(self.work[c] for c in split[s.part_id])} if dynamic else {}),
+                    "estimated_work": sum(self.work.get(c, 0.0) for c in split[s.part_id]),
                 }
                 for s in self.slots
             ],
@@ -161,8 +161,8 @@ def make_plan(config: RunConfig) -> Plan:
         stages=config.stages,
         # on a GPU nnU-Net itself runs torch with one thread; on the CPU each worker gets its share
         threads=1 if config.device == "cuda" else share,
-        npp=config.npp or min(share, NNUNET_DEFAULT_PROCESSES),
-        nps=config.nps or min(share, NNUNET_DEFAULT_PROCESSES),
+        npp=helper_processes(config.npp, share),
+        nps=helper_processes(config.nps, share),
     )
 
 
@@ -221,8 +221,8 @@ def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: in
     5-fold 3d_fullres whose checkpoints are 1.19 GB, benchmarks/RESULTS.md)."""
     if not plan.largest_voxels:
         return None
-    per_voxel = 4 * (num_channels * (plan.npp + 2) + 2 * num_labels * (plan.nps + 1))
-    need = len(plan.slots) * (plan.largest_voxels * per_voxel + model_bytes)
+    one = worker_host_bytes(plan.largest_voxels, num_channels, num_labels, plan.npp, plan.nps, model_bytes)
+    need = len(plan.slots) * one
     if need <= available:
         return None
     models = f" and {model_bytes / 2**30:.1f} GiB of model weights each" if model_bytes >= 2**28 else ""
@@ -231,6 +231,16 @@ def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: in
         f"largest case ({plan.largest_voxels:,} voxels){models} but {available / 2**30:.1f} GiB is free; "
         "consider fewer workers or lower -npp/-nps"
     )
+
+
+def worker_host_bytes(voxels: int, num_channels: int, num_labels: int, npp: int, nps: int, model_bytes: int) -> int:
+    """Host memory one worker needs for a case of `voxels` (see memory_warning)."""
+    return voxels * 4 * (num_channels * (npp + 2) + 2 * num_labels * (nps + 1)) + model_bytes
+
+
+def helper_processes(given: int | None, share: int) -> int:
+    """-npp/-nps: as given, else the worker's share of the cores up to nnU-Net's default."""
+    return given or min(share, NNUNET_DEFAULT_PROCESSES)
 
 
 def checkpoint_bytes(config: RunConfig) -> int:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 from launcher.cases import Case
 from launcher.config import RunConfig
 from launcher.errors import LauncherError
+from launcher.headers import read_header
 from launcher.journal import DONE, Journal, OutLock
 from launcher.outputs import (
     case_outputs,
@@ -53,7 +54,7 @@ from launcher.outputs import (
     state_dir,
     write_text_atomically,
 )
-from launcher.planning import NNUNET_DEFAULT_PROCESSES, checkpoint_bytes, survey
+from launcher.planning import checkpoint_bytes, helper_processes, worker_host_bytes
 from launcher.scheduler import static_parts
 
 ARRAY_SCRIPT = "array.sbatch"
@@ -248,11 +249,8 @@ def default_memory_gib(
     """The default --mem of a task, in whole GiB (see MIN_MEMORY_PER_WORKER). -npp/-nps are what
     the node will use: given, or what make_plan derives from the CPUs SLURM grants."""
     share = max(1, cpus_per_task // workers)
-    npp = npp or min(share, NNUNET_DEFAULT_PROCESSES)
-    nps = nps or min(share, NNUNET_DEFAULT_PROCESSES)
-    # planning.memory_warning's estimate for one worker (a test keeps the two in step)
-    per_voxel = 4 * (num_channels * (npp + 2) + 2 * num_labels * (nps + 1))
-    estimate = largest_voxels * per_voxel + model_bytes
+    npp, nps = helper_processes(npp, share), helper_processes(nps, share)
+    estimate = worker_host_bytes(largest_voxels, num_channels, num_labels, npp, nps, model_bytes)
     per_worker = max(MIN_MEMORY_PER_WORKER, estimate + (1 + npp + nps) * MEMORY_PER_PROCESS)
     return -(-workers * per_worker // 2**30)
 
@@ -261,7 +259,8 @@ def with_default_memory(job: JobSpec, config: RunConfig, cases: list[Case]) -> J
     """The job with its default --mem, unless --sbatch-arg asks for memory itself."""
     if sets_memory(job.sbatch_args):
         return job
-    largest = max(survey(cases)[1].values(), default=0)
+    # the largest case from its first channel's header (no gzip checks: run does them on the node)
+    largest = max((h.voxels for c in cases if (h := read_header(c.files[0])) is not None), default=0)
     memory = default_memory_gib(
         job.parts_per_node,
         job.cpus_per_task,

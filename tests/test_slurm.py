@@ -295,7 +295,7 @@ def test_verify_job_leaves_out_gpu_modules_and_keeps_every_other_prelude_line(sm
 
 def test_default_memory_holds_what_the_launcher_estimates_for_the_largest_case_and_its_weights():
     """The default --mem covers planning.memory_warning's estimate (so a node that has it gets no
-    warning), plus the workers' processes, to the GiB: a change to either estimate fails this."""
+    warning), plus the workers' processes, to the GiB."""
     workers, cpus, voxels, channels, labels, weights = 4, 16, 512**3, 2, 5, 3 * 2**30
     gib = jobs.default_memory_gib(workers, cpus, voxels, channels, labels, weights, None, None)
     npp = nps = 3  # 16 CPUs for 4 workers: 4 each, at most nnU-Net's default 3
