@@ -33,18 +33,12 @@ from nnunetv2.postprocessing.remove_connected_components import apply_postproces
 from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from launcher.device import Device
 from launcher.stages import load_postprocessing
 
 # bytes of float32 resampled logits per chunk of channels: bounds the export's memory whatever the
 # number of labels (nnU-Net's export holds every channel in float64 at once)
 CHUNK_BYTES = 64 * 2**20
-# free device memory kept aside when deciding what stays on the device (cuDNN workspaces, the
-# allocator's fragmentation)
-DEVICE_SLACK_BYTES = 512 * 2**20
-
-
-class DeviceOutOfMemory(Exception):
-    """A case's export does not fit on the device; it goes to the CPU instead."""
 
 
 # --- the export: resample, segment, un-crop, write ------------------------------------------------
@@ -103,11 +97,13 @@ def segment(
     label_manager,
     save_probabilities: bool,
     threads: int,
+    device: Device | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The case's segmentation (cropped, in the network's axis order) and, if asked, its
-    probabilities (float32), from logits where they are (a device tensor, or host memory)."""
+    probabilities (float32), from logits where they are: on `device` (a worker's), or in host
+    memory (None: an export helper)."""
     logits = _tensor(logits)
-    resample = _resampler(properties, configuration_manager, plans_manager, threads, logits.device)
+    resample = _resampler(properties, configuration_manager, plans_manager, threads, logits, device)
     if save_probabilities:
         return _segment_probabilities(label_manager.apply_inference_nonlin(resample(logits)), label_manager)
     chunk = _channels_per_chunk(logits.shape[0], logits.shape[1:], _out_shape(properties))
@@ -120,16 +116,16 @@ def segment(
 
 @torch.inference_mode()
 def segment_ensemble(
-    members: list[tuple], label_manager, save_probabilities: bool, threads: int
+    members: list[tuple], label_manager, save_probabilities: bool, threads: int, device: Device | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """nnUNetv2_ensemble's result without its files: each member's (logits, properties,
     configuration_manager, plans_manager) resampled to the case's shape, turned into probabilities
     (softmax, or sigmoid for regions), averaged, then segmented. A few channels at a time: a
     softmax needs every channel, so a first pass keeps each member's running maximum and sum of
     exponentials per voxel, and a second averages the probabilities chunk by chunk into a running
-    argmax. The members' logits stay where they are (all on one device)."""
+    argmax. The members' logits stay where they are (all on `device`, or all in host memory)."""
     resamplers = [
-        (logits, _resampler(props, configuration, plans, threads, logits.device))
+        (logits, _resampler(props, configuration, plans, threads, logits, device))
         for logits, props, configuration, plans in ((_tensor(m[0]), *m[1:]) for m in members)
     ]
     count, num_channels = len(members), resamplers[0][0].shape[0]
@@ -214,15 +210,18 @@ def _out_shape(properties: dict) -> list[int]:
     return [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
 
 
-def _resampler(properties: dict, configuration_manager, plans_manager, threads: int, device):
-    """Channels of this case's logits back to its shape and spacing, in float32, on `device`."""
+def _resampler(properties: dict, configuration_manager, plans_manager, threads: int, logits, device):
+    """Channels of this case's logits back to its shape and spacing, in float32, where the logits are."""
     out_shape = _out_shape(properties)
     current, target = _spacings(properties, configuration_manager, plans_manager)
     settings = resampling_settings(configuration_manager)
+    per_channel = _bytes_per_channel(logits.shape[1:], out_shape)
 
     def resample(channels: torch.Tensor) -> torch.Tensor:
+        if device is not None:
+            device.reserve(per_channel * channels.shape[0], "the export's chunk of channels")
         result = resample_torch_fornnunet(
-            channels, out_shape, current, target, is_seg=False, num_threads=threads, device=device, **settings
+            channels, out_shape, current, target, is_seg=False, num_threads=threads, device=logits.device, **settings
         )
         return result.float()  # unchanged (a shape that needs no resampling) stays in half otherwise
 
@@ -324,22 +323,13 @@ def ensemble_memory_bytes(members: list[tuple], save_probabilities: bool) -> int
     return int(single * (2 if save_probabilities else 1) + 8 * math.prod(out_shape) * len(members))
 
 
-# --- prediction on a GPU: folds summed on the device, mirrored passes batched ---------------------
-def free_device_bytes(device: torch.device) -> int | None:
-    """Free memory on a CUDA device (what the allocator holds but does not use counts as free);
-    None elsewhere: host memory is not the device's to budget."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
+# --- prediction on an accelerator: folds summed on the device, mirrored passes batched -----------
 @torch.inference_mode()
-def predict_logits(predictor, data: torch.Tensor, notes: list[str]) -> torch.Tensor:
+def predict_logits(predictor, data: torch.Tensor, notes: list[str], device: Device) -> torch.Tensor:
     """nnU-Net's predict_logits_from_preprocessed_data, with the sum of the folds kept on the
     device while it leaves room for the next fold's results (nnU-Net moves every fold's to the
     host, to be safe from running out of memory). nnU-Net's own fallback (results on the host when
-    the device runs out during a fold) still applies; a sum and a fold on different devices meet
+    the device runs out during a fold) still applies; a sum and a fold in different places meet
     on the host."""
     prediction = None
     for fold, params in enumerate(predictor.list_of_parameters):
@@ -348,17 +338,17 @@ def predict_logits(predictor, data: torch.Tensor, notes: list[str]) -> torch.Ten
         logits = predictor.predict_sliding_window_return_logits(data)
         if prediction is None:
             prediction = logits
-        elif prediction.device == logits.device:
+        elif device.holds(prediction) == device.holds(logits):
             prediction += logits
         else:
-            prediction = prediction.cpu()
-            prediction += logits.cpu()
+            prediction = device.to_host(prediction)
+            prediction += device.to_host(logits)
         del logits
         last = fold == len(predictor.list_of_parameters) - 1
-        free = free_device_bytes(prediction.device)
-        if not last and free is not None and free < 2 * prediction.nbytes + DEVICE_SLACK_BYTES:
+        free = device.free_bytes()
+        if not last and device.holds(prediction) and free < 2 * prediction.nbytes + device.slack_bytes:
             notes.append(f"folds summed on the host from fold {fold}: {free / 2**20:.0f} MiB free on the device")
-            prediction = prediction.cpu()
+            prediction = device.to_host(prediction)
     if len(predictor.list_of_parameters) > 1:
         prediction /= len(predictor.list_of_parameters)
     return prediction
@@ -369,8 +359,8 @@ class BatchedMirroring:
     batch: one forward instead of 8 (3D) or 4 (2D), the same average. When the batch does not fit
     on the device, this worker goes back to one pass at a time for good (logged once)."""
 
-    def __init__(self, predictor, one_at_a_time, notes: list[str]):
-        self.predictor, self.one_at_a_time, self.notes = predictor, one_at_a_time, notes
+    def __init__(self, predictor, one_at_a_time, notes: list[str], device: Device):
+        self.predictor, self.one_at_a_time, self.notes, self.device = predictor, one_at_a_time, notes, device
         self.batched = True
 
     @torch.inference_mode()
@@ -385,7 +375,9 @@ class BatchedMirroring:
         try:
             out = p.network(torch.cat([x, *(torch.flip(x, c) for c in combinations)]))
         except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            out = None
+        if out is None:  # out of the except block: the failed batch's activations are freed first
+            self.device.empty_cache()
             self.batched = False
             self.notes.append(
                 f"mirrored passes one at a time from now on: a batch of {len(combinations) + 1} tiles "

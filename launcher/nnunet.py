@@ -23,14 +23,10 @@ from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from launcher import fast_profile
+from launcher.device import Device, configure_process, for_worker
 from launcher.headers import gzip_stream_intact
 from launcher.spec import Combine, Failure, PredictSettings, UnreadableInput
 from launcher.stages import load_postprocessing
-
-# Tests only: "worker" makes a CPU worker of the fast profile export in its own process, as a GPU
-# worker does on its GPU; "oom" also makes that export run out of memory, as a device too small
-# for a case (the case must then export on the CPU in a helper).
-DEVICE_EXPORT_TEST_ENV = "NNUNET_LAUNCH_TEST_DEVICE_EXPORT"
 
 # CUDA errors after which the process's CUDA context is unusable (anything but out of memory).
 CUDA_CONTEXT_ERRORS = (
@@ -43,10 +39,6 @@ CUDA_CONTEXT_ERRORS = (
     "cudnn_status_execution_failed",
     "cublas_status_execution_failed",
 )
-
-
-def _host(logits) -> np.ndarray:
-    return logits.cpu().numpy() if isinstance(logits, torch.Tensor) else logits
 
 
 # --- preprocessing, in the pool's processes -------------------------------------------------
@@ -130,34 +122,32 @@ def _combine(combine: Combine, output_base: str, file_ending: str, save_probabil
 
 
 def load_backends(settings: PredictSettings) -> dict:
-    """One backend per model the worker serves, each loaded once for the worker's life."""
+    """One backend per model the worker serves, each loaded once for the worker's life, all on
+    the worker's one device."""
+    device = for_worker(settings.device)
+    configure_process(settings.threads, device.accelerator)
     if not settings.members:
-        return {None: NnunetBackend(settings, settings.model_folder)}
-    return {name: NnunetBackend(settings, folder) for name, folder in settings.members}
+        return {None: NnunetBackend(settings, settings.model_folder, device)}
+    return {name: NnunetBackend(settings, folder, device) for name, folder in settings.members}
 
 
 class NnunetBackend:
     preprocess = staticmethod(_preprocess)
     combine = staticmethod(_combine)
 
-    def __init__(self, settings: PredictSettings, model_folder: str):
-        self.settings = settings
+    def __init__(self, settings: PredictSettings, model_folder: str, device: Device):
+        self.settings, self.device = settings, device
         self.fast = settings.profile == "fast"
-        test_hook = os.environ.get(DEVICE_EXPORT_TEST_ENV, "") if self.fast else ""
-        # fast: a GPU worker exports on its GPU; a CPU worker leaves the export to its helpers
-        self.export_in_worker = self.fast and (settings.device == "cuda" or test_hook in ("worker", "oom"))
-        self.simulate_device_oom = test_hook == "oom"
+        # fast: an accelerator's worker exports on its device; a CPU worker leaves it to its helpers
+        self.export_in_worker = self.fast and device.accelerator
         self.choices: list[str] = []  # how the fast profile did the current case (the worker's log)
         self.fallbacks: list[str] = []  # what it could not do as planned (also the supervisor's log)
-        torch.set_num_threads(settings.threads)
-        if settings.device == "cuda":
-            torch.set_num_interop_threads(1)
         self.predictor = nnUNetPredictor(
             tile_step_size=settings.step_size,
             use_gaussian=True,
             use_mirroring=not settings.disable_tta,
-            perform_everything_on_device=settings.device == "cuda",
-            device=torch.device(settings.device),
+            perform_everything_on_device=device.accelerator,
+            device=device.torch,
             verbose=settings.verbose,
             verbose_preprocessing=settings.verbose,
             allow_tqdm=False,
@@ -165,12 +155,15 @@ class NnunetBackend:
         self.predictor.initialize_from_trained_model_folder(
             model_folder, [f if f == "all" else int(f) for f in settings.folds], settings.checkpoint
         )
+        device.configure_predictor(self.predictor)
         self.file_ending = self.predictor.dataset_json["file_ending"]
         self.label_manager = self.predictor.plans_manager.get_label_manager(self.predictor.dataset_json)
         self.mirroring = None
-        if self.fast and settings.device == "cuda":  # on the CPU a batch adds memory, not parallelism
+        if self.fast and device.accelerator:  # on the CPU a batch adds memory, not parallelism
             p = self.predictor
-            self.mirroring = fast_profile.BatchedMirroring(p, p._internal_maybe_mirror_and_predict, self.fallbacks)
+            self.mirroring = fast_profile.BatchedMirroring(
+                p, p._internal_maybe_mirror_and_predict, self.fallbacks, device
+            )
             p._internal_maybe_mirror_and_predict = self.mirroring
         self._count_sliding_window_steps()
 
@@ -215,12 +208,13 @@ class NnunetBackend:
             tensor = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
             if not self.fast:
                 return self.predictor.predict_logits_from_preprocessed_data(tensor).cpu().detach().numpy()
-            logits = fast_profile.predict_logits(self.predictor, tensor, self.fallbacks)
+            logits = fast_profile.predict_logits(self.predictor, tensor, self.fallbacks, self.device)
             if len(self.predictor.list_of_parameters) > 1:
-                self.choices.append(f"{len(self.predictor.list_of_parameters)} folds summed on {logits.device.type}")
+                where = self.device.describe() if self.device.holds(logits) else "the host"
+                self.choices.append(f"{len(self.predictor.list_of_parameters)} folds summed on {where}")
             if self.mirroring is not None and not self.settings.disable_tta:
                 self.choices.append(f"mirrored passes {'batched' if self.mirroring.batched else 'one at a time'}")
-            return logits if self.export_in_worker else logits.cpu().numpy()
+            return logits if self.export_in_worker else self.device.to_host(logits).numpy()
         finally:
             self.on_step = None
 
@@ -231,7 +225,7 @@ class NnunetBackend:
         that reaches us happened on that fallback too: retrying in this process would repeat it.
         A fresh worker (OOM) starts with all of its GPU memory free. Any other CUDA error leaves
         the context unusable (DEVICE)."""
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
+        if isinstance(exc, torch.OutOfMemoryError):
             return Failure.OOM
         text = str(exc).lower()
         if isinstance(exc, RuntimeError) and any(marker in text for marker in CUDA_CONTEXT_ERRORS):
@@ -240,8 +234,8 @@ class NnunetBackend:
 
     def export_job(self, logits, properties, output_base: str, save_probabilities: bool) -> tuple:
         """(function, arguments) for an export helper. Exact: nnU-Net's own export. Fast: the torch
-        export in the helper, or on a GPU worker the segmentation made here on the GPU and only its
-        writing in the helper."""
+        export in the helper, or on an accelerator the segmentation made here on the device and
+        only its writing in the helper."""
         p = self.predictor
         whole = (p.configuration_manager, p.plans_manager, p.dataset_json, output_base, save_probabilities)
         if not self.fast:
@@ -249,12 +243,11 @@ class NnunetBackend:
         if not self.export_in_worker:
             self.choices.append("export in a helper on the CPU")
             return fast_profile.export_from_logits, (logits, properties, *whole, self.settings.threads)
-        need = fast_profile.export_memory_bytes(
-            logits.shape[0],
-            logits.shape[1:],
-            properties["shape_after_cropping_and_before_resampling"],
-            save_probabilities,
-        )
+        host_job = fast_profile.export_from_logits, (self._host(logits), properties, *whole, self.settings.threads)
+        if not self.device.holds(logits):  # one core of this worker would export while the device idles
+            self.fallbacks.append("exported on the CPU in a helper: nnU-Net left the results in host memory")
+            return host_job
+        out_shape = properties["shape_after_cropping_and_before_resampling"]
         segment = partial(
             fast_profile.segment,
             logits,
@@ -264,60 +257,61 @@ class NnunetBackend:
             self.label_manager,
             save_probabilities,
             self.settings.threads,
+            self.device,
         )
-        done = self._segment_here(segment, logits.device, need)
+        need = fast_profile.export_memory_bytes(logits.shape[0], logits.shape[1:], out_shape, save_probabilities)
+        done = self._segment_here(segment, need)
         if done is None:
-            return fast_profile.export_from_logits, (_host(logits), properties, *whole, self.settings.threads)
-        args = (*done, properties, p.plans_manager, p.dataset_json, output_base)
-        return fast_profile.write_segmentation, args
+            return host_job
+        return fast_profile.write_segmentation, (*done, properties, p.plans_manager, p.dataset_json, output_base)
 
     def fused_export_job(self, predictions: list[tuple], combine: Combine, output_base: str, save: bool) -> tuple:
         """A fused ensemble (--profile fast): `predictions` holds (backend, logits, properties) per
-        member, in the ensemble's order; their average and its segmentation made here on the GPU
-        (a GPU worker), else in an export helper; then the postprocessing, in the helper."""
+        member, in the ensemble's order; their average and its segmentation made here on the
+        device (an accelerator's worker), else in an export helper; then the postprocessing, in the
+        helper."""
         members = [
             (logits, props, b.predictor.configuration_manager, b.predictor.plans_manager)
             for b, logits, props in predictions
         ]
         postprocessing = (combine.pp_pkl, combine.pp_plans_json) if combine.pp_pkl else None
         tail = (self.predictor.dataset_json, output_base, save, self.settings.threads, postprocessing)
-        devices = {logits.device for logits, *_ in members if isinstance(logits, torch.Tensor)}
-        if self.export_in_worker and len(devices) == 1:
-            segment = partial(fast_profile.segment_ensemble, members, self.label_manager, save, self.settings.threads)
-            done = self._segment_here(segment, devices.pop(), fast_profile.ensemble_memory_bytes(members, save))
+        if self.export_in_worker and all(self.device.holds(logits) for logits, *_ in members):
+            segment = partial(
+                fast_profile.segment_ensemble, members, self.label_manager, save, self.settings.threads, self.device
+            )
+            done = self._segment_here(segment, fast_profile.ensemble_memory_bytes(members, save))
             if done is not None:
                 _, properties, _, plans_manager = members[0]
                 args = (*done, properties, plans_manager, self.predictor.dataset_json, output_base, postprocessing)
                 return fast_profile.write_segmentation, args
-        elif self.export_in_worker:  # nnU-Net left a member's results on the host (out of GPU memory)
+        elif self.export_in_worker:  # nnU-Net left a member's results on the host (out of device memory)
             self.fallbacks.append("ensemble averaged on the CPU in a helper: a member's results are on the host")
         else:
             self.choices.append("ensemble averaged in a helper on the CPU")
-        host = [(_host(logits), *rest) for logits, *rest in members]
+        host = [(self._host(logits), *rest) for logits, *rest in members]
         return fast_profile.export_ensemble, (host, *tail)
 
-    def _segment_here(self, segment, device: torch.device, need: int):
-        """segment() in this process (a GPU worker's export), or None when the device lacks the
+    def _host(self, logits) -> np.ndarray:
+        return self.device.to_host(logits).numpy() if isinstance(logits, torch.Tensor) else logits
+
+    def _segment_here(self, segment, need: int):
+        """segment() in this process (an accelerator's export), or None when the device lacks the
         memory: the caller then sends the logits to an export helper (the same code on the CPU)."""
         started = time.monotonic()
-        free = fast_profile.free_device_bytes(device)
-        try:
-            if free is not None and need + fast_profile.DEVICE_SLACK_BYTES > free:
-                raise fast_profile.DeviceOutOfMemory(
-                    f"it needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free"
-                )
+        free, short = self.device.free_bytes(), None
+        if free is not None and need + self.device.slack_bytes > free:
+            short = f"it needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free"
+        else:
             try:
-                if self.simulate_device_oom:
-                    raise torch.OutOfMemoryError(f"out of memory (simulated by {DEVICE_EXPORT_TEST_ENV}=oom)")
                 done = segment()
             except torch.OutOfMemoryError as exc:
-                raise fast_profile.DeviceOutOfMemory(
-                    f"the device ran out of memory ({str(exc).splitlines()[0]})"
-                ) from None
-        except fast_profile.DeviceOutOfMemory as exc:
-            self.fallbacks.append(f"exported on the CPU in a helper: {exc}")
+                short = f"the device ran out of memory ({str(exc).splitlines()[0]})"
+        if short is not None:  # out of the except block: the failed attempt's tensors are freed first
+            self.device.empty_cache()
+            self.fallbacks.append(f"exported on the CPU in a helper: {short}")
             return None
-        self.choices.append(f"export on {device.type} in {time.monotonic() - started:.2f} s")
+        self.choices.append(f"export on {self.device.describe()} in {time.monotonic() - started:.2f} s")
         return done
 
     def read_output(self, path: str) -> None:

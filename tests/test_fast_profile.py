@@ -19,6 +19,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import make_tiny_model as tiny  # noqa: E402
 
 from launcher import fast_profile  # noqa: E402
+from launcher.device import Device  # noqa: E402
+
+CPU = Device(torch.device("cpu"))
 
 MIN_EQUAL_VOXELS = 0.998  # the README's published floor for the fast profile
 MIN_DICE = 0.99
@@ -75,19 +78,20 @@ def test_fast_profile_agrees_with_plain_nnunet_within_the_published_bounds(small
 
 
 def test_the_workers_own_export_and_its_out_of_memory_fallback_give_the_fast_outputs(small, fast_out, tmp_path):
-    """What a GPU worker does (the export in the worker, on its device), here on the CPU, with
-    probabilities; then the device out of memory for every case's export: each case exports in a
-    helper with the same code, is logged, and nothing fails."""
-    from launcher.nnunet import DEVICE_EXPORT_TEST_ENV
+    """What an accelerator's worker does (the export in the worker, on its device), here on a
+    simulated accelerator, with probabilities; then a device too small for the larger cases'
+    exports: they export in a helper with the same code, are logged, and nothing fails."""
+    from launcher.device import SIMULATED_ACCELERATOR_ENV
 
     in_worker = tmp_path / "in-worker"
     args = run_args(small, in_worker, "--profile", "fast", "--save_probabilities")
-    result = cli(*args, env={DEVICE_EXPORT_TEST_ENV: "worker"}, timeout=300)
+    result = cli(*args, env={SIMULATED_ACCELERATOR_ENV: str(2**30)}, timeout=300)
     assert result.returncode == 0, result.stderr
     fallback = tmp_path / "fallback"
-    result = cli(*run_args(small, fallback, "--profile", "fast"), env={DEVICE_EXPORT_TEST_ENV: "oom"}, timeout=300)
+    # 7 MiB: every case's prediction fits on the device, the exports of the two largest do not
+    result = cli(*run_args(small, fallback, "--profile", "fast"), env={SIMULATED_ACCELERATOR_ENV: str(7 * 2**20)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("exported on the CPU in a helper: the device ran out of memory") == len(small["ids"])
+    assert result.stdout.count("exported on the CPU in a helper: it needs about") == 2
     for case_id in small["ids"]:
         expected = _seg(fast_out / f"{case_id}.nii.gz")
         assert np.array_equal(_seg(fallback / f"{case_id}.nii.gz"), expected), case_id
@@ -100,7 +104,7 @@ def test_the_workers_own_export_and_its_out_of_memory_fallback_give_the_fast_out
         assert np.array_equal(probabilities.argmax(0), segmentation)
         assert (in_worker / f"{case_id}.pkl").is_file()
     worker_logs = "".join(p.read_text() for p in (in_worker / ".nnunet-launch" / "logs").glob("*part*.log"))
-    assert "export on cpu in" in worker_logs
+    assert "export on a simulated accelerator (1024 MiB) in" in worker_logs
 
 
 def _best(stages: dict, inputs: Path, out: Path, *extra: str) -> list[str]:
@@ -118,7 +122,7 @@ def test_fast_profile_averages_an_ensemble_in_the_worker_without_member_files(st
     worker; in the worker here through the test hook, and in an export helper as a CPU worker
     does), then postprocesses: no member unit, no .npz in between, and the result agrees with
     nnU-Net's own chain (predict --save_probabilities per member, ensemble, apply_postprocessing)."""
-    from launcher.nnunet import DEVICE_EXPORT_TEST_ENV
+    from launcher.device import SIMULATED_ACCELERATOR_ENV
 
     monkeypatch.setenv("nnUNet_results", stages["env"]["nnUNet_results"])
     helper, in_worker = tmp_path / "helper", tmp_path / "in-worker"
@@ -126,7 +130,7 @@ def test_fast_profile_averages_an_ensemble_in_the_worker_without_member_files(st
     assert result.returncode == 0, result.stderr
     assert "ensemble (averaged in the worker: --profile fast)" in result.stdout
     args = _best(stages, stages["inputs"], in_worker, "--save_probabilities")
-    result = cli(*args, env={DEVICE_EXPORT_TEST_ENV: "worker"}, timeout=600)
+    result = cli(*args, env={SIMULATED_ACCELERATOR_ENV: str(2**30)}, timeout=600)
     assert result.returncode == 0, result.stderr
     for out in (helper, in_worker):
         assert _stage_files(out) == []  # kept stages would show member files: there were none
@@ -303,7 +307,7 @@ def test_batched_mirroring_equals_nnunets_passes_one_at_a_time(two_fold_predicto
     p.network.load_state_dict(p.list_of_parameters[0])
     x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
     notes: list[str] = []
-    batched = fast_profile.BatchedMirroring(p, p._internal_maybe_mirror_and_predict, notes)
+    batched = fast_profile.BatchedMirroring(p, p._internal_maybe_mirror_and_predict, notes, CPU)
     assert torch.allclose(batched(x), p._internal_maybe_mirror_and_predict(x), atol=1e-4)
     assert batched.batched and notes == []
 
@@ -321,7 +325,7 @@ def test_batched_mirroring_out_of_memory_goes_back_to_one_pass_at_a_time(two_fol
         return network(batch)
 
     notes: list[str] = []
-    batched = fast_profile.BatchedMirroring(p, p._internal_maybe_mirror_and_predict, notes)
+    batched = fast_profile.BatchedMirroring(p, p._internal_maybe_mirror_and_predict, notes, CPU)
     monkeypatch.setattr(p, "network", small_device)
     assert torch.equal(batched(x), expected)
     assert not batched.batched and "one at a time" in notes[0]
@@ -333,5 +337,5 @@ def test_fold_sum_equals_nnunets_on_the_cpu(two_fold_predictor, monkeypatch):
     monkeypatch.setattr(p, "use_mirroring", False)  # the folds are the point here, not the mirrors
     data = torch.randn(1, 40, 36, 44, generator=torch.Generator().manual_seed(4))
     notes: list[str] = []
-    assert torch.equal(fast_profile.predict_logits(p, data, notes), p.predict_logits_from_preprocessed_data(data))
+    assert torch.equal(fast_profile.predict_logits(p, data, notes, CPU), p.predict_logits_from_preprocessed_data(data))
     assert notes == []

@@ -1,0 +1,359 @@
+"""The accelerator path, run on the CPU: real nnU-Net on a simulated accelerator (launcher.device:
+CPU tensors, a memory budget that raises torch.OutOfMemoryError past it). What a worker does on a
+GPU (results kept on the device, the export there, batched mirroring, fold sums, every
+out-of-memory fallback, several models in one worker) runs here in every CI run.
+
+`pytest -m accelerator` selects these and the other tests that run the accelerator path; with
+NNUNET_LAUNCH_TEST_REAL_ACCELERATOR=1 (scripts/gpu_check.sh) the whole runs use `-device cuda`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, assert_same_predictions, cli, model_args, run_args
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_tiny_model as tiny_model  # noqa: E402
+
+from launcher import fast_profile  # noqa: E402
+from launcher.device import (  # noqa: E402
+    SIMULATED_ACCELERATOR_DIR_ENV,
+    SIMULATED_ACCELERATOR_ENV,
+    Device,
+    SimulatedAccelerator,
+)
+from launcher.spec import Failure, PredictSettings  # noqa: E402
+
+pytestmark = pytest.mark.accelerator
+
+MiB = 2**20
+BIG = 2**30  # everything fits
+REAL = os.environ.get("NNUNET_LAUNCH_TEST_REAL_ACCELERATOR") == "1"
+
+
+def accelerator_args(data: dict, out: Path, *extra: str) -> list[str]:
+    """A run on the accelerator: the real GPU in the GPU check, else CPU workers on a simulated one."""
+    if REAL:
+        return ["run", *model_args(data, out), "-device", "cuda", "--disable_tta", *extra]
+    return run_args(data, out, *extra)
+
+
+def simulated(budget: int | str, **more: str) -> dict:
+    return {} if REAL else {SIMULATED_ACCELERATOR_ENV: str(budget), **more}
+
+
+def worker_logs(out: Path) -> str:
+    return "".join(p.read_text() for p in sorted((out / ".nnunet-launch" / "logs").glob("*part*.log")))
+
+
+# --- whole runs --------------------------------------------------------------------------------
+def test_exact_profile_on_the_accelerator_is_identical_to_plain_nnunet(small, tmp_path):
+    """Results kept on the device (nnU-Net's perform_everything_on_device), two workers."""
+    out = tmp_path / "out"
+    result = cli(*accelerator_args(small, out, "--workers", "2"), env=simulated(BIG), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert_same_predictions(out, small["reference"])
+
+
+def test_a_worker_that_runs_out_of_device_memory_restarts_and_its_case_is_predicted(small, tmp_path):
+    """The first worker's device is too small for one tile (another program holds its memory): the
+    case fails with OOM, the worker restarts with its device's memory free, and every output is
+    nnU-Net's."""
+    if REAL:
+        pytest.skip("the device's memory cannot be limited from here")
+    out, turns = tmp_path / "out", tmp_path / "turns"
+    turns.mkdir()
+    env = simulated(f"{int(1.5 * MiB)},{BIG}", **{SIMULATED_ACCELERATOR_DIR_ENV: str(turns)})
+    result = cli(*run_args(small, out, "--workers", "1"), env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert_same_predictions(out, small["reference"])
+    supervisor = (out / ".nnunet-launch" / "logs" / "supervisor.log").read_text()
+    assert "prediction failed: OutOfMemoryError: simulated accelerator out of memory: a forward pass" in supervisor
+    assert "(will retry alone in a new worker" in supervisor
+    assert sorted(p.name for p in (out / ".nnunet-launch" / "logs").glob("*part*.log")) == [
+        "run-1.part-0.attempt-1.log",
+        "run-1.part-0.attempt-2.log",
+    ]
+
+
+def test_tight_device_memory_falls_back_stage_by_stage_and_still_gives_the_fast_outputs(small, tmp_path):
+    """A device of 3.5 MiB (1.3 MiB of weights): the largest case's forward does not fit beside its
+    results (nnU-Net redoes it with results on the host, and a helper exports them), some cases'
+    exports do not fit (a helper exports them), the smallest export fits. Every output is the fast
+    profile's (batched mirroring's fallback: test_batched_mirroring_that_does_not_fit_...)."""
+    from test_fast_profile import MIN_EQUAL_VOXELS, RESAMPLED, _seg
+
+    if REAL:
+        pytest.skip("the device's memory cannot be limited from here")
+    out = tmp_path / "out"
+    result = cli(*run_args(small, out, "--profile", "fast", "--workers", "2"), env=simulated(int(3.5 * MiB)))
+    assert result.returncode == 0, result.stderr
+    logs = worker_logs(out)
+    assert "Prediction on device was unsuccessful" in logs
+    assert "exported on the CPU in a helper: nnU-Net left the results in host memory" in result.stdout
+    assert "exported on the CPU in a helper: it needs about" in result.stdout
+    assert "export on a simulated accelerator (4 MiB)" in logs
+    for case_id in small["ids"]:
+        plain, fast = _seg(small["reference"] / f"{case_id}.nii.gz"), _seg(out / f"{case_id}.nii.gz")
+        assert np.array_equal(plain, fast) if case_id not in RESAMPLED else np.mean(plain == fast) >= MIN_EQUAL_VOXELS
+
+
+def test_best_on_the_accelerator_matches_nnunets_own_chain(stages, manual, tmp_path, monkeypatch):
+    """`run --best` (2d + 3d_fullres, ensembled and postprocessed): every worker loads both models
+    on its device (torch's inter-op threads are set once per process, not once per model)."""
+    monkeypatch.setenv("nnUNet_results", stages["env"]["nnUNet_results"])
+    out = tmp_path / "out"
+    device = ["-device", "cuda"] if REAL else ["-device", "cpu", "--workers", "2"]
+    args = ["run", "-i", str(stages["inputs"]), "-o", str(out), "-d", "998", "--best", *device]
+    result = cli(*args, "--disable_tta", "-npp", "1", "-nps", "1", env=simulated(BIG), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert_same_predictions(out, manual / "postprocessed")
+
+
+def test_a_cascade_on_the_accelerator_matches_nnunets_own_chain(stages, manual, tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", stages["env"]["nnUNet_results"])
+    out = tmp_path / "out"
+    device = ["-device", "cuda"] if REAL else ["-device", "cpu", "--workers", "2"]
+    args = ["run", "-i", str(stages["inputs"]), "-o", str(out), "-d", "998", "-c", "3d_cascade_fullres", *device]
+    result = cli(*args, "-f", "0", "--disable_tta", "-npp", "1", "-nps", "1", env=simulated(BIG), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert_same_predictions(out, manual / "cascade")
+
+
+def test_a_worker_serving_three_models_starts_on_the_accelerator(tiny, tmp_path):
+    """A worker loads every member of a multi-stage run; on an accelerator each used to set torch's
+    inter-op threads again, which torch refuses once set (the worker died before "ready")."""
+    code = (
+        "import sys\n"
+        "from launcher.nnunet import load_backends\n"
+        "from launcher.spec import PredictSettings\n"
+        f"settings = PredictSettings(model_folder='', folds=('0',), checkpoint='checkpoint_final.pth', "
+        f"step_size=0.5, disable_tta=True, verbose=False, save_probabilities=False, device=sys.argv[1], "
+        f"threads=1, npp=1, nps=1, members=tuple((m, sys.argv[2]) for m in 'abc'))\n"
+        "backends = load_backends(settings)\n"
+        "print(sorted(backends), {b.device.describe() for b in backends.values()})\n"
+    )
+    device = "cuda" if REAL else "cpu"
+    result = subprocess.run(
+        [sys.executable, "-c", code, device, str(tiny["model"])],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **simulated(BIG)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "['a', 'b', 'c']" in result.stdout
+
+
+# --- the decisions, in this process (real nnU-Net, one case at a time) -------------------------
+def _settings(folder: Path, profile: str, tta: bool = False, folds=("0",)) -> PredictSettings:
+    return PredictSettings(
+        model_folder=str(folder),
+        folds=folds,
+        checkpoint="checkpoint_final.pth",
+        step_size=0.5,
+        disable_tta=not tta,
+        verbose=False,
+        save_probabilities=False,
+        device="cpu",
+        threads=1,
+        npp=1,
+        nps=1,
+        profile=profile,
+    )
+
+
+def _backend(folder: Path, device, profile="fast", **kwargs):
+    from launcher.nnunet import NnunetBackend
+
+    return NnunetBackend(_settings(folder, profile, **kwargs), str(folder), device)
+
+
+def _prepared(backend, files: list[Path]):
+    from launcher import nnunet
+
+    init, args = backend.preprocess_initializer({None: backend})
+    init(*args)
+    return nnunet._preprocess(None, tuple(str(f) for f in files), None)
+
+
+@pytest.fixture(scope="module")
+def two_folds(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("accelerator-two-folds") / "model"
+    torch.set_num_threads(1)
+    tiny_model.make_model(str(folder), folds=(0, 1))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def case_001(tiny):
+    """61x49x57 voxels, no resampling: results 1.9 MiB on the device, export 7.8 MiB."""
+    return [tiny["inputs"] / "case_001_0000.nii.gz"]
+
+
+def _host_prediction(folder: Path, files, **kwargs) -> torch.Tensor:
+    backend = _backend(folder, Device(torch.device("cpu")), profile="exact", **kwargs)
+    data, _ = _prepared(backend, files)
+    return torch.from_numpy(backend.predict("c", data, None)).float()
+
+
+def test_exact_prediction_on_the_accelerator_equals_the_cpus_bit_for_bit(tiny, case_001):
+    device = SimulatedAccelerator(BIG)
+    backend = _backend(tiny["model"], device, profile="exact")
+    data, _ = _prepared(backend, case_001)
+    logits = backend.predict("c", data, None)
+    assert isinstance(logits, np.ndarray)
+    assert np.array_equal(logits, _host_prediction(tiny["model"], case_001).numpy())
+    assert device.used == device._weights.nbytes  # the results went to the host
+
+
+def test_batched_mirroring_that_does_not_fit_goes_back_to_single_passes_once_the_failed_batch_is_freed(tiny, case_001):
+    """6 MiB: the case's results (1.9 MiB) and one tile's forward (0.5 MiB) fit beside the weights,
+    a batch of 8 mirrored tiles (4 MiB) does not. The failed batch held what was free while its
+    error lived: a fallback inside the `except` block ran out of memory again."""
+    device = SimulatedAccelerator(6 * MiB)
+    backend = _backend(tiny["model"], device, tta=True)
+    data, _ = _prepared(backend, case_001)
+    logits = backend.predict("c", data, None)
+    assert device.holds(logits) and not backend.mirroring.batched
+    assert backend.fallbacks == [
+        "mirrored passes one at a time from now on: a batch of 8 tiles does not fit on the device"
+    ]
+    expected = _host_prediction(tiny["model"], case_001, tta=True)
+    assert torch.allclose(logits.float(), expected, atol=2e-3)
+    assert np.array_equal(logits.argmax(0).numpy(), expected.argmax(0).numpy())
+
+
+def test_results_nnunet_leaves_on_the_host_are_exported_by_a_helper_not_the_worker(tiny, case_001, tmp_path):
+    """3 MiB: the results arrays do not fit beside the weights; nnU-Net redoes the case with its
+    results on the host. Their export goes to a helper: in the worker it would run on one core
+    while the device idles."""
+    device = SimulatedAccelerator(3 * MiB)
+    backend = _backend(tiny["model"], device)
+    data, properties = _prepared(backend, case_001)
+    logits = backend.predict("c", data, None)
+    assert not device.holds(logits)
+    function, args = backend.export_job(logits, properties, str(tmp_path / "c"), False)
+    assert function is fast_profile.export_from_logits and isinstance(args[0], np.ndarray)
+    assert backend.fallbacks == ["exported on the CPU in a helper: nnU-Net left the results in host memory"]
+    assert np.array_equal(args[0], _host_prediction(tiny["model"], case_001).numpy())
+
+
+def test_the_export_runs_on_the_device_and_its_result_equals_the_helpers(tiny, case_001, tmp_path):
+    device = SimulatedAccelerator(BIG)
+    backend = _backend(tiny["model"], device)
+    data, properties = _prepared(backend, case_001)
+    logits = backend.predict("c", data, None)
+    function, args = backend.export_job(logits, properties, str(tmp_path / "c"), False)
+    assert function is fast_profile.write_segmentation
+    assert backend.choices[-1].startswith("export on a simulated accelerator (1024 MiB) in")
+    p = backend.predictor
+    on_host = fast_profile.segment(
+        device.to_host(logits).numpy(),
+        properties,
+        p.configuration_manager,
+        p.plans_manager,
+        backend.label_manager,
+        False,
+        1,
+    )
+    assert np.array_equal(args[0], on_host[0])
+    function(*args)
+    assert (tmp_path / "c.nii.gz").is_file()
+
+
+def test_an_export_that_runs_out_of_memory_at_a_chunk_goes_to_a_helper_and_frees_the_device(
+    tiny, case_001, tmp_path, monkeypatch
+):
+    """The estimate said it fits (here: made to say so), the first chunk did not: the case is
+    exported by a helper, and the device holds only what it held before the attempt."""
+    device = SimulatedAccelerator(6 * MiB)
+    backend = _backend(tiny["model"], device)
+    data, properties = _prepared(backend, case_001)
+    logits = backend.predict("c", data, None)
+    before = device.used
+    monkeypatch.setattr(fast_profile, "export_memory_bytes", lambda *args: 0)
+    function, args = backend.export_job(logits, properties, str(tmp_path / "c"), False)
+    assert function is fast_profile.export_from_logits
+    assert backend.fallbacks[-1].startswith(
+        "exported on the CPU in a helper: the device ran out of memory (simulated accelerator out of memory: "
+        "the export's chunk of channels"
+    )
+    assert device.used == before
+
+
+def test_folds_are_summed_on_the_device_while_the_next_fold_fits(two_folds, case_001):
+    device = SimulatedAccelerator(BIG)
+    backend = _backend(two_folds, device, folds=("0", "1"))
+    data, _ = _prepared(backend, case_001)
+    logits = backend.predict("c", data, None)
+    assert device.holds(logits) and backend.choices == ["2 folds summed on a simulated accelerator (1024 MiB)"]
+    expected = _host_prediction(two_folds, case_001, folds=("0", "1"))
+    assert torch.allclose(logits.float(), expected, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "budget, moved_by",
+    [(4.2, "the launcher"), (4.5, "nnU-Net")],
+    ids=["the sum moves before the next fold", "the next fold's results go to the host"],
+)
+def test_the_fold_sum_meets_the_next_fold_on_the_host_when_both_do_not_fit(
+    two_folds, case_001, capsys, budget, moved_by
+):
+    """One fold's results (1.9 MiB) and a tile's forward fit beside the weights (1.3 MiB), a kept
+    sum and the next fold's do not. At 4.2 MiB the launcher sees it coming and moves the sum to
+    the host; at 4.5 MiB its estimate says it fits, the next fold's forward runs out of memory, and
+    nnU-Net redoes that fold with its results on the host."""
+    device = SimulatedAccelerator(int(budget * MiB))
+    backend = _backend(two_folds, device, folds=("0", "1"))
+    data, _ = _prepared(backend, case_001)
+    capsys.readouterr()
+    logits = backend.predict("c", data, None)
+    assert not device.holds(logits) and backend.choices == ["2 folds summed on the host"]
+    if moved_by == "the launcher":
+        assert backend.fallbacks[0].startswith("folds summed on the host from fold 0:")
+    else:
+        assert backend.fallbacks == [] and "Moving results arrays to CPU" in capsys.readouterr().out
+    expected = _host_prediction(two_folds, case_001, folds=("0", "1"))
+    assert torch.allclose(logits.float(), expected, atol=2e-3)
+    del logits
+    assert device.used == device._weights.nbytes  # nothing left on the device after the case
+
+
+def test_a_device_too_small_for_one_tile_fails_the_case_as_out_of_memory(tiny, case_001):
+    device = SimulatedAccelerator(int(1.5 * MiB))
+    backend = _backend(tiny["model"], device)
+    data, _ = _prepared(backend, case_001)
+    with pytest.raises(torch.OutOfMemoryError) as error:
+        backend.predict("c", data, None)
+    assert backend.prediction_error_kind(error.value) is Failure.OOM
+    del error
+    assert device.used == device._weights.nbytes
+
+
+def test_the_simulated_device_accounts_results_while_any_view_of_them_lives():
+    device = SimulatedAccelerator(10 * MiB)
+    kept = device._keep(torch.zeros(MiB // 4))  # 1 MiB
+    view = kept[10:]
+    del kept
+    assert device.used == MiB and device.holds(view) and device.free_bytes() == 9 * MiB
+    host = device.to_host(view)
+    assert not device.holds(host) and torch.equal(host, view)
+    del view
+    assert device.used == 0
+    with pytest.raises(torch.OutOfMemoryError, match="needs 11.0 MiB, 10.0 MiB free"):
+        device.reserve(11 * MiB, "a test")
+    try:
+        device.reserve(11 * MiB, "a forward pass", partial=True)
+    except torch.OutOfMemoryError:
+        assert device.free_bytes() == 0  # the failed forward's first layers, while its error lives
+    assert device.free_bytes() == 10 * MiB
+    assert json.dumps(device.describe()) == '"a simulated accelerator (10 MiB)"'
