@@ -135,9 +135,9 @@ def test_a_worker_serving_three_models_starts_on_the_accelerator(tiny, tmp_path)
         "import sys\n"
         "from launcher.nnunet import load_backends\n"
         "from launcher.spec import PredictSettings\n"
-        f"settings = PredictSettings(model_folder='', folds=('0',), checkpoint='checkpoint_final.pth', "
-        f"step_size=0.5, disable_tta=True, verbose=False, save_probabilities=False, device=sys.argv[1], "
-        f"threads=1, npp=1, nps=1, members=tuple((m, sys.argv[2]) for m in 'abc'))\n"
+        "settings = PredictSettings(model_folder='', folds=('0',), checkpoint='checkpoint_final.pth', "
+        "step_size=0.5, disable_tta=True, verbose=False, save_probabilities=False, device=sys.argv[1], "
+        "threads=1, npp=1, nps=1, members=tuple((m, sys.argv[2]) for m in 'abc'))\n"
         "backends = load_backends(settings)\n"
         "print(sorted(backends), {b.device.describe() for b in backends.values()})\n"
     )
