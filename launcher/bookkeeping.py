@@ -41,6 +41,7 @@ class Bookkeeper:
         self.host_rests = 0  # times the host ran out of memory (each rest is longer)
         self.unwritten: list = []  # the book's updates not yet in the journal (see write)
         self.stop_reason: str | None = None  # why the run stops early (disk full, journal unwritable)
+        self.unloadable: str | None = None  # the loader's error once a worker found the model cannot load
         predicted = {c: s for c, s in journal.done_seconds().items() if not self.combination(c)}
         self.seconds_per_work = _slowest_rate(predicted, book.work)
         self.intermediates = IntermediateFiles(plan.stages, book.done) if plan.stages else None
@@ -161,6 +162,9 @@ class Bookkeeper:
         if verdict.deferred:
             self.write(self.book.release([verdict.deferred], defer=True))
         self.write(self.book.release(verdict.released, solo=handle.solo and not verdict.charged))
+        if verdict.fails_rest:
+            self._model_cannot_load(handle, reason)
+            return
         rest = self.health.death(slot.device_key, verdict.charged, verdict.suspect_device, now)
         restarts = self.journal.part_restarted(slot.part_id)
         who = handle.slot_name()  # deaths, restarts and giving up are the slot's, also on another part's cases
@@ -182,6 +186,21 @@ class Bookkeeper:
         since = f"{state.deaths_since_finished}/{self.config.max_restarts} since the last finished case"
         counted = "" if verdict.charged else f" ({since})"
         self.log(f"[{who}] worker died ({reason}){whose}; restart {restarts}{when}{counted}")
+
+    def _model_cannot_load(self, handle: WorkerHandle, error: str) -> None:
+        """Every worker would fail to load the model as this one did: none starts again, and what is
+        left fails with the loader's error (a worker that loaded it before finishes what it holds)."""
+        self.event("worker_died", handle.slot.part_id, None, f"on {handle.slot.label}: {error}")
+        self.journal.part_worker(handle.slot.part_id, None, "gave up")
+        if self.unloadable is None:
+            self.unloadable = error
+            self.log(
+                f"[{handle.slot_name()} {handle.slot.label}] {error} (on the CPU too: the model's fault, nothing "
+                "charged, the device not suspected); no worker starts again"
+            )
+        for state in self.slots.values():
+            state.gave_up = True
+        self.fail_leftovers()
 
     def _rest_host(self, now: float, reason: str) -> None:
         """The host ran out of memory: every part waits before its next worker (the more often, the
@@ -208,12 +227,13 @@ class Bookkeeper:
         self.event("gave_up", slot_part, None, why)
 
     def fail_leftovers(self) -> None:
-        """Every slot gave up: what is still queued cannot be predicted in this run."""
+        """Every slot gave up (or the model cannot load): what is queued cannot be predicted in this run."""
         keys = self.book.queued_keys()
         if not keys:
             return
         left = self.book.queued(any_key=True)
-        why = f"not predicted: every worker that could run it gave up (--max-restarts {self.config.max_restarts})"
+        why = f"every worker that could run it gave up (--max-restarts {self.config.max_restarts})"
+        why = f"not predicted: {self.unloadable or why}"
         self.write(self.book.fail_queued(keys, why, time.time()))
         self.log(f"nnunet-launch: {left} case(s) {why}")
 

@@ -402,13 +402,17 @@ def verify(num_nodes, parts_per_node, **values):
 def plan(as_json, **values):
     """Dry run: what `run` would do with the same arguments (the parts, their GPUs and cases,
     what OUT already holds); it refuses what `run` refuses; starts nothing, writes nothing."""
+    from launcher.model_check import ModelCheck, Models
     from launcher.planning import make_plan
     from launcher.runner import FRESH_NAMES_SHOWN, describe_fresh, inspect_out, nothing_to_predict, stage_facts
     from launcher.stages import describe_stages
 
     config = build_config(values)
-    the_plan = make_plan(config)
-    view = inspect_out(config, the_plan)
+    with ModelCheck(Models.of_config(config)) as model:  # as `run`: it loads while the input is planned
+        the_plan = make_plan(config)
+        view = inspect_out(config, the_plan)
+        if not nothing_to_predict(config, view):
+            model.wait()
     broken = set(the_plan.broken) - view.done  # never predicted: not to do
     to_do = len(the_plan.cases) - len(view.done) - len(broken)
     kept = len(view.book.verify)
@@ -456,6 +460,12 @@ def plan(as_json, **values):
         f"{the_plan.num_parts} part(s); per worker {the_plan.threads} torch thread(s), "
         f"npp={the_plan.npp}, nps={the_plan.nps}"
     )
+    if the_plan.device_bytes_per_worker:
+        extra = " (--profile fast: mirrored batches, fold sums and the export on the device)"
+        click.echo(
+            f"GPU memory per worker: about {the_plan.device_bytes_per_worker / 2**30:.1f} GiB, a rough estimate"
+            + (extra if config.profile == "fast" else "")
+        )
     if the_plan.schedule == "dynamic":
         click.echo(
             "dynamic schedule: idle workers take the largest case left; the split below is the launcher's own "

@@ -19,6 +19,8 @@ NNUNET_LAUNCH_TEST_FAULTS is a JSON object {case id: fault}; a fault "name" fire
   cuda_error    the prediction raises a CUDA error that breaks the context
   disk_full     the export fails with ENOSPC
 NNUNET_LAUNCH_TEST_CASE_S: seconds each prediction takes (default 0.05).
+NNUNET_LAUNCH_TEST_MODEL_LOADS: the model loads this many times (counted under the fault dir), then
+its checkpoint is gone: a model that broke after the launcher's check (see model_check.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ BACKEND_ENV = "NNUNET_LAUNCH_TEST_BACKEND"
 FAULTS_ENV = "NNUNET_LAUNCH_TEST_FAULTS"
 FAULT_DIR_ENV = "NNUNET_LAUNCH_TEST_FAULT_DIR"
 CASE_SECONDS_ENV = "NNUNET_LAUNCH_TEST_CASE_S"
+MODEL_LOADS_ENV = "NNUNET_LAUNCH_TEST_MODEL_LOADS"
 STEPS = 5
 
 
@@ -119,6 +122,21 @@ def _no_init() -> None:
     pass
 
 
+def load_model(model_folder: str) -> dict:
+    """The stand-in's model: its dataset.json, unless the test's model broke (MODEL_LOADS_ENV)."""
+    allowed = os.environ.get(MODEL_LOADS_ENV)
+    if allowed is not None:
+        with open(os.path.join(os.environ[FAULT_DIR_ENV], "model.loads"), "a+") as f:
+            f.seek(0)
+            loads = len(f.read().splitlines())
+            f.write(f"{os.getpid()}\n")
+        if loads >= int(allowed):
+            checkpoint = os.path.join(model_folder, "fold_0", "checkpoint_final.pth")
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), checkpoint)
+    with open(os.path.join(model_folder, "dataset.json")) as f:
+        return json.load(f)
+
+
 def load_backends(settings: PredictSettings) -> dict:
     if not settings.members:
         return {None: FakeBackend(settings, settings.model_folder)}
@@ -132,8 +150,7 @@ class FakeBackend:
     fallbacks: list[str] = []
 
     def __init__(self, settings: PredictSettings, model_folder: str):
-        with open(os.path.join(model_folder, "dataset.json")) as f:
-            self.file_ending = json.load(f)["file_ending"]
+        self.file_ending = load_model(model_folder)["file_ending"]
         self.case_seconds = float(os.environ.get(CASE_SECONDS_ENV, "0.05"))
 
     @staticmethod

@@ -62,6 +62,7 @@ class Rule:
     stops_run: bool = False  # nobody's fault here: the run stops, the next run resumes
     counts_restart: bool = True  # counts toward --max-restarts (a part gives up after too many)
     rests_host: bool = False  # every part on this host waits before its next worker
+    fails_rest: bool = False  # no worker on any device can run a case: none starts again, what is left fails
 
 
 FAILURE_RULES: dict[Failure, Rule] = {
@@ -82,6 +83,8 @@ FAILURE_RULES: dict[Failure, Rule] = {
     Failure.KILLED: Rule(BLAME, NEVER, fresh_worker=True, retry_alone=True, counts_restart=False),
     Failure.RESTART: Rule(NOBODY, NEVER, fresh_worker=True, retry_alone=False, counts_restart=False),
     Failure.INTERRUPTED: Rule(NOBODY, NEVER, fresh_worker=True, retry_alone=False, counts_restart=False),
+    # the model's fault: every worker would fail the same way, so the run ends now with its error
+    Failure.MODEL: Rule(NOBODY, NEVER, fresh_worker=True, retry_alone=False, counts_restart=False, fails_rest=True),
 }
 
 
@@ -152,6 +155,7 @@ class DeathVerdict:
     suspect_device: bool
     counts_restart: bool
     rests_host: bool
+    fails_rest: bool
 
 
 def judge_death(
@@ -180,14 +184,16 @@ def judge_death(
         or (rule.suspect_device == UNEXPLAINED and unexplained),
         counts_restart=verdict.charged is None and rule.counts_restart,
         rests_host=rule.rests_host,
+        fails_rest=rule.fails_rest,
     )
 
 
 @dataclass
 class DeviceHealth:
-    """A device is suspected for deaths no case explains (start-up, model load, CUDA errors), or
-    for deaths of isolated cases that differ, with no finished case in between. Suspicion is a
-    rest that doubles each time, never a verdict: the device gets a new worker afterwards."""
+    """A device is suspected for deaths no case explains (start-up, CUDA errors; never a model that
+    cannot load anywhere: Failure.MODEL), or for deaths of isolated cases that differ, with no
+    finished case in between. Suspicion is a rest that doubles each time, never a verdict: the
+    device gets a new worker afterwards."""
 
     faults: dict[str, int] = field(default_factory=dict)
     isolated_deaths: dict[str, set[str]] = field(default_factory=dict)

@@ -16,6 +16,7 @@ import psutil
 from launcher.config import RunConfig, RunIdentity, output_identity, run_state_dir
 from launcher.errors import LauncherError
 from launcher.journal import DONE, Journal, JournalRow, JournalWriteError, OutLock, lock_holder
+from launcher.model_check import ModelCheck, Models
 from launcher.notify import notify_finished
 from launcher.outputs import (
     case_outputs,
@@ -48,14 +49,16 @@ def run(config: RunConfig, argv: list[str]) -> int:
     # the end) likewise, so that the run's last output and its exit are not a second apart.
     for module in ("torch.multiprocessing", "matplotlib.backends.backend_agg"):
         threading.Thread(target=_import_quietly, args=(module,), daemon=True).start()
-    plan = make_plan(config)
-    view = inspect_out(config, plan)  # refusals first: exit 2 writes nothing into OUT
-    state = run_state_dir(config)
-    if nothing_to_predict(config, view):  # a rerun of a finished OUT: no run, its report stays
-        summary = os.path.join(state, "summary.json")
-        print(f"nnunet-launch: nothing to predict: all {len(plan.cases)} case(s) are done in {config.output_folder} "
-              f"(the last run's report: {summary})")  # fmt: skip
-        return 0
+    with ModelCheck(Models.of_config(config)) as model:  # loads in a child while the input is planned
+        plan = make_plan(config)
+        view = inspect_out(config, plan)  # refusals first: exit 2 writes nothing into OUT
+        state = run_state_dir(config)
+        if nothing_to_predict(config, view):  # a rerun of a finished OUT: no run, its report stays
+            summary = os.path.join(state, "summary.json")
+            print(f"nnunet-launch: nothing to predict: all {len(plan.cases)} case(s) are done in "
+                  f"{config.output_folder} (the last run's report: {summary})")  # fmt: skip
+            return 0
+        model.wait()  # a model that cannot load is refused before any worker starts
     try:
         os.makedirs(state, exist_ok=True)
     except OSError as exc:

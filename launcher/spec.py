@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 STAGES = ("preprocess", "predict", "export")
+# --profile fast: bytes of float32 resampled logits per chunk of channels, bounding the export's
+# memory whatever the number of labels (nnU-Net's export holds every channel in float64 at once)
+EXPORT_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Failure(str, Enum):
     KILLED = "killed"  # SIGKILL from outside (no OOM kill counted): evidence against nothing
     HOST_OOM = "host_oom"  # the kernel's OOM killer: the host's memory, not a GPU
     HUNG = "hung"  # killed by the watchdog: no progress for its stall timeout
+    MODEL = "model"  # the model cannot load, on the CPU either: the same on every device
 
 
 def describe_signal(signum: int) -> str:

@@ -108,14 +108,23 @@ def _end(exc: BaseException, conn) -> None:
 
 def _backends(spec: WorkerSpec) -> dict:
     """nnU-Net, or in tests (and only when a test asks for it) the fault-injecting stand-in: one
-    backend per model the worker serves (every member of a multi-stage run, loaded once)."""
+    backend per model the worker serves (every member of a multi-stage run, loaded once). A load
+    that fails on the CPU too is the model's fault, not this device's (Failure.MODEL)."""
     from launcher.fake_backend import BACKEND_ENV
 
-    if os.environ.get(BACKEND_ENV) == "fake":
-        from launcher.fake_backend import load_backends
-    else:
-        from launcher.nnunet import load_backends
-    return load_backends(spec.settings)
+    try:
+        if os.environ.get(BACKEND_ENV) == "fake":
+            from launcher.fake_backend import load_backends
+        else:
+            from launcher.nnunet import load_backends
+        return load_backends(spec.settings)
+    except Exception as exc:
+        from launcher.model_check import Models, load_error
+
+        error = load_error(Models.of_settings(spec.settings))
+        if error is None:
+            raise
+        raise WorkerEnds(error, Failure.MODEL) from exc
 
 
 def _exit_on_stop_signals() -> None:
@@ -146,7 +155,7 @@ def _start_group_reaper() -> None:
     worker_pid = os.getpid()
     if os.fork() != 0:
         return
-    try:
+    try:  # pragma: no cover - the child SIGKILLs itself: no coverage data survives it (tests/GPU_ONLY.md)
         # a stop signal to every process must not end the reaper before the group is gone
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)

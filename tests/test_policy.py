@@ -116,6 +116,7 @@ def test_every_failure_kind_has_one_rule_and_each_death_kind_is_judged_by_it():
         Failure.KILLED: ("p", "p", False, False),  # an outside hand: never the device, no restart used up
         Failure.RESTART: (None, None, False, False),
         Failure.INTERRUPTED: (None, None, False, False),
+        Failure.MODEL: (None, None, False, False),  # the model cannot load anywhere: nobody's, never the device
     }
     for kind, (charged, suspect, device, counts) in expected.items():
         one = _judge(kind, alone, solo=True)
@@ -126,6 +127,7 @@ def test_every_failure_kind_has_one_rule_and_each_death_kind_is_judged_by_it():
         empty = _judge(kind, nothing_started)
         assert empty.suspect_device == device and empty.released == ("q",), kind
         assert empty.counts_restart == counts and empty.rests_host == (kind is Failure.HOST_OOM), kind
+        assert empty.fails_rest == (kind is Failure.MODEL), kind
     case_errors = {Failure.RETRY: (False, False), Failure.PERMANENT: (True, False), Failure.OOM: (False, True)}
     for kind, (final, alone) in case_errors.items():
         rule = FAILURE_RULES[kind]
