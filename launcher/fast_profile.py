@@ -7,10 +7,11 @@ nnU-Net is measured by scripts/bench_export.py and published in the README); the
   (`resample_torch_fornnunet`, the separate-z logic included) where they are, a few channels at a
   time, reduced to the segmentation as they go (a running argmax, or the regions in their order),
   so only the integer segmentation crosses to the host; an export helper un-crops and writes it
-  exactly as nnU-Net's export does. On a GPU worker this runs on the GPU in the worker; a device
-  short of memory for a case sends that case's logits to an export helper, which runs the same
-  code on the CPU (logged). On a CPU worker the helpers run it, so the worker keeps predicting.
-- Prediction on a GPU: the folds' results summed on the device when it has room (nnU-Net moves each
+  exactly as nnU-Net's export does. On an accelerator (launcher.device) this runs on the device in
+  the worker; a device short of memory for a case, or results nnU-Net left in host memory, send
+  that case's logits to an export helper, which runs the same code on the CPU (logged). On a CPU
+  worker the helpers run it, so the worker keeps predicting.
+- Prediction on an accelerator: the folds' results summed on the device when it has room (nnU-Net moves each
   fold's to the host), and the mirrored passes of test-time augmentation batched into one forward
   until the device runs out of memory for that (then one pass at a time, as nnU-Net does).
 - Ensembles: the members' probabilities averaged where their logits are, chunk by chunk, with no
@@ -34,11 +35,10 @@ from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_forn
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from launcher.device import Device
+from launcher.spec import EXPORT_CHUNK_BYTES
 from launcher.stages import load_postprocessing
 
-# bytes of float32 resampled logits per chunk of channels: bounds the export's memory whatever the
-# number of labels (nnU-Net's export holds every channel in float64 at once)
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = EXPORT_CHUNK_BYTES  # a module global: tests make chunks small
 
 
 # --- the export: resample, segment, un-crop, write ------------------------------------------------

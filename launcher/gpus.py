@@ -7,12 +7,14 @@ boundary replaced in tests, through NNUNET_LAUNCH_FAKE_GPUS (a JSON file with a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
 
 from launcher.errors import LauncherError
+from launcher.spec import EXPORT_CHUNK_BYTES
 
 FAKE_INVENTORY_ENV = "NNUNET_LAUNCH_FAKE_GPUS"
 CPU_HINT = "use -device cpu --workers N to run on the CPU"
@@ -216,20 +218,30 @@ def is_busy(gpu: Gpu) -> bool:
     return bool(gpu.processes)
 
 
-def estimated_bytes_per_worker(patch_size: tuple[int, ...] | None, num_labels: int, largest_voxels: int) -> int:
+def estimated_bytes_per_worker(
+    patch_size: tuple[int, ...] | None, num_labels: int, largest_voxels: int, fast: bool = False, folds: int = 1
+) -> int:
     """A rough GPU memory need of one nnU-Net inference worker: CUDA context, weights and
     workspace (~1.5 GiB), activations of one patch (~2 KiB a voxel for nnU-Net's default
-    networks in half precision), and the whole image's logits kept on the device (fp16)."""
-    patch = 1
-    for edge in patch_size or (128, 128, 128):
-        patch *= edge
-    return int(1.5 * 2**30 + 2048 * patch + 2 * num_labels * largest_voxels)
+    networks in half precision), and the whole image's logits kept on the device (fp16).
+    --profile fast keeps more there: the mirrored copies of a tile in one batch (8 in 3D, 4 in
+    2D), with several folds their sum beside the next fold's logits, and the export's chunk of
+    channels with its running argmax (see fast_profile.py)."""
+    patch_size = tuple(patch_size or (128, 128, 128))
+    patch = math.prod(patch_size)
+    logits = 2 * num_labels * largest_voxels
+    need = 1.5 * 2**30 + 2048 * patch + logits
+    if fast:
+        need += 2048 * patch * (2 ** len(patch_size) - 1) + (logits if folds > 1 else 0)
+        need += EXPORT_CHUNK_BYTES + 24 * largest_voxels
+    return int(need)
 
 
-def check_gpus(chosen: list[Gpu], workers_per_gpu: int, need_per_worker: int, skip_busy: bool):
+def check_gpus(chosen: list[Gpu], workers_per_gpu: int, need_per_worker: int, skip_busy: bool, fast: bool = False):
     """(GPUs to use, warnings): busy GPUs are left out with --skip-busy, else warned about, as
     are GPUs whose free memory looks short for `workers_per_gpu` workers."""
     warnings, kept = [], []
+    why = "; --profile fast keeps mirrored batches, fold sums and the export on the device" if fast else ""
     for gpu in chosen:
         if is_busy(gpu):
             pids = ", ".join(str(p["pid"]) for p in gpu.processes)
@@ -241,7 +253,8 @@ def check_gpus(chosen: list[Gpu], workers_per_gpu: int, need_per_worker: int, sk
         if gpu.memory_total and gpu.memory_free < need:
             warnings.append(
                 f"GPU {gpu.index} has {gpu.memory_free / 2**30:.1f} GiB free; {workers_per_gpu} worker(s) may need "
-                f"about {need / 2**30:.1f} GiB (rough estimate from the patch size): consider fewer --workers-per-gpu"
+                f"about {need / 2**30:.1f} GiB (rough estimate from the patch size{why}): consider fewer "
+                "--workers-per-gpu"
             )
         kept.append(gpu)
     if not kept:

@@ -30,6 +30,7 @@ class Plan:
     schedule: str = "static"
     work: dict[str, float] = field(default_factory=dict)  # estimated work per case (voxels x channels)
     largest_voxels: int = 0  # of the largest case, from its header (0: unreadable)
+    device_bytes_per_worker: int = 0  # estimated GPU memory of one worker (0: on the CPU)
     warnings: list[str] = field(default_factory=list)
     broken: dict[str, str] = field(default_factory=dict)  # cases whose input fails the gzip check: why
     stages: StagePlan | None = None  # a multi-stage run: several units of work per case
@@ -125,10 +126,14 @@ def make_plan(config: RunConfig) -> Plan:
         _check_prev_stage_files(config, cases)
     work, voxels, broken = survey(cases)
     largest = max(voxels.values(), default=0)
+    need = 0
     if config.device == "cuda":
-        need = gpu_inventory.estimated_bytes_per_worker(model.patch_size, model.num_labels, largest)
+        fast = config.profile == "fast"
+        need = gpu_inventory.estimated_bytes_per_worker(
+            model.patch_size, model.num_labels, largest, fast, len(config.folds)
+        )
         chosen, gpu_warnings = gpu_inventory.check_gpus(
-            gpu_inventory.usable_gpus(config.gpus), config.workers_per_gpu, need, config.skip_busy
+            gpu_inventory.usable_gpus(config.gpus), config.workers_per_gpu, need, config.skip_busy, fast
         )
         warnings += gpu_warnings
         slots = make_slots([(g.index, g.uuid) for g in chosen], config.workers_per_gpu, 0)
@@ -156,6 +161,7 @@ def make_plan(config: RunConfig) -> Plan:
         schedule=config.schedule,
         work=work,
         largest_voxels=largest,
+        device_bytes_per_worker=need if config.device == "cuda" else 0,
         warnings=warnings,
         broken=broken,
         stages=config.stages,

@@ -221,3 +221,35 @@ def test_gpus_json_prints_valid_json_on_stdout_and_the_skip_warning_on_stderr(fa
     assert result.exit_code == 0, result.output
     assert [g["index"] for g in json.loads(result.stdout)] == [0, 2]
     assert "GPU 1 skipped: NVML error: GPU is lost" in result.stderr
+
+
+def test_plan_counts_what_the_fast_profile_keeps_on_the_gpu_when_checking_workers_per_gpu(tiny, tmp_path):
+    """Batched mirroring (8 tiles), fold sums and the export on the device: a GPU with room for two
+    exact workers is short for two fast ones, and plan says why."""
+    import re
+
+    from conftest import cli, model_args
+
+    exact = gpus.estimated_bytes_per_worker((32, 32, 32), 3, 64**3)
+    fast = gpus.estimated_bytes_per_worker((32, 32, 32), 3, 64**3, fast=True, folds=2)
+    assert fast - exact == 2048 * 32**3 * 7 + 2 * 3 * 64**3 + gpus.EXPORT_CHUNK_BYTES + 24 * 64**3
+    fake = tmp_path / "gpus.json"
+    env = {gpus.FAKE_INVENTORY_ENV: str(fake)}
+    args = ("plan", *model_args(tiny, tmp_path / "out"), "--workers-per-gpu", "2")
+
+    def plan(memory_total: int, *extra: str) -> tuple[str, float]:
+        fake.write_text(json.dumps([{**FAKE[2], "memory_total": memory_total}]))
+        result = cli(*args, *extra, env={**env, "CUDA_VISIBLE_DEVICES": FAKE[2]["uuid"]})
+        assert result.returncode == 0, result.stderr
+        said = result.stdout + result.stderr
+        return said, float(re.search(r"GPU memory per worker: about ([0-9.]+) GiB", said).group(1))
+
+    said, exact_gib = plan(80 << 30)
+    assert "consider fewer" not in said
+    said, fast_gib = plan(80 << 30, "--profile", "fast")
+    assert "(--profile fast: mirrored batches, fold sums and the export on the device)" in said
+    assert fast_gib > exact_gib
+    between = int((exact_gib + fast_gib) * 2**30)  # two workers: room for exact ones, not fast ones
+    assert "consider fewer" not in plan(between)[0]
+    said, _ = plan(between, "--profile", "fast")
+    assert "--profile fast keeps mirrored batches, fold sums and the export on the device): consider fewer" in said
