@@ -15,6 +15,8 @@ Steps, each with its own timeout; a step that fails is recorded and the next one
   k1, k2     the launcher with --workers-per-gpu 1 and 2, compared voxel by voxel with it
   kill       SIGKILL of a worker while it predicts: restart, identical outputs, no process of the
              run left, no process holding GPU memory (nvidia-smi --query-compute-apps)
+  accelerator  pytest -m accelerator (tests/test_accelerator.py) with -device cuda: the tests CI runs
+             on a simulated accelerator, on the real one
   stages     multi-stage inference: `run --best` (a 2d + 3d_fullres ensemble and postprocessing,
              scripts/make_stage_models.py) with every worker serving both members, against
              nnU-Net's own chain (predict --save_probabilities per member, ensemble,
@@ -64,6 +66,7 @@ STEPS = (
     "k2",
     "kill",
     "stages",
+    "accelerator",
     "export",
     "bench",
 )
@@ -194,9 +197,8 @@ class Check:
                 cmd,
                 stdout=out,
                 stderr=err if json_out else subprocess.STDOUT,
-                env=self.env,
                 start_new_session=True,
-                **popen,
+                **{"env": self.env, **popen},
             )
             seen = Descendants(proc.pid)
             timed_out = False
@@ -513,6 +515,19 @@ class Check:
             raise StepFailed("the launcher's --best outputs differ from nnU-Net's chain", **detail)
         return detail
 
+    def accelerator(self, timeout: float) -> dict:
+        """The CI's accelerator tests (pytest -m accelerator) against the real device: the same
+        runs with -device cuda; those that limit the device's memory run only on the simulated one."""
+        cmd = self.python("-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "accelerator", "-x")
+        cmd += ["--basetemp", str(self.work / "accelerator"), str(REPO / "tests" / "test_accelerator.py")]
+        r = self.run(cmd, timeout, "accelerator", env={**self.env, "NNUNET_LAUNCH_TEST_REAL_ACCELERATOR": "1"})
+        detail = {"summary": r["tail"].strip().splitlines()[-1:] if r["tail"] else [], "left_behind": r["left_behind"]}
+        if r["rc"] != 0:
+            raise StepFailed(
+                f"pytest -m accelerator: exit {r['rc']}" + (" (timed out)" if r["timed_out"] else ""), **detail
+            )
+        return detail
+
     def export(self, timeout: float) -> dict:
         detail = self._benchmark("bench_export", "export", timeout - 20, ["--cases", str(self.args.export_cases)])
         summary, where = detail.get("summary", {}), "fast_cuda" if self.cuda else "fast_cpu"
@@ -719,6 +734,7 @@ class Check:
             self.step("k2", 180, self.equivalence(2), reserve, needs=("reference",))
             self.step("kill", 240, self.kill, reserve, needs=("reference",))
             self.step("stages", 240, self.stages, reserve, needs=("imports",))
+            self.step("accelerator", 300, self.accelerator, reserve, needs=("imports",))
             self.step("export", 240, self.export, reserve, needs=("imports",))
             self.step("bench", 600, self.bench, needs=("imports",))
             states = [s["status"] for s in self.summary["steps"].values()]

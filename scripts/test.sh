@@ -14,4 +14,11 @@ if [ "${NNUNET_LAUNCH_NO_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt
       slurmctld slurmd slurm-client munge; } >/dev/null 2>&1 \
     || echo "warning: could not install SLURM; its tests will be skipped" >&2
 fi
-exec .venv/bin/python -m pytest -q "$@"
+if [ $# -gt 0 ]; then exec .venv/bin/python -m pytest -q "$@"; fi
+# The accelerator path first (on a simulated accelerator), its coverage measured in every process
+# of the launcher (tests/test_accelerator.py, README "The accelerator path without a GPU"); then
+# everything else.
+rm -f .coverage .coverage.*
+.venv/bin/python -m pytest -q -m accelerator --cov=launcher --cov-report=
+.venv/bin/python scripts/accelerator_coverage.py
+exec .venv/bin/python -m pytest -q -m "not accelerator"

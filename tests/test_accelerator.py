@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_predictions, cli, model_args, run_args
+from conftest import ROOT, assert_same_predictions, cli, model_args, plain_nnunet, run_args
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_tiny_model as tiny_model  # noqa: E402
@@ -37,6 +37,8 @@ pytestmark = pytest.mark.accelerator
 MiB = 2**20
 BIG = 2**30  # everything fits
 REAL = os.environ.get("NNUNET_LAUNCH_TEST_REAL_ACCELERATOR") == "1"
+# a budget set by the test: only the simulated device has one (the GPU check runs on the real one)
+simulated_only = pytest.mark.skipif(REAL, reason="limits the device's memory: the simulated accelerator's")
 
 
 def accelerator_args(data: dict, out: Path, *extra: str) -> list[str]:
@@ -57,18 +59,22 @@ def worker_logs(out: Path) -> str:
 # --- whole runs --------------------------------------------------------------------------------
 def test_exact_profile_on_the_accelerator_is_identical_to_plain_nnunet(small, tmp_path):
     """Results kept on the device (nnU-Net's perform_everything_on_device), two workers."""
+    reference = small["reference"]
+    if REAL:  # plain nnU-Net on the same GPU
+        reference = tmp_path / "reference"
+        plain_nnunet(small["inputs"], reference, small["model"], device="cuda")
     out = tmp_path / "out"
-    result = cli(*accelerator_args(small, out, "--workers", "2"), env=simulated(BIG), timeout=300)
+    workers = ["--workers-per-gpu", "2"] if REAL else ["--workers", "2"]
+    result = cli(*accelerator_args(small, out, *workers), env=simulated(BIG), timeout=300)
     assert result.returncode == 0, result.stderr
-    assert_same_predictions(out, small["reference"])
+    assert_same_predictions(out, reference)
 
 
+@simulated_only
 def test_a_worker_that_runs_out_of_device_memory_restarts_and_its_case_is_predicted(small, tmp_path):
     """The first worker's device is too small for one tile (another program holds its memory): the
     case fails with OOM, the worker restarts with its device's memory free, and every output is
     nnU-Net's."""
-    if REAL:
-        pytest.skip("the device's memory cannot be limited from here")
     out, turns = tmp_path / "out", tmp_path / "turns"
     turns.mkdir()
     env = simulated(f"{int(1.5 * MiB)},{BIG}", **{SIMULATED_ACCELERATOR_DIR_ENV: str(turns)})
@@ -84,6 +90,41 @@ def test_a_worker_that_runs_out_of_device_memory_restarts_and_its_case_is_predic
     ]
 
 
+def test_kept_outputs_a_cut_input_and_probabilities_on_the_accelerator(small, tmp_path):
+    """--continue_prediction keeps a whole output it finds (read back first), a cut input fails
+    alone and for good, and the rest are predicted with nnU-Net's .npz/.pkl beside them."""
+    import shutil
+
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    for case_id in small["ids"][:3]:
+        shutil.copy(small["inputs"] / f"{case_id}_0000.nii.gz", inputs)
+    cut = inputs / "case_002_0000.nii.gz"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    first = tmp_path / "first"  # case_000 predicted by a run whose journal is then gone
+    first.mkdir()
+    shutil.copy(inputs / "case_000_0000.nii.gz", first)
+    args = accelerator_args({**small, "inputs": first}, out, "--save_probabilities")
+    assert cli(*args, env=simulated(BIG), timeout=300).returncode == 0
+    shutil.rmtree(out / ".nnunet-launch")
+    data = {**small, "inputs": inputs}
+    args = accelerator_args(data, out, "--continue_prediction", "--save_probabilities", "--case-retries", "0")
+    result = cli(*args, env=simulated(BIG), timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "case_002" in result.stderr and "truncated or corrupt" in result.stderr
+    assert result.stdout.count("kept (existing output verified)") == 1
+    assert sorted(p.name for p in out.glob("case_*")) == [
+        "case_000.nii.gz",
+        "case_000.npz",
+        "case_000.pkl",
+        "case_001.nii.gz",
+        "case_001.npz",
+        "case_001.pkl",
+    ]
+
+
+@simulated_only
 def test_tight_device_memory_falls_back_stage_by_stage_and_still_gives_the_fast_outputs(small, tmp_path):
     """A device of 3.5 MiB (1.3 MiB of weights): the largest case's forward does not fit beside its
     results (nnU-Net redoes it with results on the host, and a helper exports them), some cases'
@@ -91,8 +132,6 @@ def test_tight_device_memory_falls_back_stage_by_stage_and_still_gives_the_fast_
     profile's (batched mirroring's fallback: test_batched_mirroring_that_does_not_fit_...)."""
     from test_fast_profile import MIN_EQUAL_VOXELS, RESAMPLED, _seg
 
-    if REAL:
-        pytest.skip("the device's memory cannot be limited from here")
     out = tmp_path / "out"
     result = cli(*run_args(small, out, "--profile", "fast", "--workers", "2"), env=simulated(int(3.5 * MiB)))
     assert result.returncode == 0, result.stderr
@@ -106,23 +145,39 @@ def test_tight_device_memory_falls_back_stage_by_stage_and_still_gives_the_fast_
         assert np.array_equal(plain, fast) if case_id not in RESAMPLED else np.mean(plain == fast) >= MIN_EQUAL_VOXELS
 
 
+@simulated_only  # on a GPU: gpu_check.py's stages step runs nnU-Net's own chain there
 def test_best_on_the_accelerator_matches_nnunets_own_chain(stages, manual, tmp_path, monkeypatch):
     """`run --best` (2d + 3d_fullres, ensembled and postprocessed): every worker loads both models
     on its device (torch's inter-op threads are set once per process, not once per model)."""
+    from test_stages import assert_same_segmentations
+
     monkeypatch.setenv("nnUNet_results", stages["env"]["nnUNet_results"])
     out = tmp_path / "out"
-    device = ["-device", "cuda"] if REAL else ["-device", "cpu", "--workers", "2"]
-    args = ["run", "-i", str(stages["inputs"]), "-o", str(out), "-d", "998", "--best", *device]
+    args = [
+        "run",
+        "-i",
+        str(stages["inputs"]),
+        "-o",
+        str(out),
+        "-d",
+        "998",
+        "--best",
+        "-device",
+        "cpu",
+        "--workers",
+        "2",
+    ]
     result = cli(*args, "--disable_tta", "-npp", "1", "-nps", "1", env=simulated(BIG), timeout=600)
     assert result.returncode == 0, result.stderr
-    assert_same_predictions(out, manual / "postprocessed")
+    assert_same_segmentations(out, manual / "postprocessed", ("dataset.json", "plans.json"))
 
 
+@simulated_only  # on a GPU: gpu_check.py's stages step runs nnU-Net's own chain there
 def test_a_cascade_on_the_accelerator_matches_nnunets_own_chain(stages, manual, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_results", stages["env"]["nnUNet_results"])
     out = tmp_path / "out"
-    device = ["-device", "cuda"] if REAL else ["-device", "cpu", "--workers", "2"]
-    args = ["run", "-i", str(stages["inputs"]), "-o", str(out), "-d", "998", "-c", "3d_cascade_fullres", *device]
+    args = ["run", "-i", str(stages["inputs"]), "-o", str(out), "-d", "998", "-c", "3d_cascade_fullres"]
+    args += ["-device", "cpu", "--workers", "2"]
     result = cli(*args, "-f", "0", "--disable_tta", "-npp", "1", "-nps", "1", env=simulated(BIG), timeout=600)
     assert result.returncode == 0, result.stderr
     assert_same_predictions(out, manual / "cascade")
@@ -205,6 +260,7 @@ def _host_prediction(folder: Path, files, **kwargs) -> torch.Tensor:
     return torch.from_numpy(backend.predict("c", data, None)).float()
 
 
+@simulated_only
 def test_exact_prediction_on_the_accelerator_equals_the_cpus_bit_for_bit(tiny, case_001):
     device = SimulatedAccelerator(BIG)
     backend = _backend(tiny["model"], device, profile="exact")
@@ -215,6 +271,7 @@ def test_exact_prediction_on_the_accelerator_equals_the_cpus_bit_for_bit(tiny, c
     assert device.used == device._weights.nbytes  # the results went to the host
 
 
+@simulated_only
 def test_batched_mirroring_that_does_not_fit_goes_back_to_single_passes_once_the_failed_batch_is_freed(tiny, case_001):
     """6 MiB: the case's results (1.9 MiB) and one tile's forward (0.5 MiB) fit beside the weights,
     a batch of 8 mirrored tiles (4 MiB) does not. The failed batch held what was free while its
@@ -232,6 +289,7 @@ def test_batched_mirroring_that_does_not_fit_goes_back_to_single_passes_once_the
     assert np.array_equal(logits.argmax(0).numpy(), expected.argmax(0).numpy())
 
 
+@simulated_only
 def test_results_nnunet_leaves_on_the_host_are_exported_by_a_helper_not_the_worker(tiny, case_001, tmp_path):
     """3 MiB: the results arrays do not fit beside the weights; nnU-Net redoes the case with its
     results on the host. Their export goes to a helper: in the worker it would run on one core
@@ -247,6 +305,7 @@ def test_results_nnunet_leaves_on_the_host_are_exported_by_a_helper_not_the_work
     assert np.array_equal(args[0], _host_prediction(tiny["model"], case_001).numpy())
 
 
+@simulated_only
 def test_the_export_runs_on_the_device_and_its_result_equals_the_helpers(tiny, case_001, tmp_path):
     device = SimulatedAccelerator(BIG)
     backend = _backend(tiny["model"], device)
@@ -270,6 +329,7 @@ def test_the_export_runs_on_the_device_and_its_result_equals_the_helpers(tiny, c
     assert (tmp_path / "c.nii.gz").is_file()
 
 
+@simulated_only
 def test_an_export_that_runs_out_of_memory_at_a_chunk_goes_to_a_helper_and_frees_the_device(
     tiny, case_001, tmp_path, monkeypatch
 ):
@@ -290,6 +350,7 @@ def test_an_export_that_runs_out_of_memory_at_a_chunk_goes_to_a_helper_and_frees
     assert device.used == before
 
 
+@simulated_only
 def test_folds_are_summed_on_the_device_while_the_next_fold_fits(two_folds, case_001):
     device = SimulatedAccelerator(BIG)
     backend = _backend(two_folds, device, folds=("0", "1"))
@@ -300,11 +361,13 @@ def test_folds_are_summed_on_the_device_while_the_next_fold_fits(two_folds, case
     assert torch.allclose(logits.float(), expected, atol=2e-3)
 
 
+@simulated_only
 @pytest.mark.parametrize(
     "budget, moved_by",
     [(4.2, "the launcher"), (4.5, "nnU-Net")],
     ids=["the sum moves before the next fold", "the next fold's results go to the host"],
 )
+@simulated_only
 def test_the_fold_sum_meets_the_next_fold_on_the_host_when_both_do_not_fit(
     two_folds, case_001, capsys, budget, moved_by
 ):
@@ -328,6 +391,7 @@ def test_the_fold_sum_meets_the_next_fold_on_the_host_when_both_do_not_fit(
     assert device.used == device._weights.nbytes  # nothing left on the device after the case
 
 
+@simulated_only
 def test_a_device_too_small_for_one_tile_fails_the_case_as_out_of_memory(tiny, case_001):
     device = SimulatedAccelerator(int(1.5 * MiB))
     backend = _backend(tiny["model"], device)
@@ -339,6 +403,7 @@ def test_a_device_too_small_for_one_tile_fails_the_case_as_out_of_memory(tiny, c
     assert device.used == device._weights.nbytes
 
 
+@simulated_only
 def test_the_simulated_device_accounts_results_while_any_view_of_them_lives():
     device = SimulatedAccelerator(10 * MiB)
     kept = device._keep(torch.zeros(MiB // 4))  # 1 MiB
@@ -357,3 +422,18 @@ def test_the_simulated_device_accounts_results_while_any_view_of_them_lives():
         assert device.free_bytes() == 0  # the failed forward's first layers, while its error lives
     assert device.free_bytes() == 10 * MiB
     assert json.dumps(device.describe()) == '"a simulated accelerator (10 MiB)"'
+
+
+@pytest.mark.parametrize(
+    "error, kind",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), Failure.OOM),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), Failure.DEVICE),
+        (RuntimeError("Encountered inf in predicted array. Aborting..."), Failure.RETRY),
+    ],
+    ids=["out of memory", "a broken CUDA context", "anything else"],
+)
+def test_a_prediction_error_is_told_apart_by_what_it_leaves_of_the_device(error, kind):
+    from launcher.nnunet import NnunetBackend
+
+    assert NnunetBackend.prediction_error_kind(error) is kind

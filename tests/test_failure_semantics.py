@@ -119,6 +119,7 @@ def _signal_every_process(run) -> None:
             pass
 
 
+@pytest.mark.accelerator  # the worker's fault paths (pipeline.py, worker.py: the same on every device)
 def test_sigterm_to_every_process_three_times_charges_nothing_spawns_nothing_and_a_rerun_finishes(
     cases, tmp_path, launch
 ):
@@ -159,6 +160,7 @@ def test_a_sigterm_to_the_supervisor_alone_is_an_interruption_too(cases, tmp_pat
     assert "--workers 2" in hint
 
 
+@pytest.mark.accelerator  # the worker's fault paths (pipeline.py, worker.py: the same on every device)
 def test_a_failed_case_is_retried_by_the_same_command_once_its_scan_is_fixed(cases, tmp_path):
     out = tmp_path / "out"
     env = fake_env(tmp_path, {"case_004": "unreadable"})
@@ -183,6 +185,7 @@ def test_a_failed_case_is_retried_by_the_same_command_once_its_scan_is_fixed(cas
     }
 
 
+@pytest.mark.accelerator  # the worker's fault paths (pipeline.py, worker.py: the same on every device)
 def test_a_full_disk_stops_the_run_with_a_clear_line_and_the_next_run_resumes(cases, tmp_path):
     out = tmp_path / "out"
     first = _run(cases, out, fake_env(tmp_path, {"case_006": "disk_full:1"}), "--workers", "2")
@@ -195,6 +198,7 @@ def test_a_full_disk_stops_the_run_with_a_clear_line_and_the_next_run_resumes(ca
     assert_fake_outputs(out, cases["inputs"], cases["ids"])
 
 
+@pytest.mark.accelerator  # the worker's fault paths (pipeline.py, worker.py: the same on every device)
 def test_out_of_memory_retries_the_case_alone_in_a_fresh_worker_and_a_cuda_error_ends_the_worker(cases, tmp_path):
     out = tmp_path / "out"
     env = fake_env(tmp_path, {"case_002": "oom:1", "case_009": "cuda_error:1"})

@@ -77,6 +77,7 @@ def test_fast_profile_agrees_with_plain_nnunet_within_the_published_bounds(small
     assert "export in a helper on the CPU" in worker_logs  # CPU workers keep predicting meanwhile
 
 
+@pytest.mark.accelerator
 def test_the_workers_own_export_and_its_out_of_memory_fallback_give_the_fast_outputs(small, fast_out, tmp_path):
     """What an accelerator's worker does (the export in the worker, on its device), here on a
     simulated accelerator, with probabilities; then a device too small for the larger cases'
@@ -117,6 +118,7 @@ def _stage_files(out: Path) -> list[Path]:
     return [p for p in (out / ".nnunet-launch" / "stages").rglob("*") if p.is_file()]
 
 
+@pytest.mark.accelerator
 def test_fast_profile_averages_an_ensemble_in_the_worker_without_member_files(stages, manual, tmp_path, monkeypatch):
     """Each case's final unit predicts both members and averages them (on the GPU in a GPU
     worker; in the worker here through the test hook, and in an export helper as a CPU worker
@@ -194,6 +196,7 @@ def _managers(spacing=(1.0, 1.0, 1.0), labels=None, regions_order=None):
     return manager.get_configuration(tiny.CONFIGURATION), manager, manager.get_label_manager(dataset)
 
 
+@pytest.mark.accelerator  # the export and prediction code an accelerator runs
 @pytest.mark.parametrize(
     "target_spacing",
     [(3.0, 0.8, 0.8), (1.5, 1.0, 1.0), (2.0, 2.0, 2.0)],
@@ -218,6 +221,7 @@ def test_chunked_export_equals_one_argmax_over_nnunets_torch_resampling(monkeypa
     assert np.array_equal(segmentation, whole.float().argmax(0).numpy())
 
 
+@pytest.mark.accelerator  # the export and prediction code an accelerator runs
 def test_chunked_export_of_regions_equals_nnunets_region_handling(monkeypatch):
     from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
 
@@ -233,6 +237,7 @@ def test_chunked_export_of_regions_equals_nnunets_region_handling(monkeypatch):
     assert np.array_equal(segmentation, np.asarray(expected))
 
 
+@pytest.mark.accelerator  # the export and prediction code an accelerator runs
 def test_resampling_settings_follow_the_configuration():
     configuration, _, _ = _managers()
     assert fast_profile.resampling_settings(configuration) == {
@@ -273,6 +278,7 @@ def _averaged(members, label_manager):
     return total / len(members)
 
 
+@pytest.mark.accelerator  # the export and prediction code an accelerator runs
 def test_chunked_ensemble_average_equals_nnunets_average_of_probabilities(monkeypatch):
     members, label_manager = _two_members(3, monkeypatch, {"background": 0, **{f"l{i}": i for i in range(1, 12)}})
     expected = _averaged(members, label_manager)
@@ -282,6 +288,7 @@ def test_chunked_ensemble_average_equals_nnunets_average_of_probabilities(monkey
     assert np.allclose(probabilities, expected.numpy(), atol=1e-6) and np.array_equal(full, segmentation)
 
 
+@pytest.mark.accelerator  # the export and prediction code an accelerator runs
 def test_chunked_ensemble_of_regions_equals_nnunets_average(monkeypatch):
     labels = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
     members, label_manager = _two_members(1, monkeypatch, labels, [1, 2, 3], num_channels=3)
@@ -302,6 +309,7 @@ def two_fold_predictor(tmp_path_factory):
     return predictor
 
 
+@pytest.mark.accelerator  # the export and prediction code an accelerator runs
 def test_batched_mirroring_equals_nnunets_passes_one_at_a_time(two_fold_predictor):
     p = two_fold_predictor
     p.network.load_state_dict(p.list_of_parameters[0])
@@ -312,6 +320,7 @@ def test_batched_mirroring_equals_nnunets_passes_one_at_a_time(two_fold_predicto
     assert batched.batched and notes == []
 
 
+@pytest.mark.accelerator  # the export and prediction code an accelerator runs
 def test_batched_mirroring_out_of_memory_goes_back_to_one_pass_at_a_time(two_fold_predictor, monkeypatch):
     p = two_fold_predictor
     p.network.load_state_dict(p.list_of_parameters[0])
@@ -332,6 +341,7 @@ def test_batched_mirroring_out_of_memory_goes_back_to_one_pass_at_a_time(two_fol
     assert torch.equal(batched(x), expected) and len(notes) == 1  # said once
 
 
+@pytest.mark.accelerator  # the export and prediction code an accelerator runs
 def test_fold_sum_equals_nnunets_on_the_cpu(two_fold_predictor, monkeypatch):
     p = two_fold_predictor
     monkeypatch.setattr(p, "use_mirroring", False)  # the folds are the point here, not the mirrors
