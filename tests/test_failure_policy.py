@@ -12,6 +12,7 @@ import sqlite3
 import time
 
 import psutil
+import pytest
 
 from conftest import assert_same_predictions, case_rows, cli, copy_outputs_mtimes, run_args, status_json, wait_gone
 from launcher.worker import FAULTY_DEVICES_ENV
@@ -113,6 +114,7 @@ def test_sigterm_to_every_process_three_times_then_the_same_command_finishes_wit
     assert {row["attempts"] for row in case_rows(out).values()} == {"1"}, "interrupted attempts were not counted"
 
 
+@pytest.mark.accelerator  # real nnU-Net through the worker's unreadable-scan / verify-output paths
 def test_an_unreadable_scan_fails_at_once_and_the_same_command_predicts_it_once_replaced(small, tmp_path):
     inputs = tmp_path / "inputs"
     shutil.copytree(small["inputs"], inputs)

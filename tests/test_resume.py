@@ -9,11 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import assert_same_predictions, cli, copy_outputs_mtimes, run_args
 from launcher.errors import LauncherError
 from launcher.journal import OutLock, lock_holder
 
 
+@pytest.mark.accelerator  # real nnU-Net through the worker's unreadable-scan / verify-output paths
 def test_continue_prediction_keeps_complete_outputs_and_predicts_truncated_and_missing_ones(tiny, reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
