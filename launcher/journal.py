@@ -813,6 +813,14 @@ def lock_info(path: str) -> dict | None:
         os.close(fd)
 
 
+def refuse_if_held(path: str) -> None:
+    """OutLock.acquire's refusal without taking the lock: a second launcher on a busy OUT is told
+    at once, before it waits for anything (e.g. its model check)."""
+    info = lock_info(path)
+    if info is not None:
+        raise _held_error(info)
+
+
 def lock_holder(path: str) -> int | None:
     """The pid of the launcher running on this OUT now (-1 when it cannot be read), or None."""
     info = lock_info(path)

@@ -15,7 +15,7 @@ import psutil
 
 from launcher.config import RunConfig, RunIdentity, output_identity, run_state_dir
 from launcher.errors import LauncherError
-from launcher.journal import DONE, Journal, JournalRow, JournalWriteError, OutLock, lock_holder
+from launcher.journal import DONE, Journal, JournalRow, JournalWriteError, OutLock, lock_holder, refuse_if_held
 from launcher.model_check import ModelCheck, Models
 from launcher.notify import notify_finished
 from launcher.outputs import (
@@ -58,6 +58,7 @@ def run(config: RunConfig, argv: list[str]) -> int:
             print(f"nnunet-launch: nothing to predict: all {len(plan.cases)} case(s) are done in "
                   f"{config.output_folder} (the last run's report: {summary})")  # fmt: skip
             return 0
+        refuse_if_held(lock_path(state))  # a busy OUT is said at once, not after the model check
         model.wait()  # a model that cannot load is refused before any worker starts
     try:
         os.makedirs(state, exist_ok=True)
