@@ -6,6 +6,11 @@ and the launcher load it like any trained model. Inputs are NIfTI volumes of var
 (and a few anisotropic spacings, so the export resamples) named like nnU-Net's raw data.
 
     python scripts/make_tiny_model.py --model DIR --inputs DIR [--cases 12] [--channels 1]
+        [--trainer nnUNetTrainerNoMirroring] [--mirror-axes 0 1 | --mirror-axes none]
+
+--trainer and --mirror-axes set what the checkpoint says (`trainer_name`,
+`inference_allowed_mirroring_axes`), as a model trained with that trainer has them; the network
+is the same (nnU-Net's trainer variants build it with nnUNetTrainer's build_network_architecture).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-TRAINER = "nnUNetTrainer"  # the only trainer class nnU-Net resolves here without torchvision
+TRAINER = "nnUNetTrainer"  # the trainer the checkpoints name unless --trainer says otherwise
+MIRROR_AXES = (0, 1, 2)  # nnUNetTrainer's inference_allowed_mirroring_axes for a 3D model
 CONFIGURATION = "3d_fullres"
 FILE_ENDING = ".nii.gz"
 
@@ -94,7 +100,14 @@ def dataset_dict(num_channels: int) -> dict:
     }
 
 
-def make_model(folder: str, num_channels: int = 1, folds: tuple[int, ...] = (0,), seed: int = 0) -> None:
+def make_model(
+    folder: str,
+    num_channels: int = 1,
+    folds: tuple[int, ...] = (0,),
+    seed: int = 0,
+    trainer: str = TRAINER,
+    mirror_axes: tuple[int, ...] | None = MIRROR_AXES,
+) -> None:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans, dataset = plans_dict(num_channels), dataset_dict(num_channels)
@@ -103,7 +116,9 @@ def make_model(folder: str, num_channels: int = 1, folds: tuple[int, ...] = (0,)
         with open(os.path.join(folder, name), "w") as f:
             json.dump(content, f, indent=4)
     plans_manager = PlansManager(plans)
-    save_checkpoints(folder, plans_manager, CONFIGURATION, num_channels, len(dataset["labels"]), folds, seed)
+    save_checkpoints(
+        folder, plans_manager, CONFIGURATION, num_channels, len(dataset["labels"]), folds, seed, mirror_axes, trainer
+    )
 
 
 def save_checkpoints(
@@ -114,10 +129,11 @@ def save_checkpoints(
     num_outputs: int,
     folds,
     seed: int,
-    mirror_axes: tuple[int, ...] = (0, 1, 2),
+    mirror_axes: tuple[int, ...] | None = MIRROR_AXES,
+    trainer: str = TRAINER,
 ) -> None:
     """fold_K/checkpoint_final.pth with seeded random weights, the network built as nnU-Net
-    builds it for inference."""
+    builds it for inference; the checkpoint names `trainer` and allows `mirror_axes` (None: none)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     configuration_manager = plans_manager.get_configuration(configuration)
@@ -128,7 +144,7 @@ def save_checkpoints(
         )
         checkpoint = {
             "network_weights": network.state_dict(),
-            "trainer_name": TRAINER,
+            "trainer_name": trainer,
             "init_args": {"configuration": configuration, "fold": fold},
             "inference_allowed_mirroring_axes": mirror_axes,
         }
@@ -175,12 +191,20 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--folds", type=int, nargs="+", default=[0])
+    parser.add_argument("--trainer", default=TRAINER, help="the trainer class the checkpoint names")
+    parser.add_argument(
+        "--mirror-axes",
+        nargs="+",
+        default=[str(a) for a in MIRROR_AXES],
+        help="the checkpoint's inference_allowed_mirroring_axes, e.g. 0 1; 'none' for None (no mirroring)",
+    )
     parser.add_argument(
         "--big-case-edge", type=int, default=None, help="make case 0 a cube of this edge (a skewed set for benchmarks)"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    make_model(args.model, args.channels, tuple(args.folds))
+    mirror_axes = None if args.mirror_axes == ["none"] else tuple(int(a) for a in args.mirror_axes)
+    make_model(args.model, args.channels, tuple(args.folds), trainer=args.trainer, mirror_axes=mirror_axes)
     if args.inputs:
         make_inputs(args.inputs, args.cases, args.channels, big_case_edge=args.big_case_edge)
 
