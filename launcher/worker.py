@@ -72,7 +72,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     _pin_device(spec)
     conn.send(("hello", os.getpid()))
     if spec.device_key in os.environ.get(FAULTY_DEVICES_ENV, "").split(","):
-        os.kill(os.getpid(), signal.SIGSEGV)
+        os.kill(os.getpid(), signal.SIGSEGV)  # pragma: no cover - dies before coverage can save (tests/GPU_ONLY.md)
     try:
         from launcher.pipeline import CasePipeline
 
@@ -90,7 +90,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     pipeline.terminate()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(0)  # pragma: no cover - see tests/GPU_ONLY.md: coverage saves inside it
 
 
 def _end(exc: BaseException, conn) -> None:
@@ -103,7 +103,7 @@ def _end(exc: BaseException, conn) -> None:
     try:
         conn.send(("fatal", str(ends), ends.kind.value, ends.stage, ends.code))
     finally:
-        os._exit(1)
+        os._exit(1)  # pragma: no cover - see tests/GPU_ONLY.md: coverage saves inside it
 
 
 def _backends(spec: WorkerSpec) -> dict:
@@ -133,7 +133,7 @@ def _exit_on_stop_signals() -> None:
     interrupted, not crashed, so nothing is charged."""
 
     def stop(signum, frame):
-        os._exit(WORKER_EXIT_INTERRUPTED)
+        os._exit(WORKER_EXIT_INTERRUPTED)  # pragma: no cover - see tests/GPU_ONLY.md: coverage saves inside it
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -225,6 +225,7 @@ def test_out_of_memory_retries_the_case_alone_in_a_fresh_worker_and_a_cuda_error
     assert rows["case_002"]["attempts"] == "2" and rows["case_009"]["attempts"] == "1"
 
 
+@pytest.mark.accelerator  # the worker's fault paths (pipeline.py, worker.py: the same on every device)
 @pytest.mark.parametrize("schedule", ["static", "dynamic"])
 def test_a_device_whose_workers_always_die_rests_while_the_others_take_its_cases(cases, tmp_path, schedule):
     out = tmp_path / "out"

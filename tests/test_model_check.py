@@ -81,6 +81,7 @@ def test_a_fake_model_that_cannot_load_is_refused_by_the_check_without_starting_
     assert not out.exists()
 
 
+@pytest.mark.accelerator  # the worker's load failure (worker.py: the same on every device)
 def test_a_model_that_breaks_after_the_check_ends_the_run_at_once_without_blaming_a_device(cases, tmp_path, launch):
     out = tmp_path / "out"
     env = {**fake_env(tmp_path), MODEL_LOADS_ENV: "1"}  # the check's load passes, every worker's fails
