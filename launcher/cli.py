@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -12,12 +11,8 @@ import click
 
 from launcher import config as run_config
 from launcher.errors import LauncherError
-from launcher.journal import JournalWriteError
-
-EXIT_USAGE = 2
-EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: never 1, which means "some cases failed"
-EXIT_NO_SPACE = 75  # EX_TEMPFAIL: the disk is full; rerun once there is space
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+from launcher.exits import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_NO_SPACE, EXIT_OK, EXIT_USAGE, exit_code_of
+from launcher.terminal import make_output_best_effort
 
 # nnUNetv2_predict's flags, same spelling; (decls, click kwargs, RunConfig field)
 PREDICT_OPTIONS = [
@@ -557,6 +552,7 @@ def gpus(as_json):
 
 
 def main(argv: list[str] | None = None) -> None:
+    make_output_best_effort()  # a run outlives its terminal (launcher/terminal.py)
     args = normalize_args(list(sys.argv[1:] if argv is None else argv))
     verbose = "--verbose" in args
     try:
@@ -564,23 +560,21 @@ def main(argv: list[str] | None = None) -> None:
     except LauncherError as exc:
         _fail(str(exc), verbose)
     except click.exceptions.Abort:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         hint = ""
         if isinstance(exc, click.exceptions.NoSuchOption) and exc.option_name == "--dry-run":
             hint = "; `nnunet-launch plan` with the same arguments is the dry run"
         _fail(exc.format_message() + hint, verbose)
     except KeyboardInterrupt:
-        sys.exit(130)
-    except (JournalWriteError, OSError) as exc:
-        if not isinstance(exc, JournalWriteError) and exc.errno not in DISK_FULL_ERRNOS:
-            _internal_error(exc, verbose)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        if exit_code_of(exc) != EXIT_NO_SPACE:
+            _internal_error(exc, verbose)  # a bug of ours: one line, exit 70; the traceback with --verbose
         # a full disk before the supervisor took over (journal, metadata): rerun once there is space
         print(f"nnunet-launch: stopped: {exc}", file=sys.stderr)
         sys.exit(EXIT_NO_SPACE)
-    except Exception as exc:  # a bug of ours: one line, exit 70; the traceback with --verbose
-        _internal_error(exc, verbose)
-    sys.exit(0)
+    sys.exit(EXIT_OK)
 
 
 def _internal_error(exc: BaseException, verbose: bool) -> None:

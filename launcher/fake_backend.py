@@ -14,6 +14,7 @@ NNUNET_LAUNCH_TEST_FAULTS is a JSON object {case id: fault}; a fault "name" fire
   helper_hang   the preprocessing helper blocks on the case
   helper_crash  the preprocessing helper is killed (SIGKILL) on the case
   unreadable    reading the scan fails
+  prep_error    preprocessing raises an ordinary error (retried)
   error         the prediction raises an ordinary error
   oom           the prediction runs out of (CUDA) memory
   cuda_error    the prediction raises a CUDA error that breaks the context
@@ -78,13 +79,15 @@ def expected_output(files: tuple[str, ...] | list[str]) -> bytes:
 
 def _preprocess(model: str | None, files: tuple[str, ...], prev_stage_file: str | None):
     case_id = os.path.basename(files[0]).split("_0000")[0]
-    fault, _ = _fault(case_id, ("helper_hang", "helper_crash", "unreadable"))
+    fault, _ = _fault(case_id, ("helper_hang", "helper_crash", "unreadable", "prep_error"))
     if fault == "helper_hang":
         time.sleep(10**6)
     if fault == "helper_crash":
         os.kill(os.getpid(), signal.SIGKILL)
     if fault == "unreadable":
         raise UnreadableInput("cannot read the scan: RuntimeError: Exception thrown in SimpleITK ReadImage (fake)")
+    if fault == "prep_error":
+        raise ValueError("fake preprocessing error")
     prediction = expected_output(files)
     if prev_stage_file is not None:  # a cascade stage sees its previous stage's prediction
         with gzip.open(prev_stage_file, "rb") as f:

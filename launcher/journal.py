@@ -24,6 +24,7 @@ import psutil
 
 from launcher import numbers
 from launcher.errors import LauncherError
+from launcher.exits import ResumableStop
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -101,7 +102,7 @@ PARTS_SQL = "SELECT part_id, gpu, gpu_uuid, restarts, worker_pid, state FROM par
 RECENT_CASES = 200  # the ETA's stage shares come from this run's latest finished cases
 
 
-class JournalWriteError(Exception):
+class JournalWriteError(ResumableStop):
     """The journal could not be written (disk full, I/O error): the run must stop cleanly."""
 
 
@@ -111,17 +112,25 @@ class Journal:
 
     @classmethod
     def open(cls, path: str) -> Journal:
-        db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(SCHEMA)
-        have = {row[1] for row in db.execute("PRAGMA table_info(cases)")}
-        for column, kind in ADDED_CASE_COLUMNS.items():
-            if column not in have:
-                db.execute(f"ALTER TABLE cases ADD COLUMN {column} {kind}")
-        if "working_since" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
-            db.execute("ALTER TABLE runs ADD COLUMN working_since REAL")
-        db.executescript(INDEXES)
+        """Open (creating or upgrading) the journal for writing; a disk that cannot take it (full,
+        failing) raises JournalWriteError."""
+        db = None
+        try:
+            db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(cases)")}
+            for column, kind in ADDED_CASE_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE cases ADD COLUMN {column} {kind}")
+            if "working_since" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
+                db.execute("ALTER TABLE runs ADD COLUMN working_since REAL")
+            db.executescript(INDEXES)
+        except sqlite3.OperationalError as exc:
+            if db is not None:
+                db.close()
+            raise JournalWriteError(f"cannot write the journal {path!r}: {exc}") from exc
         return cls(db, path)
 
     @classmethod

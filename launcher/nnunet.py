@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import os
-import pickle
 import shutil
 import time
 from functools import partial
@@ -22,7 +21,7 @@ from nnunetv2.postprocessing.remove_connected_components import load_postprocess
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from launcher import fast_profile
+from launcher import fast_profile, safe_pickle
 from launcher.device import Device, configure_process, for_worker
 from launcher.headers import gzip_stream_intact
 from launcher.spec import Combine, Failure, PredictSettings, UnreadableInput
@@ -107,6 +106,9 @@ def _combine(combine: Combine, output_base: str, file_ending: str, save_probabil
         with open(combine.dataset_json) as f:
             label_manager = plans_manager.get_label_manager(json.load(f))
         rw = plans_manager.image_reader_writer_class()
+        # merge_files unpickles the first member's properties: they lie in OUT, so they are checked
+        # first (safe_pickle), and a planted file fails the case instead of running code
+        safe_pickle.load_data(combine.inputs[0][: -len(".npz")] + ".pkl")
         merge_files(list(combine.inputs), output_base, file_ending, rw, label_manager, save_probabilities)
     else:  # one member, postprocessed: its probabilities (if asked for) are the final ones
         segmentation = combine.inputs[0]
@@ -319,8 +321,7 @@ class NnunetBackend:
             with np.load(path) as npz:
                 for key in npz.files:
                     npz[key]
-        elif path.endswith(".pkl"):
-            with open(path, "rb") as f:
-                pickle.load(f)
+        elif path.endswith(".pkl"):  # found in OUT: it must not run code (safe_pickle)
+            safe_pickle.load_data(path)
         else:
             self.predictor.plans_manager.image_reader_writer_class().read_seg(path)

@@ -10,8 +10,8 @@ import sys
 import tempfile
 import time
 
+from launcher.exits import EXIT_MEANING
 from launcher.outputs import logs_dir
-from launcher.report import EXIT_MEANING
 
 ON_FINISH_TIMEOUT_S = 120.0
 

@@ -10,7 +10,6 @@ fault-injecting stand-in (launcher.fake_backend) with NNUNET_LAUNCH_TEST_BACKEND
 
 from __future__ import annotations
 
-import errno
 import multiprocessing
 import os
 import signal
@@ -19,22 +18,17 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 
+from launcher.exits import STOP_SIGNALS, is_disk_full
 from launcher.outputs import case_outputs, move_into_place, output_complete
 from launcher.spec import CaseTimes, Failure, PredictSettings, UnreadableInput, WorkCase, WorkerEnds, describe_signal
 
 POLL_S = 0.05
 STEP_REPORT_EVERY_S = 1.0
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}".rstrip(": ")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
 def _timed(preprocess, model: str | None, files: tuple[str, ...], prev_stage_file: str | None):
@@ -123,9 +117,6 @@ class CasePipeline:
         for case in self.feed.take_combinations():
             self._start_combining(case)
         while len(preparing) < self.settings.npp and (case := self.feed.take()) is not None:
-            if case.only_combines:
-                self._start_combining(case)
-                continue
             if self._kept(case):
                 continue
             self.emit(("stage", case.id, "preprocess"))
@@ -265,12 +256,13 @@ class CasePipeline:
 
     def _existing_output_decodes(self, case: WorkCase) -> bool:
         """Every output of the case is whole (outputs.output_complete) and its reader reads it."""
-        try:
-            for name in self._outputs(case):
-                path = os.path.join(case.out_dir or self.out_dir, name)
+        for name in self._outputs(case):
+            path = os.path.join(case.out_dir or self.out_dir, name)
+            try:
                 if not output_complete(path):
                     return False
                 self.backend.read_output(path)
-            return True
-        except Exception:
-            return False
+            except Exception as exc:  # a planted .pkl too: safe_pickle refuses what could run code
+                print(f"case {case.id}: {name} is not kept ({describe(exc)}): predicted again", flush=True)
+                return False
+        return True

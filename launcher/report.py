@@ -10,18 +10,12 @@ import os
 import resource
 import time
 
+from launcher.exits import EXIT_INTERRUPTED, EXIT_MEANING
 from launcher.journal import STAGE_SECONDS, Journal
 from launcher.numbers import hms
 from launcher.outputs import logs_dir, tmp_dir, write_json_atomically, write_text_atomically
 
 SECONDS_COLUMNS = ("seconds", *STAGE_SECONDS)
-EXIT_MEANING = {
-    0: "every case predicted",
-    1: "finished, but some cases failed",
-    70: "internal error (a bug); the traceback is in logs/supervisor.log",
-    75: "stopped: the disk is full or the journal cannot be written; rerun to resume",
-    130: "interrupted; rerun the same command to resume",
-}
 
 
 def write_summary(state: str, journal: Journal, exit_code: int, started: float, context: dict | None = None) -> dict:
@@ -134,7 +128,7 @@ def summary_lines(
     lines.append(f"  outputs: {out}   logs: {logs_dir(state)}")
     if picture:
         lines.append(f"  the run's picture: {picture}")
-    if summary["exit_code"] == 130 and command_hint:
+    if summary["exit_code"] == EXIT_INTERRUPTED and command_hint:
         lines.append(f"  resume with: {command_hint}")
     return lines
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ import psutil
 
 from launcher.config import RunConfig, RunIdentity, output_identity, run_state_dir
 from launcher.errors import LauncherError
+from launcher.exits import EXIT_INTERNAL_ERROR, exit_code_of
 from launcher.journal import DONE, Journal, JournalRow, JournalWriteError, OutLock, lock_holder, refuse_if_held
 from launcher.model_check import ModelCheck, Models
 from launcher.notify import notify_finished
@@ -40,10 +42,11 @@ from launcher.scheduler import CaseBook, OutFacts, foreign_outputs
 from launcher.stages import describe_stages, split_unit, stage_of
 from launcher.supervisor import Supervisor
 
-EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug of ours; the traceback is in supervisor.log
-
 
 def run(config: RunConfig, argv: list[str]) -> int:
+    # A closed ssh session or tmux window (SIGHUP) must not end the run, from its first step to its
+    # report; what it prints there is best effort (launcher/terminal.py).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # The supervisor spawns workers through torch.multiprocessing; importing torch takes seconds,
     # so it runs while the input is planned and OUT is opened; matplotlib (the run's picture at
     # the end) likewise, so that the run's last output and its exit are not a second apart.
@@ -77,6 +80,9 @@ def run(config: RunConfig, argv: list[str]) -> int:
             journal.close()
     except LauncherError:
         exit_code = None  # refused before the run started: nothing to tell
+        raise
+    except BaseException as exc:
+        exit_code = exit_code_of(exc)  # what the process exits with (cli.main), --on-finish is told too
         raise
     finally:
         lock.release()
@@ -285,8 +291,12 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, a
     try:
         supervisor = Supervisor(config, plan, journal, book, reporter, run_id)
         exit_code = supervisor.run()
-    except BaseException:
-        reporter.log("nnunet-launch: internal error:\n" + traceback.format_exc().rstrip())
+    except BaseException as exc:
+        exit_code = exit_code_of(exc)
+        if exit_code == EXIT_INTERNAL_ERROR:
+            reporter.log("nnunet-launch: internal error:\n" + traceback.format_exc().rstrip())
+        else:
+            reporter.log(f"nnunet-launch: stopped: {exc}")
         raise
     finally:
         intermediates = supervisor.books.intermediates if supervisor else None

@@ -89,7 +89,6 @@ def describe_signal(signum: int) -> str:
 
 
 # Exit code of a worker that was stopped by SIGTERM/SIGINT (an interruption, charged to nobody).
-WORKER_EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as a shell reports it
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,10 @@ never imports them.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import pickle
 from dataclasses import dataclass
 
+from launcher import safe_pickle
 from launcher.errors import LauncherError
 from launcher.spec import Combine, WorkCase
 
@@ -187,47 +186,8 @@ def stage_of(unit: str, plan: StagePlan | None) -> str:
 
 
 # --- validation --------------------------------------------------------------------------------
-class _Reference:
-    """A function a pickle names, recorded instead of imported: checking a postprocessing file
-    must not import nnU-Net (or run anything the file names)."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def __call__(self, *args, **kwargs):
-        raise LauncherError(f"{self.module}.{self.name}: a postprocessing file may only name functions")
-
-
-# What nnU-Net's postprocessing.pkl holds: its functions (named, never called while unpickling) and
-# keyword arguments, which may be numpy scalars (np.int64 pickles as a dtype and scalar(); arrays
-# as _reconstruct). Anything else a pickle can name may run code (numpy.load of a second pickle,
-# os.system, ...): refused.
+# a postprocessing.pkl names nnU-Net's postprocessing functions, never imported while it is checked
 POSTPROCESSING_MODULE = "nnunetv2.postprocessing"
-NUMPY_CONSTRUCTORS = {
-    ("numpy", "dtype"),
-    ("numpy", "ndarray"),
-    *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("scalar", "_reconstruct")),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only NUMPY_CONSTRUCTORS and, as _Reference (or as the function itself when
-    `resolve`), the functions of nnunetv2.postprocessing."""
-
-    def __init__(self, file, resolve: bool = False):
-        super().__init__(file)
-        self.resolve = resolve
-
-    def find_class(self, module, name):
-        if (module, name) in NUMPY_CONSTRUCTORS:
-            return super().find_class(module, name)
-        if module == POSTPROCESSING_MODULE or module.startswith(POSTPROCESSING_MODULE + "."):
-            return super().find_class(module, name) if self.resolve else _Reference(module, name)
-        raise _NotAllowed(f"{module}.{name}")
-
-
-class _NotAllowed(Exception):
-    pass
 
 
 def load_postprocessing(pkl: str) -> tuple[list, list]:
@@ -237,7 +197,7 @@ def load_postprocessing(pkl: str) -> tuple[list, list]:
     with open(pkl, "rb") as f:
         content = f.read()
     _check_postprocessing(pkl, content)
-    return _RestrictedUnpickler(io.BytesIO(content), resolve=True).load()
+    return safe_pickle.loads(content, POSTPROCESSING_MODULE, resolve=True)
 
 
 def _defines(module: str, name: str) -> bool:
@@ -278,8 +238,8 @@ def read_postprocessing(pkl: str, plans_json: str, dataset_json: str) -> Postpro
 
 def _check_postprocessing(pkl: str, content: bytes) -> None:
     try:
-        value = _RestrictedUnpickler(io.BytesIO(content)).load()
-    except _NotAllowed as exc:
+        value = safe_pickle.loads(content, POSTPROCESSING_MODULE)
+    except safe_pickle.NotAllowed as exc:
         raise LauncherError(
             f"-pp_pkl_file {pkl!r} names {exc}; a postprocessing file may name only nnU-Net's postprocessing "
             "functions (nnunetv2.postprocessing) and numpy scalars"
@@ -289,7 +249,8 @@ def _check_postprocessing(pkl: str, content: bytes) -> None:
     ok = isinstance(value, (tuple, list)) and len(value) == 2
     functions, kwargs = value if ok else ([], [])
     ok = ok and isinstance(functions, list) and isinstance(kwargs, list) and len(functions) == len(kwargs)
-    ok = ok and all(isinstance(f, _Reference) for f in functions) and all(isinstance(k, dict) for k in kwargs)
+    ok = ok and all(isinstance(f, safe_pickle.Reference) for f in functions)
+    ok = ok and all(isinstance(k, dict) for k in kwargs)
     if not ok:
         raise LauncherError(
             f"-pp_pkl_file {pkl!r} is not nnU-Net's postprocessing form (a pickled ([functions], [kwargs]) "

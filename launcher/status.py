@@ -35,10 +35,11 @@ import time
 
 from launcher import slurm
 from launcher.errors import LauncherError
+from launcher.exits import EXIT_MEANING
 from launcher.journal import Journal, lock_info, on_network_filesystem, this_host
 from launcher.numbers import count_line, hms, progress_line, stage_text
 from launcher.outputs import journal_path, lock_path, numbered_state_dirs, state_dir, tmp_dir, write_text_atomically
-from launcher.report import EXIT_MEANING, unassigned_line
+from launcher.report import unassigned_line
 
 COUNTS = ("total", "done", "failed", "running", "pending")
 SNAPSHOT_FILE = "status.json"

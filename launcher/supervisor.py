@@ -14,6 +14,7 @@ from multiprocessing.connection import wait
 
 from launcher.bookkeeping import Bookkeeper
 from launcher.config import RunConfig, run_state_dir
+from launcher.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NO_SPACE, EXIT_OK, STOP_SIGNALS, WORKER_EXIT_INTERRUPTED
 from launcher.journal import Journal, JournalWriteError
 from launcher.outputs import clear_tmp, logs_dir, tmp_dir
 from launcher.planning import Plan, predict_settings, work_case
@@ -37,7 +38,7 @@ from launcher.scheduler import (
     key_for_new_worker,
     top_up,
 )
-from launcher.spec import WORKER_EXIT_INTERRUPTED, Failure, WorkerSpec
+from launcher.spec import Failure, WorkerSpec
 
 SHUTDOWN_GRACE_S = 5.0
 REAP_TIMEOUT_S = 5.0  # a process stuck in the kernel cannot be reaped: report it and go on
@@ -48,8 +49,6 @@ MAX_WAIT_S = 0.5
 COALESCE_S = 0.002  # a case's messages come in a burst: take them in one turn of the loop
 WATCHDOG_EVERY_S = 0.25  # hangs are measured in seconds; no need to look at every message
 FLUSH_EVERY_S = 0.05  # journal writes: one transaction per 50 ms of updates at most
-EXIT_OK, EXIT_FAILED, EXIT_NO_SPACE, EXIT_INTERRUPTED = 0, 1, 75, 130
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Supervisor:
@@ -130,10 +129,9 @@ class Supervisor:
         return True
 
     def _install_signal_handlers(self) -> dict:
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed ssh session must not end the run
         return previous
 
     def _on_stop_signal(self, signum, frame) -> None:

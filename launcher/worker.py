@@ -14,7 +14,8 @@ import time
 import traceback
 from collections import deque
 
-from launcher.spec import WORKER_EXIT_INTERRUPTED, Failure, WorkCase, WorkerEnds, WorkerSpec
+from launcher.exits import WORKER_EXIT_INTERRUPTED
+from launcher.spec import Failure, WorkCase, WorkerEnds, WorkerSpec
 
 PR_SET_PDEATHSIG = 1
 # Tests only: device keys (GPU UUIDs, or cpu-slot-K) whose workers crash at start, like a sick GPU.
@@ -43,8 +44,13 @@ class CaseFeed:
                 self.conn.send(("given_back", returned))
 
     def take(self) -> WorkCase | None:
+        """The next case to preprocess (combinations are take_combinations()'s)."""
         self.poll()
-        return self.cases.popleft() if self.cases else None
+        for i, case in enumerate(self.cases):
+            if not case.only_combines:
+                del self.cases[i]
+                return case
+        return None
 
     def take_combinations(self) -> list[WorkCase]:
         """The multi-stage combinations it holds: they need no preprocessing helper, so they
@@ -97,7 +103,7 @@ def _end(exc: BaseException, conn) -> None:
     """The worker ends on an error: say why (unless a stop signal ended it) and exit."""
     ends = exc if isinstance(exc, WorkerEnds) else WorkerEnds(f"{type(exc).__name__}: {exc}", Failure.CRASH)
     if ends.kind is Failure.INTERRUPTED:
-        os._exit(WORKER_EXIT_INTERRUPTED)
+        os._exit(WORKER_EXIT_INTERRUPTED)  # pragma: no cover - see tests/GPU_ONLY.md: coverage saves inside it
     traceback.print_exception(exc)
     sys.stdout.flush()
     try:
@@ -142,7 +148,7 @@ def _exit_on_stop_signals() -> None:
 def _die_with_supervisor(supervisor_pid: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != supervisor_pid:  # the supervisor died before prctl took effect
+    if os.getppid() != supervisor_pid:  # pragma: no cover - the supervisor died before prctl took effect
         os._exit(1)
 
 
@@ -153,9 +159,12 @@ def _start_group_reaper() -> None:
     outlive it (reparented, still holding memory). The reaper, a child of the worker in the
     same group, sees its parent change and SIGKILLs the group, itself included."""
     worker_pid = os.getpid()
-    if os.fork() != 0:
-        return
-    try:  # pragma: no cover - the child SIGKILLs itself: no coverage data survives it (tests/GPU_ONLY.md)
+    if os.fork() == 0:
+        _reap_group_once_orphaned(worker_pid)
+
+
+def _reap_group_once_orphaned(worker_pid: int) -> None:  # pragma: no cover - it SIGKILLs itself (GPU_ONLY.md)
+    try:
         # a stop signal to every process must not end the reaper before the group is gone
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -185,7 +194,7 @@ def _redirect_output(log_path: str) -> None:
 def _pin_device(spec: WorkerSpec) -> None:
     threads = str(spec.settings.threads)
     os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, nnUNet_def_n_proc=threads)
-    if spec.gpu_uuid is not None:
+    if spec.gpu_uuid is not None:  # pragma: no cover - only NVML's GPUs have UUIDs (tests/GPU_ONLY.md)
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu_uuid
     else:

@@ -368,3 +368,13 @@ def manual(stages) -> Path:
         str(manual / "cascade"),
     )
     return manual
+
+
+class PickledCall:
+    """Pickles as a call of `function` with `args` (what a hostile pickle's REDUCE does)."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args

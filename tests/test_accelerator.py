@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_predictions, cli, model_args, plain_nnunet, run_args
+from conftest import ROOT, PickledCall, assert_same_predictions, cli, model_args, plain_nnunet, run_args
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_tiny_model as tiny_model  # noqa: E402
 
-from launcher import fast_profile  # noqa: E402
+from launcher import fast_profile, safe_pickle  # noqa: E402
 from launcher.device import (  # noqa: E402
     SIMULATED_ACCELERATOR_DIR_ENV,
     SIMULATED_ACCELERATOR_ENV,
@@ -102,18 +103,24 @@ def test_kept_outputs_a_cut_input_and_probabilities_on_the_accelerator(small, tm
         shutil.copy(small["inputs"] / f"{case_id}_0000.nii.gz", inputs)
     cut = inputs / "case_002_0000.nii.gz"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
-    first = tmp_path / "first"  # case_000 predicted by a run whose journal is then gone
+    first = tmp_path / "first"  # case_000 and _001 predicted by a run whose journal is then gone
     first.mkdir()
-    shutil.copy(inputs / "case_000_0000.nii.gz", first)
+    for case_id in ("case_000", "case_001"):
+        shutil.copy(inputs / f"{case_id}_0000.nii.gz", first)
     args = accelerator_args({**small, "inputs": first}, out, "--save_probabilities")
     assert cli(*args, env=simulated(BIG), timeout=300).returncode == 0
     shutil.rmtree(out / ".nnunet-launch")
+    # a planted properties file whose unpickling runs a command: never unpickled, predicted again
+    marker = tmp_path / "ran"
+    (out / "case_001.pkl").write_bytes(pickle.dumps(PickledCall(os.system, f"touch {marker}")))
     data = {**small, "inputs": inputs}
     args = accelerator_args(data, out, "--continue_prediction", "--save_probabilities", "--case-retries", "0")
     result = cli(*args, env=simulated(BIG), timeout=300)
     assert result.returncode == 1, result.stderr
     assert "case_002" in result.stderr and "truncated or corrupt" in result.stderr
     assert result.stdout.count("kept (existing output verified)") == 1
+    assert not marker.exists()
+    assert safe_pickle.load_data(str(out / "case_001.pkl"))["spacing"] is not None
     assert sorted(p.name for p in out.glob("case_*")) == [
         "case_000.nii.gz",
         "case_000.npz",

@@ -199,15 +199,19 @@ def test_a_full_disk_stops_the_run_with_a_clear_line_and_the_next_run_resumes(ca
 
 
 @pytest.mark.accelerator  # the worker's fault paths (pipeline.py, worker.py: the same on every device)
-def test_a_killed_helper_ends_its_worker_and_a_failed_prediction_is_retried_both_predicted(cases, tmp_path):
+def test_a_killed_helper_ends_its_worker_and_a_failed_preprocessing_or_prediction_is_retried_all_predicted(
+    cases, tmp_path
+):
     out = tmp_path / "out"
-    env = fake_env(tmp_path, {"case_003": "helper_crash:1", "case_005": "error:1"})
+    env = fake_env(tmp_path, {"case_003": "helper_crash:1", "case_005": "error:1", "case_007": "prep_error:1"})
     result = _run(cases, out, env, "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert_fake_outputs(out, cases["inputs"], cases["ids"])
     assert "an nnU-Net preprocess helper died (killed by SIGKILL)" in result.stdout
     assert "case case_005: prediction failed:" in result.stdout
     assert case_rows(out)["case_005"]["attempts"] == "2"
+    assert "case case_007: preprocessing failed: ValueError: fake preprocessing error" in result.stdout
+    assert case_rows(out)["case_007"]["attempts"] == "2"
 
 
 @pytest.mark.accelerator  # the worker's fault paths (pipeline.py, worker.py: the same on every device)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MEMBERS, STAGE_CASES, cli, copy_outputs_mtimes, fake_env, fake_final, status_json
+from conftest import MEMBERS, STAGE_CASES, PickledCall, cli, copy_outputs_mtimes, fake_env, fake_final, status_json
 
 NUM_CASES = STAGE_CASES
 FAST = ("-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
@@ -348,16 +348,6 @@ def test_a_rerun_without_the_postprocessing_or_a_member_is_refused_naming_the_di
             assert len(result.stderr.strip().splitlines()) == 1
 
 
-class _Call:
-    """Pickles as a call of `function` with `args` (what a hostile pickle's REDUCE does)."""
-
-    def __init__(self, function, *args):
-        self.function, self.args = function, args
-
-    def __reduce__(self):
-        return self.function, self.args
-
-
 def test_a_postprocessing_pickle_that_would_run_code_is_refused_before_anything_runs(stages, tmp_path):
     """numpy.load of a second pickle (allow_pickle=True) used to pass the check and run that
     pickle's command, even in `plan`. Only nnU-Net's postprocessing functions and numpy scalar
@@ -368,11 +358,11 @@ def test_a_postprocessing_pickle_that_would_run_code_is_refused_before_anything_
 
     marker = tmp_path / "ran"
     payload = tmp_path / "payload.pkl"
-    payload.write_bytes(pickle.dumps(_Call(os.system, f"touch {marker}")))
+    payload.write_bytes(pickle.dumps(PickledCall(os.system, f"touch {marker}")))
     hostile = {
-        "numpy.load": _Call(np.load, str(payload), None, True),
-        "os.system": _Call(os.system, f"touch {marker}"),
-        "builtins.eval": _Call(eval, f"open({str(marker)!r}, 'w')"),
+        "numpy.load": PickledCall(np.load, str(payload), None, True),
+        "os.system": PickledCall(os.system, f"touch {marker}"),
+        "builtins.eval": PickledCall(eval, f"open({str(marker)!r}, 'w')"),
     }
     with open(stages["postprocessing_pkl"], "rb") as f:
         functions, kwargs = pickle.load(f)

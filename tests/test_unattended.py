@@ -1,0 +1,88 @@
+"""The unattended night: a run outlives its terminal, and how it ends (exit code, report,
+--on-finish) is decided by what it recorded, never by a write to a screen nobody reads."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shlex
+import subprocess
+import termios
+import threading
+import time
+
+from conftest import cli, fake_env, launcher_cmd, run_args, status_json
+
+
+def _with_controlling_terminal() -> None:
+    """In the child: a session of its own whose controlling terminal is the pty on fd 0, as a
+    shell in an ssh session or a tmux window starts the launcher."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _on_finish_writes_exit_code(path) -> str:
+    return f'printf %s "$NNUNET_LAUNCH_EXIT_CODE" > {shlex.quote(str(path))}'
+
+
+def test_a_terminal_closed_mid_run_leaves_the_report_the_exit_code_and_the_on_finish_of_a_finished_run(
+    cases, tmp_path
+):
+    out, told = tmp_path / "out", tmp_path / "told"
+    args = run_args(cases, out, "--workers", "2", "--on-finish", _on_finish_writes_exit_code(told))
+    master, terminal = os.openpty()
+    process = subprocess.Popen(
+        launcher_cmd(*args),
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        preexec_fn=_with_controlling_terminal,
+        env={**os.environ, **fake_env(tmp_path, case_seconds=0.4)},
+    )
+    os.close(terminal)
+    try:
+        screen = bytearray()
+
+        def read_screen():  # as a terminal does: the launcher's writes never block on a full pty
+            try:
+                while chunk := os.read(master, 65536):
+                    screen.extend(chunk)
+            except OSError:
+                pass  # the terminal is closed
+
+        reader = threading.Thread(target=read_screen, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while (status_json(out) or {}).get("done", 0) < 3:
+            assert process.poll() is None and time.monotonic() < deadline, bytes(screen).decode(errors="replace")
+            time.sleep(0.2)
+        os.close(master)  # the ssh connection drops: SIGHUP, and every later write to the terminal fails
+        code = process.wait(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code == 0
+    state = out / ".nnunet-launch"
+    summary = json.loads((state / "summary.json").read_text())
+    assert summary["exit_code"] == 0 and summary["done"] == len(cases["ids"])
+    assert (state / "cases.csv").is_file() and (state / "report.html").is_file()
+    closing = "\n".join((state / "logs" / "supervisor.log").read_text().splitlines()[-10:])
+    assert f"the run's picture: {state / 'report.html'}" in closing, "the run's closing lines are in its log"
+    assert told.read_text() == "0"
+    assert cli("status", str(out)).returncode == 0
+
+
+def test_a_full_disk_before_the_supervisor_starts_exits_75_and_on_finish_is_told_75(cases, tmp_path):
+    """The journal cannot be created (its file is /dev/full: every write fails with ENOSPC, as on
+    a full disk): one line, exit 75 (rerun once there is space), not an internal error."""
+    out, told = tmp_path / "out", tmp_path / "told"
+    (out / ".nnunet-launch").mkdir(parents=True)
+    (out / ".nnunet-launch" / "journal.sqlite").symlink_to("/dev/full")
+    args = run_args(cases, out, "--workers", "2", "--on-finish", _on_finish_writes_exit_code(told))
+    result = cli(*args, env=fake_env(tmp_path))
+    assert result.returncode == 75, result.stderr
+    assert "stopped: cannot write the journal" in result.stderr and "disk is full" in result.stderr
+    assert "internal error" not in result.stderr
+    assert told.read_text() == "75"
