@@ -25,7 +25,7 @@ from launcher.policy import (
 from launcher.processes import WorkerHandle
 from launcher.scheduler import FAILED, HELD, CaseBook, Slot
 from launcher.spec import CaseTimes, Failure
-from launcher.stages import IntermediateFiles
+from launcher.stages import IntermediateFiles, split_unit
 
 
 class Bookkeeper:
@@ -53,6 +53,10 @@ class Bookkeeper:
         A supervisor killed in between loses at most those updates: a case done then has its
         output in OUT and is verified and kept by the next run."""
         self.unwritten.extend(updates)
+        if self.intermediates is not None:
+            for unit, row in updates:
+                if row.get("state") == FAILED and split_unit(unit)[0] is None:
+                    self.intermediates.case_failed(unit)
 
     def flush(self) -> None:
         """Make the book's transitions durable. A journal that cannot be written (a full disk)
@@ -124,7 +128,11 @@ class Bookkeeper:
         if seconds and flight is not None and flight.stage != HELD and not self.combination(case_id):
             rate = seconds / max(self.book.work.get(case_id, 1.0), 1.0)
             self.seconds_per_work = max(self.seconds_per_work or 0.0, rate)
-        how = "kept (existing output verified)" if verified else f"{seconds:.1f} s"
+        if verified:
+            how = "kept (existing output verified)"
+        else:  # its own seconds (preprocess + predict + export); waiting behind another case apart
+            waited = times.wait_seconds
+            how = f"{seconds - waited:.1f} s" + (f", waited {waited:.1f} s for the device" if waited >= 0.05 else "")
         progress = f"[{len(self.book.done)}/{len(self.book.work)}]"
         self.log(f"[part {handle.part} {handle.slot.label}] done {case_id} ({how}) {progress}")
 

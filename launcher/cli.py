@@ -385,9 +385,15 @@ def verify(num_nodes, parts_per_node, **values):
     """After a SLURM array: every case has a complete output? (the verify job runs this)"""
     from launcher.verify import verify as check
 
-    code, lines = check(build_config(values), num_nodes, parts_per_node)
+    config = build_config(values)
+    code, lines = check(config, num_nodes, parts_per_node)
     for line in lines:
         click.echo(line, err=bool(code))
+    if config.on_finish:  # once per SLURM run: its tasks leave it to this job, which runs after them all
+        from launcher.notify import notify_finished
+        from launcher.outputs import state_dir
+
+        notify_finished(config.on_finish, config.output_folder, state_dir(config.output_folder), code)
     sys.exit(code)
 
 

@@ -187,6 +187,26 @@ class Journal:
             cursor = db.execute("INSERT INTO runs (pid, started) VALUES (?, ?)", (os.getpid(), time.time()))
             return cursor.lastrowid
 
+    def close_dead_run(self, seen: float | None) -> dict | None:
+        """The latest run did not close its books (its launcher was SIGKILLed, the OOM killer took
+        it, the machine went down): end it at `seen`, when it was last seen alive (or its last
+        journaled step), its exit code unknown (NULL). Called under the OUT lock, so it is not
+        running. Returns {"pid", "started", "seen", "in_flight"} of that run, or None."""
+        row = self.db.execute("SELECT id, pid, started FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None or self.db.execute("SELECT ended FROM runs WHERE id=?", (row[0],)).fetchone()[0] is not None:
+            return None
+        activity = self.db.execute(
+            "SELECT MAX(t) FROM (SELECT MAX(ts) AS t FROM events UNION ALL SELECT MAX(ended) FROM cases "
+            "UNION ALL SELECT MAX(started) FROM cases)"
+        ).fetchone()[0]
+        seen = max(t for t in (seen, activity, row[2]) if t is not None)
+        in_flight = self.db.execute(  # worked on, not only queued in a worker (numbers.PERSON_STATE_SQL)
+            "SELECT COUNT(*) FROM cases WHERE state=? AND IFNULL(stage, '') != ?", (RUNNING, HELD)
+        ).fetchone()[0]
+        with self._tx() as db:
+            db.execute("UPDATE runs SET ended=? WHERE id=?", (seen, row[0]))
+        return {"pid": row[1], "started": row[2], "seen": seen, "in_flight": in_flight}
+
     def last_run_ended(self) -> bool:
         """Whether the latest run closed its books (a killed one did not write its report)."""
         row = self.db.execute("SELECT ended FROM runs ORDER BY id DESC LIMIT 1").fetchone()
@@ -230,8 +250,11 @@ class Journal:
         ):
             counts = outcomes.get(run_id, {})
             wall = round(ended - started, 2) if ended is not None and started is not None else None
+            # ended without an exit code: it died (close_dead_run), `ended` is when it was last seen
+            died = ended is not None and exit_code is None
             history.append(
                 {"run": run_id, "started": started, "ended": ended, "wall_seconds": wall, "exit_code": exit_code}
+                | {"died": died}
                 | {k: counts.get(k, 0) for k in ("done", "failed", "released")}
             )
         return history
@@ -318,11 +341,6 @@ class Journal:
                     (DONE, run_started),
                 )
             }
-            first_done = db.execute(
-                "SELECT ended, work FROM cases WHERE state=? AND ended >= ? AND seconds IS NOT NULL ORDER BY ended "
-                "LIMIT 1",
-                (DONE, run_started),
-            ).fetchone()
             shares = numbers.stage_shares(self._recent_stage_seconds(run_started))
             working = self._working(shares)
             parts = [self._part(row, per_part, this_run, working, run_started) for row in db.execute(PARTS_SQL)]
@@ -337,8 +355,7 @@ class Journal:
         work_left = sum(left_per_part.values())
         work_done = sum(work for _, _, work in this_run.values())
         in_flight = sum(w["behind"] for w in working)
-        first_done = (first_done[0], first_done[1] or 0.0) if first_done else None
-        eta = numbers.eta_s(work_left, work_done, in_flight, working_since, now, first_done)
+        eta = numbers.eta_s(work_left, work_done, in_flight, working_since, now)
         shared = per_part.get(None, {}).get("waiting", 0)  # a queue no part owns yet (dynamic schedule)
         busy = sum(1 for p in parts if p["state"] == "running") or 1
         for part in parts:  # a part's share of the overall rate; a finished part has no ETA, and while
@@ -347,6 +364,11 @@ class Journal:
             left -= sum(w["behind"] for w in working if w["part"] == part["part_id"])
             known = eta is not None and part["left"] and not shared
             part["eta_s"] = round(eta * busy * left / max(work_left, 1e-9)) if known else None
+        # the run ends with its slowest part: where every busy part's ETA is known, the run's is theirs
+        part_etas = [p["eta_s"] for p in parts if p["left"]]
+        if eta is not None and part_etas and None not in part_etas:
+            eta = max(eta, *part_etas)
+        eta_range = numbers.eta_range_s(eta, work_left, work_done, in_flight)
         final = stages.pop("case_states", None)
         return {
             "at": now,
@@ -360,6 +382,7 @@ class Journal:
             "running": units["working"],
             "pending": units["queued"] + units["waiting"],
             "eta_s": None if eta is None else round(eta),
+            "eta_range_s": eta_range,
             "elapsed_s": round(now - run_started) if run_started and run[3] is None else None,
             # estimated work (voxels x channels): the ETA comes from work left and work done per second
             "work_left": work_left,
@@ -468,6 +491,16 @@ class Journal:
         for unit, stage in self.db.execute("SELECT id, stage FROM cases WHERE state=?", (RUNNING,)):
             (queued if stage == HELD else working).add(unit.rsplit("/", 1)[-1])
         queued -= working
+        # a case whose final unit failed (or is done) is that, whatever member still runs
+        flying = sorted(working | queued)
+        ended = {
+            row[0]
+            for row in self.db.execute(
+                f"SELECT id FROM cases WHERE state IN (?, ?) AND id IN ({', '.join('?' * len(flying))})",
+                (DONE, FAILED, *flying),
+            )
+        }
+        working, queued = working - ended, queued - ended
         states = {"done": final.get("done", 0), "failed": final.get("failed", 0)}
         states |= {"working": len(working), "queued": len(queued)}
         states["waiting"] = sum(final.values()) - sum(states.values())

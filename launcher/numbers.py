@@ -19,6 +19,10 @@ PERSON_STATE_SQL = (
 # What share of a case's work each stage is, before any case has finished to measure it
 DEFAULT_SHARES = {"preprocess": 0.2, "predict": 0.6, "export": 0.2}
 ETA_MIN_ELAPSED_S = 5.0  # a rate measured over less says nothing
+# Before this share of the run's work is behind it, the ETA is a range (ETA_RANGE x the estimate):
+# the first cases carry the workers' warm-up and say little of the mix of sizes to come.
+ETA_SURE_FRACTION = 0.10
+ETA_RANGE = (0.7, 1.4)
 
 
 def counts(by_state: dict[str, int]) -> dict[str, int]:
@@ -41,10 +45,12 @@ def count_line(snapshot: dict) -> str:
     cases = snapshot["cases"]
     steps = snapshot.get("steps")
     of_steps = f" ({steps['done']}/{steps['total']} steps)" if steps else ""
-    return (
-        f"{cases['done']}/{cases['total']} cases done{of_steps}, {cases['failed']} failed, "
-        f"{cases['working']} working, {cases['queued']} queued in workers, {cases['waiting']} waiting"
-    )
+    line = f"{cases['done']}/{cases['total']} cases done{of_steps}, {cases['failed']} failed, "
+    if "interrupted" in cases:  # a run that died (status._as_dead_run): its cases in flight
+        line += f"{cases['interrupted']} interrupted, "
+    if "interrupted" not in cases or cases["working"] or cases["queued"]:
+        line += f"{cases['working']} working, {cases['queued']} queued in workers, "
+    return line + f"{cases['waiting']} waiting"
 
 
 def stage_shares(seconds: dict[str, float]) -> dict[str, float]:
@@ -67,22 +73,35 @@ def in_flight_share(stage: str, step_done: int | None, step_total: int | None, s
     return shares["preprocess"] + shares["predict"] + shares["export"] / 2
 
 
-def eta_s(
-    work_left: float, work_done: float, in_flight: float, since: float | None, now: float, first_done=None
-) -> float | None:
+def eta_s(work_left: float, work_done: float, in_flight: float, since: float | None, now: float) -> float | None:
     """Seconds left: the work left (voxels x channels, less what is behind the cases in flight)
-    over the rate of work. The rate counts from the run's first finished case, `first_done` =
-    (when, its work): before it, workers load models and their helpers import nnU-Net, which says
-    nothing of the rest; until it is `ETA_MIN_ELAPSED_S` old, from the first case's start
-    (`since`). The cases in flight count by their progress. None until there is a rate."""
-    if first_done is not None and now - first_done[0] >= ETA_MIN_ELAPSED_S:
-        since, work_done = first_done[0], work_done - first_done[1]
+    over the run's rate of work since its first case started (`since`), the cases in flight
+    counted by their progress. One rate over the whole run: workers that finish cases in step
+    move it smoothly (a case's work counts while it is in flight, not all at once when it ends).
+    None until there is a rate (`ETA_MIN_ELAPSED_S`)."""
     if since is None or now - since < ETA_MIN_ELAPSED_S:
         return None
     behind = work_done + in_flight
     if behind <= 0:
         return None
     return max(0.0, work_left - in_flight) * (now - since) / behind
+
+
+def eta_range_s(eta: float | None, work_left: float, work_done: float, in_flight: float) -> list[int] | None:
+    """[low, high] seconds while less than ETA_SURE_FRACTION of the run's work is behind it (an
+    honest "about 20-40 min" instead of a number that moves 2x), else None."""
+    behind = work_done + in_flight
+    if eta is None or behind >= ETA_SURE_FRACTION * (work_done + work_left):
+        return None
+    return [round(eta * ETA_RANGE[0]), round(eta * ETA_RANGE[1])]
+
+
+def eta_text(snapshot: dict) -> str:
+    """ "0:12:30", or "about 0:10:00-0:20:00" early in a run."""
+    low_high = snapshot.get("eta_range_s")
+    if low_high:
+        return f"about {hms(low_high[0])}-{hms(low_high[1])}"
+    return hms(snapshot.get("eta_s"))
 
 
 def rate_per_min(snapshot: dict) -> float | None:
@@ -101,7 +120,7 @@ def progress_line(snapshot: dict, elapsed_s: float | None = None) -> str:
     rate_text = f", {rate:.1f} {per}/min" if rate else ""
     cases = snapshot["cases"]
     left = cases["working"] + cases["queued"] + cases["waiting"]
-    eta = f"ETA {hms(snapshot.get('eta_s'))}, " if left else ""  # a finished run has none
+    eta = f"ETA {eta_text(snapshot)}, " if left else ""  # a finished run has none
     return f"{count_line(snapshot)}; {eta}elapsed {hms(elapsed)}{rate_text}"
 
 

@@ -23,6 +23,7 @@ from launcher.outputs import case_outputs, move_into_place, output_complete
 from launcher.spec import CaseTimes, Failure, PredictSettings, UnreadableInput, WorkCase, WorkerEnds, describe_signal
 
 POLL_S = 0.05
+HELPER_EXIT_S = 5.0  # a helper's time to end on SIGTERM (under tests coverage saves its data) before SIGKILL
 STEP_REPORT_EVERY_S = 1.0
 
 
@@ -69,9 +70,18 @@ class CasePipeline:
         self.exporting: list[tuple[WorkCase, object, dict]] = []  # (case, export job, its clock so far)
 
     def terminate(self) -> None:
-        """End the helpers at once (their work is done, or lost with the worker anyway)."""
-        for pool in (self.prep_pool, self.export_pool):
-            pool.terminate()
+        """End the helpers (their work is done, or lost with the worker anyway): SIGTERM, then
+        SIGKILL for any still there after HELPER_EXIT_S. Not Pool.terminate(), which waits for
+        each helper without end (seen: a helper that never exited held a worker whose cases were
+        all done), and the worker exits right after, without the pools' threads."""
+        helpers = {*self.pool_processes, *self.prep_pool._pool, *self.export_pool._pool}  # replacements too
+        for helper in helpers:
+            helper.terminate()
+        deadline = time.monotonic() + HELPER_EXIT_S
+        for helper in helpers:
+            helper.join(max(0.0, deadline - time.monotonic()))
+            if helper.exitcode is None:
+                helper.kill()
 
     def run(self, feed, emit: Callable[[tuple], None]) -> None:
         """Predict every case the feed gives (see worker.CaseFeed) until it is exhausted."""

@@ -6,6 +6,7 @@ import importlib
 import os
 import shlex
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -40,6 +41,7 @@ from launcher.progress import Reporter, wants_live_view
 from launcher.report import summary_lines, write_summary
 from launcher.scheduler import CaseBook, OutFacts, foreign_outputs
 from launcher.stages import describe_stages, split_unit, stage_of
+from launcher.status import dead_run_line, last_seen_alive, run_states
 from launcher.supervisor import Supervisor
 
 
@@ -86,7 +88,9 @@ def run(config: RunConfig, argv: list[str]) -> int:
         raise
     finally:
         lock.release()
-        if config.on_finish and exit_code is not None:
+        # a SLURM array's task is one share of the run, requeued perhaps: the verify job after the
+        # array tells --on-finish, once (verify.py)
+        if config.on_finish and exit_code is not None and config.node is None:
             notify_finished(config.on_finish, config.output_folder, state, exit_code)
 
 
@@ -136,13 +140,36 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
         finally:
             journal.close()
     _refuse_other_run(config, previous)
-    _refuse_foreign(config, foreign_outputs(rows, strays))
+    placed_beside = _placed_by_other_shares(config, output_identity(config))
+    _refuse_foreign(config, [c for c in foreign_outputs(rows, strays) if c not in placed_beside])
     journaled_done = {c for c, row in rows.items() if row.state == DONE}
     fresh = _fresh_targets(config, plan, journaled_done) if config.fresh else []
     if config.fresh:
         strays, complete, rows = [], set(), {}
     reported = ended and os.path.isfile(os.path.join(run_state_dir(config), "summary.json"))
     return OutView(strays, complete, resume_book(plan, rows, strays, complete), fresh, reported)
+
+
+def _placed_by_other_shares(config: RunConfig, identity: RunIdentity) -> set[str]:
+    """Cases whose outputs another share of this OUT placed (a plain run beside `-part_id k` runs,
+    SLURM nodes): journaled done in another state folder by a run of the same model and
+    settings. They are the launcher's, not another tool's: kept once they decode."""
+    mine = run_state_dir(config)
+    placed: set[str] = set()
+    for _, _, folder in run_states(config.output_folder):
+        if folder == mine or not os.path.isfile(journal_path(folder)):
+            continue
+        try:
+            journal = Journal.open_readonly(journal_path(folder))
+            try:
+                theirs = journal.identity()
+                if theirs is not None and not RunIdentity.from_json(theirs).diff(identity):
+                    placed |= {c for c, row in journal.book_rows().items() if row.state == DONE}
+            finally:
+                journal.close()
+        except (LauncherError, sqlite3.Error):
+            continue  # unreadable: its outputs are not vouched for
+    return placed
 
 
 def resume_book(plan: Plan, rows: dict[str, JournalRow], strays: list[str], complete: set[str]) -> CaseBook:
@@ -242,6 +269,7 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, a
     state = run_state_dir(config)
     clear_tmp(tmp_dir(state))
     parts = [(s.part_id, s.label, s.gpu_uuid) for s in plan.slots]
+    dead = journal.close_dead_run(last_seen_alive(state))
     run_id = journal.start_run(identity, parts, plan.unit_work())
     # the last step of the manual chain decides which of nnUNetv2_predict's files OUT gets
     predicted = plan.stages is None or not plan.stages.combines
@@ -253,6 +281,8 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, a
     reporter = Reporter(
         supervisor_log, journal, {s.gpu_uuid: s.label for s in plan.slots if s.gpu_uuid}, wants_live_view()
     )
+    if dead is not None:
+        reporter.log(f"nnunet-launch: {dead_run_line(dead)}")
     again = f", {book.retried} failed case(s) of the last run tried again" if book.retried else ""
     reporter.log(
         f"nnunet-launch: {len(plan.cases)} case(s), {len(book.done & set(plan.cases))} already done{again}, "

@@ -87,6 +87,15 @@ class LargestFirstQueue:
                 heapq.heappush(self._heap, (self._key(case_id), case_id))
                 self._queued.add(case_id)
 
+    def discard(self, case_id: str) -> bool:
+        """Take `case_id` out of the queue (rare: its case failed); whether it was queued."""
+        if case_id not in self._queued:
+            return False
+        self._queued.discard(case_id)
+        self._heap = [entry for entry in self._heap if entry[1] != case_id]
+        heapq.heapify(self._heap)
+        return True
+
     def __len__(self) -> int:
         return len(self._heap)
 
@@ -245,7 +254,7 @@ class CaseBook:
         OUT holds. `startup_updates` make the moves durable:
         - a case a dead run left in flight is queued again, that attempt not counted;
         - a failed case is tried again with a fresh attempt budget (its cause may be fixed):
-          `retried` counts them;
+          `retried` counts their cases;
         - a done case whose output vanished is predicted again;
         - a case whose input is cut or corrupt fails, never predicted;
         - every case not done takes the plan's part (a done case keeps the part that ran it).
@@ -260,7 +269,9 @@ class CaseBook:
                 updates.append((case_id, change))
         book = cls(work, states, attempts, static_part, needs)
         book.startup_updates = updates + book.startup_updates
-        book.retried = sum(1 for c in work if c in rows and rows[c].state == FAILED and c not in facts.broken)
+        book.retried = len(  # cases, not units: a case's failed units are one failed case
+            {split_unit(c)[1] for c in work if c in rows and rows[c].state == FAILED and c not in facts.broken}
+        )
         book.verify = {c for c in facts.present if c in work and states[c] == PENDING}
         return book
 
@@ -413,6 +424,27 @@ class CaseBook:
             self.remaining_work -= self.work[dependent]
             updates.append((dependent, {"state": FAILED, "stage": None, "ended": now, "error": error}))
             updates += self._fail_dependents(dependent, now)
+            updates += self._drop_unneeded(dependent, unit, now)
+        return updates
+
+    def _drop_unneeded(self, failed: str, cause: str, now: float | None) -> list[Update]:
+        """The other units a failed unit needed (an ensemble's other members, a cascade's
+        lowres), not started yet and needed by nothing else that can still run: they are not
+        predicted (a case's member can take as long as the case, and its files gigabytes)."""
+        updates = []
+        for need in self.needs.get(failed, ()):
+            if need in self.done or need in self.failed or need in self.flights:
+                continue
+            if not all(d in self.failed for d in self.needed_by.get(need, ())):
+                continue
+            queued = [q for queues in (self.queues, self.solo) if (q := queues.get(self.key(need))) is not None]
+            if self.waiting.pop(need, None) is None and not any(q.discard(need) for q in queued):
+                continue
+            error = f"not run: {cause} failed, and its case with it"
+            self.failed[need] = error
+            self.remaining_work -= self.work[need]
+            updates.append((need, {"state": FAILED, "stage": None, "ended": now, "error": error}))
+            updates += self._drop_unneeded(need, cause, now)
         return updates
 
     def release(self, case_ids: Iterable[str], solo: bool = False, defer: bool = False) -> list[Update]:

@@ -46,6 +46,11 @@ class CaseTimes:
     def seconds(self) -> float:
         return self.ended - self.started
 
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds its prepared input waited for the device (another case was being predicted)."""
+        return 0.0 if self.prepared is None or self.predicting is None else self.predicting - self.prepared
+
     def stage_seconds(self) -> dict[str, float | None]:
         """Preprocessing, waiting for the device, predicting, exporting: they add up to `seconds`."""
         if self.prepared is None or self.predicting is None:

@@ -270,14 +270,15 @@ def member_names(specs: list[tuple[str, str, str]]) -> list[str]:
 
 class IntermediateFiles:
     """The members' outputs of a multi-stage run: how much disk they hold (the summary reports
-    the peak) and their removal once a case's final output is journaled (unless --keep-stages),
-    so that they stay bounded by the cases in flight."""
+    the peak) and their removal once a case's final output is journaled, or the case failed
+    (unless --keep-stages), so that they stay bounded by the cases in flight."""
 
     def __init__(self, plan: StagePlan, done: set[str]):
         self.plan = plan
         self.bytes_per_case: dict[str, int] = {}
         self.now = self.peak = 0
-        self.finished: list[str] = []  # cases whose final output is done, waiting for the journal
+        self.finished: list[str] = []  # cases whose final output is done (or failed), waiting for the journal
+        self.failed: set[str] = set()  # cases that failed in this run: a member that still ends is removed too
         for member in plan.members:
             folder = plan.member_dir(member.name)
             os.makedirs(folder, exist_ok=True)
@@ -298,7 +299,14 @@ class IntermediateFiles:
         member, case_id = split_unit(unit)
         if member is not None:
             self._add(case_id, sum(_size(p) for p in self.plan.member_outputs(member, case_id)))
-        elif not self.plan.keep:
+        if not self.plan.keep and (member is None or case_id in self.failed):
+            self.finished.append(case_id)
+
+    def case_failed(self, case_id: str) -> None:
+        """The case's final unit failed: its members' outputs serve nothing (a rerun predicts them
+        again with the case)."""
+        self.failed.add(case_id)
+        if not self.plan.keep:
             self.finished.append(case_id)
 
     def remove_finished(self) -> None:

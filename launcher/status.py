@@ -93,6 +93,47 @@ def read_snapshot(state: str) -> dict | None:
     return record
 
 
+def last_seen_alive(state: str) -> float | None:
+    """When the launcher of this state folder last published its snapshot, unless it published
+    its last one (a run that ended): for a run that died, when it was last seen alive."""
+    snapshot = read_snapshot(state)
+    return None if snapshot is None or snapshot.get("final") else snapshot.get("updated")
+
+
+def dead_run_line(dead: dict) -> str:
+    """What a rerun says first of the run before it that died (Journal.close_dead_run)."""
+    in_flight = f"; its {dead['in_flight']} case(s) in flight are predicted again" if dead["in_flight"] else ""
+    return (
+        f"the last run (pid {dead['pid']}, started {_clock(dead['started'])}) was killed or died before it "
+        f"ended: last seen alive {_clock(dead['seen'])}{in_flight}"
+    )
+
+
+def _clock(epoch: float | None) -> str:
+    return "?" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _as_dead_run(info: dict, seen: float | None) -> None:
+    """A run whose launcher is gone without closing its books: nothing works on its cases any
+    more. Its cases in flight are interrupted (the next run predicts them again), its queued ones
+    wait, it has no ETA, and its last run says when it was last seen alive."""
+    info["last_run"] = {**info["last_run"], "died": True, "seen": seen or info["last_run"].get("ended")}
+    for block in ("cases", "steps"):
+        if block in info:
+            counts = dict(info[block])
+            counts["interrupted"], counts["working"] = counts["working"], 0
+            counts["waiting"], counts["queued"] = counts["waiting"] + counts["queued"], 0
+            info[block] = counts
+    info["interrupted"], info["running"] = info["running"], 0
+    info["eta_s"] = info["elapsed_s"] = info["eta_range_s"] = None
+    for part in info["parts"]:
+        if part.get("current_case"):
+            stage = stage_text(part.get("current_stage"), part.get("current_progress_pct"))
+            part["interrupted_case"] = f"{part['current_case']} ({stage})"
+        part.update(current_case=None, current_stage=None, current_progress_pct=None, eta_s=None, worker_pid=None)
+        part["queued"] = 0
+
+
 def _journal_status(state: str, with_rows: bool) -> tuple[dict, list[dict]]:
     journal = Journal.open_readonly(journal_path(state))
     try:
@@ -123,6 +164,9 @@ def _state_status(state: str, with_rows: bool = True) -> tuple[dict, list[dict]]
     else:
         info["source"] = "journal"
         running = holder is not None
+    last = info.get("last_run")
+    if not running and last and (last["ended"] is None or last["exit_code"] is None):
+        _as_dead_run(info, last_seen_alive(state))
     info["launcher_running"] = running
     info["launcher_pid"] = holder.get("pid") if running else None
     info["launcher_host"] = holder.get("host") if running else None
@@ -211,10 +255,14 @@ def _merged(states: list[tuple[str, int | None, str]], with_rows: bool) -> tuple
                 merged[block] = {k: merged.get(block, {}).get(k, 0) + v for k, v in info[block].items()}
         if info.get("eta_s") is not None:  # the nodes run at once: the last one to finish
             merged["eta_s"] = max(merged.get("eta_s") or 0, info["eta_s"])
+        if info.get("eta_range_s"):
+            low, high = merged.get("eta_range_s") or (0, 0)
+            merged["eta_range_s"] = [max(low, info["eta_range_s"][0]), max(high, info["eta_range_s"][1])]
         # the array's clock: from its first node's first case, its cases done together
         merged["at"] = max(merged.get("at") or 0.0, info.get("at") or 0.0)
         merged["elapsed_s"] = max(merged.get("elapsed_s") or 0, info.get("elapsed_s") or 0) or None
         merged["done_this_run"] = merged.get("done_this_run", 0) + info.get("done_this_run", 0)
+        merged["interrupted"] = merged.get("interrupted", 0) + info.get("interrupted", 0)
         if info.get("working_since") is not None:
             merged["working_since"] = min(merged.get("working_since") or info["working_since"], info["working_since"])
         merged["parts"] += [{**p, **where} for p in info["parts"]]
@@ -252,7 +300,7 @@ def exit_code(info: dict) -> int:
         return 0
     if "slurm" in info:
         return 1 if info["slurm"]["queue"] == {} else 0
-    return 1 if info["failed"] or info["pending"] or info["running"] else 0
+    return 1 if info["failed"] or info["pending"] or info["running"] or info.get("interrupted") else 0
 
 
 def _launcher_state(info: dict) -> str:
@@ -270,7 +318,12 @@ def render_status(info: dict) -> str:
         return f"launcher: not started; {_submission(info['slurm'])}"
     state = _launcher_state(info)
     last = info.get("last_run") or {}
-    if not info["launcher_running"] and last.get("ended"):
+    if not info["launcher_running"] and last.get("died"):
+        state += (
+            f"; the last run (pid {last['pid']}, started {_clock(last['started'])}) was killed or died before it "
+            f"ended: last seen alive {_clock(last['seen'])}"
+        )
+    elif not info["launcher_running"] and last.get("ended"):
         wall = last["ended"] - last["started"]
         meaning = EXIT_MEANING.get(last["exit_code"], "error")
         state += (
@@ -290,10 +343,13 @@ def render_status(info: dict) -> str:
         rate = f", {p['rate_per_min']}/min" if p["rate_per_min"] else ""
         stage = stage_text(p.get("current_stage"), p.get("current_progress_pct"))
         current = f", on {p['current_case']} ({stage})" if p["current_case"] else ""
+        if p.get("interrupted_case"):
+            current = f", interrupted on {p['interrupted_case']}"
         failed = f", {p['failed']} failed" if p.get("failed") else ""
         queued = f", {p['queued']} queued" if p.get("queued") else ""
+        share = f"{p['run']}, " if p.get("run") not in (None, "run") else ""  # several shares: each has a part 0
         lines.append(
-            f"  part {p['part_id']} ({p['gpu']}): {p['done']}/{p['total']} done{failed}{queued}, "
+            f"  {share}part {p['part_id']} ({p['gpu']}): {p['done']}/{p['total']} done{failed}{queued}, "
             f"{p['restarts']} restart(s){current}{rate}{eta}"
         )
     if line := unassigned_line(info):

@@ -201,6 +201,19 @@ staged_event = st.one_of(
 )
 
 
+def test_when_an_ensemble_member_fails_for_good_the_other_members_not_started_are_not_predicted():
+    ensemble = {"2d/c": (), "3d/c": (), "c": ("2d/c", "3d/c"), "2d/d": (), "3d/d": (), "d": ("2d/d", "3d/d")}
+    book = CaseBook(dict.fromkeys(ensemble, 1.0), {}, {}, None, ensemble)
+    first, _ = book.take(None, 0, 0, False, 1.0)
+    member, case_id = first.split("/")
+    other = ("3d/" if member == "2d" else "2d/") + case_id
+    updates = dict(book.charge(first, "boom", final=True, retries=0, solo=False, now=2.0))
+    assert book.place(case_id) == FAILED and book.place(other) == FAILED
+    assert updates[other]["error"] == f"not run: {first} failed, and its case with it"
+    taken = [book.take(None, w, w, False, 3.0)[0] for w in (1, 2, 3)]
+    assert sorted(t for t in taken if t) == sorted(u for u in ensemble if "/" in u and not u.endswith(case_id))
+
+
 @settings(max_examples=150, deadline=None)
 @given(events=st.lists(staged_event, max_size=60))
 def test_units_run_only_after_what_they_need_and_fail_when_it_fails(tmp_path_factory, events):
@@ -229,6 +242,9 @@ def test_units_run_only_after_what_they_need_and_fail_when_it_fails(tmp_path_fac
         for unit, unmet in book.waiting.items():
             assert unmet == {n for n in STAGED[unit] if n not in book.done}
             assert not (unmet & set(book.failed)), f"{unit} waits for a unit that failed"
+        for unit in [u for u in STAGED if book.place(u) == PENDING]:
+            dependents = [d for d, needs in STAGED.items() if unit in needs]
+            assert not dependents or not all(d in book.failed for d in dependents), f"{unit} serves nothing"
         states = dict(journal.db.execute("SELECT id, state FROM cases"))
         assert states == {u: book.place(u) for u in STAGED}
     journal.close()

@@ -6,16 +6,33 @@ from __future__ import annotations
 from launcher import numbers
 
 
-def test_the_eta_counts_from_the_first_finished_case_and_the_cases_in_flight_by_their_progress():
+def test_the_eta_is_the_work_left_over_the_runs_rate_with_the_cases_in_flight_by_their_progress():
     # nothing to go by yet: no case started, or started under ETA_MIN_ELAPSED_S ago
     assert numbers.eta_s(100.0, 0.0, 0.0, None, 10.0) is None
     assert numbers.eta_s(100.0, 0.0, 5.0, 8.0, 10.0) is None
     # 10 s since the first case started, 20 units of work behind (5 of them in flight): 80 left
     assert numbers.eta_s(100.0, 15.0, 5.0, 0.0, 10.0) == 95.0 * 10.0 / 20.0
-    # once the first finished case is 5 s old, the warm-up before it no longer counts:
-    # 30 units done, 10 of them the first case at t=20, now t=30: 20 units in 10 s
-    assert numbers.eta_s(60.0, 30.0, 0.0, 0.0, 30.0, first_done=(20.0, 10.0)) == 60.0 * 10.0 / 20.0
-    assert numbers.eta_s(60.0, 30.0, 0.0, 0.0, 22.0, first_done=(20.0, 10.0)) == 60.0 * 22.0 / 30.0
+
+
+def test_workers_that_finish_cases_in_step_do_not_make_the_eta_jump():
+    """4 workers, 40 cases of 1 unit taking 10 s each, in step (the defect: right after the first
+    case ended, the others counted as new progress and the ETA fell 4x). At t=9.9 s each case in
+    flight is 95 % behind it; at t=10.1 s all four are done and the next four just started."""
+    before = numbers.eta_s(40.0, 0.0, 4 * 0.95, 0.0, 9.9)
+    after = numbers.eta_s(36.0, 4.0, 4 * 0.01, 0.0, 10.1)
+    truth = 90.0
+    assert abs(before - truth) / truth < 0.1 and abs(after - truth) / truth < 0.1
+
+
+def test_the_eta_is_a_range_until_a_tenth_of_the_work_is_behind_the_run():
+    assert numbers.eta_range_s(100.0, 95.0, 4.0, 1.0) == [70, 140]
+    assert numbers.eta_range_s(100.0, 90.0, 9.0, 1.0) is None
+    text = numbers.progress_line({**_counts_snapshot(), "eta_s": 100, "eta_range_s": [70, 140]}, 5.0)
+    assert "ETA about 0:01:10-0:02:20" in text
+
+
+def _counts_snapshot() -> dict:
+    return {"cases": numbers.counts({"done": 1, "working": 2, "waiting": 7}), "at": 0.0}
 
 
 def test_a_case_in_flight_counts_by_its_stage_and_its_sliding_window_steps():

@@ -104,3 +104,25 @@ def test_a_part_run_beside_a_plain_run_has_its_own_state_and_they_take_turns(tin
     finally:
         plain_lock.release()
     assert refused.returncode == 2 and "a plain run of this output folder is running" in refused.stderr
+
+
+def test_part_runs_and_a_plain_run_into_one_out_keep_each_others_outputs_and_status_names_every_part(tiny, tmp_path):
+    """nnU-Net's -num_parts/-part_id runs into one OUT, then a plain run there (or the other way
+    round), as the README invites: the outputs another share placed are the launcher's, verified
+    and kept, not refused as another tool's."""
+    out, env = tmp_path / "out", fake_env(tmp_path)
+    for part_id in ("0", "1"):
+        part = run_args(tiny, out, "--workers", "1", "-num_parts", "2", "-part_id", part_id)
+        result = cli(*part, env=env)
+        assert result.returncode == 0, result.stderr
+    shown = cli("status", str(out)).stdout
+    assert "  -part_id 0, part 0 (cpu): 6/6 done" in shown and "  -part_id 1, part 0 (cpu): 6/6 done" in shown, shown
+    plain = cli(*run_args(tiny, out, "--workers", "2"), env=env)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.count("kept (existing output verified)") == 12
+
+    other = tmp_path / "other"
+    assert cli(*run_args(tiny, other, "--workers", "2"), env=env).returncode == 0
+    part = cli(*run_args(tiny, other, "--workers", "2", "-num_parts", "2", "-part_id", "1"), env=env)
+    assert part.returncode == 0, part.stderr
+    assert part.stdout.count("kept (existing output verified)") == 6

@@ -501,9 +501,10 @@ def test_fresh_array_discards_once_at_submit_and_its_resubmission_keeps_every_fi
 
 
 def test_requeued_task_resumes_with_no_case_failed_and_no_output_rewritten(cluster, cases, tmp_path):
-    out = tmp_path / "out"
+    out, told = tmp_path / "out", tmp_path / "told"
     env = fake_env(tmp_path, case_seconds=1.5)
-    array_id, verify_id, _ = _submit(cluster, cpu_array(cases, out), env=env)
+    on_finish = f'echo "$NNUNET_LAUNCH_EXIT_CODE $NNUNET_LAUNCH_SUMMARY" >> {shlex.quote(str(told))}'
+    array_id, verify_id, _ = _submit(cluster, cpu_array(cases, out, "--on-finish", on_finish), env=env)
     task = f"{array_id}_0"
     _wait_done_cases(out, 0, 1, 120)
     cluster.requeue(task)  # SIGTERM to every process of the task, as a preemption with requeue
@@ -521,6 +522,9 @@ def test_requeued_task_resumes_with_no_case_failed_and_no_output_rewritten(clust
     log = (out / ".nnunet-launch" / "slurm" / "task-0.log").read_text()
     assert "interrupted" in log and log.count("resume with:") == 1, "both attempts are in the log"
     _assert_every_case_done_once_uncharged(out, cases["ids"])
+    summary = out / ".nnunet-launch" / "summary.json"
+    assert told.read_text() == f"0 {summary}\n", "--on-finish ran once for the run: in the verify job"
+    assert json.loads(summary.read_text())["done"] == len(cases["ids"])
 
 
 def test_sigterm_to_tasks_then_resubmission_completes_with_no_case_failed_and_no_output_rewritten(

@@ -12,7 +12,7 @@ import termios
 import threading
 import time
 
-from conftest import cli, fake_env, launcher_cmd, run_args, status_json
+from conftest import cli, fake_env, launcher_cmd, run_args, status_json, wait_gone
 
 
 def _with_controlling_terminal() -> None:
@@ -86,3 +86,36 @@ def test_a_full_disk_before_the_supervisor_starts_exits_75_and_on_finish_is_told
     assert "stopped: cannot write the journal" in result.stderr and "disk is full" in result.stderr
     assert "internal error" not in result.stderr
     assert told.read_text() == "75"
+
+
+def test_a_sigkilled_launcher_is_shown_as_killed_its_cases_interrupted_and_the_rerun_says_so_first(
+    cases, tmp_path, launch
+):
+    out = tmp_path / "out"
+    env = fake_env(tmp_path, case_seconds=1.0)
+    run = launch(run_args(cases, out, "--workers", "2"), env)
+    run.wait_until(lambda: (status_json(out) or {}).get("done", 0) >= 2 and status_json(out)["running"], 120, "work")
+    run.sample_tree()
+    run.proc.kill()
+    run.proc.wait()
+    assert wait_gone(list(run.seen), run.seen, 15) == [], "the workers end with their launcher"
+
+    shown = cli("status", str(out))
+    assert shown.returncode == 1
+    first, counts = shown.stdout.splitlines()[:2]
+    assert first.startswith("launcher: not running; the last run (pid ") and "was killed or died" in first
+    assert "last seen alive 20" in first
+    assert " interrupted, " in counts and " working" not in counts and " queued" not in counts, counts
+    assert "interrupted on case_" in shown.stdout and ", on case_" not in shown.stdout
+    info = status_json(out)
+    assert info["running"] == 0 and info["interrupted"] >= 1 and info["eta_s"] is None
+    assert info["last_run"]["died"] and info["last_run"]["seen"] >= info["last_run"]["started"]
+
+    rerun = cli(*run_args(cases, out, "--workers", "2"), env=fake_env(tmp_path))
+    assert rerun.returncode == 0, rerun.stderr
+    assert " nnunet-launch: the last run (pid " in rerun.stdout.splitlines()[0], rerun.stdout
+    assert f"its {info['interrupted']} case(s) in flight are predicted again" in rerun.stdout.splitlines()[0]
+    summary = json.loads((out / ".nnunet-launch" / "summary.json").read_text())
+    killed, last = summary["runs"]
+    assert killed["died"] and killed["exit_code"] is None and killed["ended"] is not None
+    assert not last["died"] and last["exit_code"] == 0
