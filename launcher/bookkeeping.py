@@ -100,7 +100,10 @@ class Bookkeeper:
         kind, now = message[0], time.monotonic()
         if kind == "stage":
             wall = time.time()
-            if self.working_since is None:  # the run's first case started: the ETA's rate counts from here
+            # the run's first prediction (or export of a combination) started: the ETA's rate counts from
+            # here, after the warm-up (models loaded, the helpers' first nnU-Net imports in the first
+            # case's preprocessing), which says nothing of the cases to come
+            if self.working_since is None and message[2] in ("predict", "export"):
                 self.working_since = wall
                 self.journal.run_working(self.run_id, wall)
             self.write(self.book.enter_stage(message[1], message[2], now, handle.slot.label, wall))

@@ -213,8 +213,8 @@ class Journal:
         return row is None or row[0] is not None
 
     def run_working(self, run_id: int, since: float) -> None:
-        """When the run's first case started (the ETA's rate counts from there: loading models is
-        not work)."""
+        """When the run's first prediction started (the ETA's rate counts from there: loading models
+        and importing nnU-Net is not work)."""
         with self._tx() as db:
             db.execute("UPDATE runs SET working_since=? WHERE id=? AND working_since IS NULL", (since, run_id))
 
@@ -343,7 +343,8 @@ class Journal:
             }
             shares = numbers.stage_shares(self._recent_stage_seconds(run_started))
             working = self._working(shares)
-            parts = [self._part(row, per_part, this_run, working, run_started) for row in db.execute(PARTS_SQL)]
+            until = run[3] or now  # rates to the run's end, once it ended
+            parts = [self._part(r, per_part, this_run, working, working_since, until) for r in db.execute(PARTS_SQL)]
             failed = [
                 {"case": c, "error": e}
                 for c, e in db.execute("SELECT id, error FROM cases WHERE state='failed' ORDER BY id")
@@ -444,10 +445,10 @@ class Journal:
         return found
 
     @staticmethod
-    def _part(row: tuple, per_part: dict, this_run: dict, working: list[dict], run_started: float) -> dict:
+    def _part(row: tuple, per_part: dict, this_run: dict, working: list[dict], since: float | None, now: float) -> dict:
         part_id, gpu, uuid, restarts, pid, state = row
         mine = numbers.counts(per_part.get(part_id, {}))
-        done_this_run, last_end, _ = this_run.get(part_id, (0, None, 0.0))
+        done_this_run, _, _ = this_run.get(part_id, (0, None, 0.0))
         cases = [{k: w[k] for k in ("case", "stage", "progress_pct")} for w in working if w["part"] == part_id]
         # the one a person asks about: the case being predicted, else the oldest one in work
         current = next((c for c in cases if c["stage"] == "predict"), cases[0] if cases else None)
@@ -464,7 +465,7 @@ class Journal:
             "current_stage": current["stage"] if current else None,
             "current_progress_pct": current["progress_pct"] if current else None,
             "working": cases,
-            "rate_per_min": _rate_per_min(done_this_run, run_started, last_end),
+            "rate_per_min": None if (rate := numbers.per_minute(done_this_run, since, now)) is None else round(rate, 2),
         }
 
     def _stage_counts(self) -> dict:
@@ -513,13 +514,6 @@ class Journal:
         )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor]
-
-
-def _rate_per_min(done_this_run: int, run_started: float, last_end: float | None) -> float | None:
-    """Cases per minute of the latest run, from its start to its last finished case."""
-    if not done_this_run or last_end is None or last_end <= run_started:
-        return None
-    return round(done_this_run / (last_end - run_started) * 60, 2)
 
 
 # --- one launcher per OUT --------------------------------------------------------------------

@@ -75,7 +75,7 @@ def in_flight_share(stage: str, step_done: int | None, step_total: int | None, s
 
 def eta_s(work_left: float, work_done: float, in_flight: float, since: float | None, now: float) -> float | None:
     """Seconds left: the work left (voxels x channels, less what is behind the cases in flight)
-    over the run's rate of work since its first case started (`since`), the cases in flight
+    over the run's rate of work since its first prediction started (`since`), the cases in flight
     counted by their progress. One rate over the whole run: workers that finish cases in step
     move it smoothly (a case's work counts while it is in flight, not all at once when it ends).
     None until there is a rate (`ETA_MIN_ELAPSED_S`)."""
@@ -105,11 +105,18 @@ def eta_text(snapshot: dict) -> str:
 
 
 def rate_per_min(snapshot: dict) -> float | None:
-    """Units of work finished per minute in this run since its first case started."""
-    since, done = snapshot.get("working_since"), snapshot.get("done_this_run", 0)
-    if since is None or not done or snapshot["at"] - since <= 0:
+    """Units of work finished per minute in this run since its first prediction started (to its
+    end, once it ended)."""
+    until = (snapshot.get("last_run") or {}).get("ended") or snapshot["at"]
+    return per_minute(snapshot.get("done_this_run", 0), snapshot.get("working_since"), until)
+
+
+def per_minute(done: int, since: float | None, now: float) -> float | None:
+    """The one rate: `done` units over the minutes from `since` (the run's first prediction) to
+    `now`, for the run and for each part alike (the parts' rates add up to the run's)."""
+    if since is None or not done or now - since <= 0:
         return None
-    return done * 60 / (snapshot["at"] - since)
+    return done * 60 / (now - since)
 
 
 def progress_line(snapshot: dict, elapsed_s: float | None = None) -> str:
@@ -122,6 +129,13 @@ def progress_line(snapshot: dict, elapsed_s: float | None = None) -> str:
     left = cases["working"] + cases["queued"] + cases["waiting"]
     eta = f"ETA {eta_text(snapshot)}, " if left else ""  # a finished run has none
     return f"{count_line(snapshot)}; {eta}elapsed {hms(elapsed)}{rate_text}"
+
+
+def busy_pct(predicting_s: float, wall_s: float) -> float | None:
+    """A part's busy %: its attempts' seconds predicting over the wall time of every run on this
+    OUT (a resumed night is several runs; the gaps between them are no one's time). The summary
+    lines, summary.json and the report read this one figure."""
+    return round(100.0 * predicting_s / wall_s, 1) if wall_s > 0 else None
 
 
 def stage_text(stage: str | None, progress_pct: int | None) -> str:

@@ -16,6 +16,7 @@ Reads only: the journal given (the run's own at its end, or a read-only one for 
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import sqlite3
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from launcher.errors import LauncherError
 from launcher.journal import Journal, lock_info
-from launcher.numbers import hms
+from launcher.numbers import busy_pct, hms
 from launcher.outputs import journal_path, lock_path, tmp_dir, write_text_atomically
 from launcher.status import run_states
 
@@ -82,10 +83,12 @@ class Picture:
     samples: dict[str, list[tuple]]  # gpu uuid -> [(ts, util, mem_used, mem_total)]
     case_counts: dict[str, int]  # state -> cases
     part_cases: dict[int, dict[str, int]]  # part -> state -> cases
+    failed_cases: list[tuple[str, str]]  # (case, why), every case that failed for good
+    facts: dict  # what summary.json records of the run (model, folders, host, versions), {} without one
 
 
 # --- reading -----------------------------------------------------------------------------------
-def read_picture(journal: Journal, source: str, live: bool) -> Picture:
+def read_picture(journal: Journal, source: str, live: bool, facts: dict | None = None) -> Picture:
     """One read transaction over the journal. Only what the runs present did: `--fresh` clears
     the runs but leaves older attempts and GPU samples in their tables."""
     db = journal.db
@@ -116,6 +119,7 @@ def read_picture(journal: Journal, source: str, live: bool) -> Picture:
             case_counts[state] = case_counts.get(state, 0) + count
             if part is not None:
                 part_cases.setdefault(part, {})[state] = count
+        failed_cases = list(db.execute("SELECT id, IFNULL(error, '') FROM cases WHERE state='failed' ORDER BY id"))
     finally:
         db.execute("COMMIT")
 
@@ -138,7 +142,9 @@ def read_picture(journal: Journal, source: str, live: bool) -> Picture:
     ordered = [lanes[k] for k in sorted(lanes)]
     for lane in ordered:
         lane["rows"] = stack_rows([a for a in attempts if a["part"] == lane["part"]])
-    return Picture(source, runs, t0, t1, ordered, attempts, events, samples, case_counts, part_cases)
+    return Picture(
+        source, runs, t0, t1, ordered, attempts, events, samples, case_counts, part_cases, failed_cases, facts or {}
+    )
 
 
 def stack_rows(attempts: list[dict]) -> int:
@@ -186,18 +192,66 @@ def summarize(picture: Picture) -> dict:
                 "failed_attempts": sum(a["outcome"] == "failed" for a in mine),
                 "released_attempts": sum(a["outcome"] == "released" for a in mine),
                 "deaths": sum(e["kind"] == "worker_died" and e["part"] == lane["part"] for e in picture.events),
-                "busy_pct": 100.0 * predict / wall if wall > 0 else None,
+                "busy_pct": busy_pct(predict, wall),
             }
         )
     counts = picture.case_counts
+    devices = {lane["gpu_uuid"] or f"cpu-{lane['part']}" for lane in picture.lanes} or {"cpu"}
+    gpus = all(lane["gpu_uuid"] for lane in picture.lanes) and bool(picture.lanes)
     return {
         "done": counts.get("done", 0),
         "failed": counts.get("failed", 0),
         "total": sum(counts.values()),
         "wall_s": wall,
+        "cases_per_hour": counts.get("done", 0) * 3600 / wall if wall > 0 else None,
+        # what the run cost: each GPU (or CPU worker) held for the wall time
+        "device_hours": len(devices) * wall / 3600,
+        "device_kind": "GPU" if gpus else "CPU worker",
         "stage_totals": stage_totals,
         "lanes": lanes,
     }
+
+
+def title_lines(picture: Picture, summary: dict) -> tuple[str, list[tuple[str, str]]]:
+    """The report's title and its facts as (name, value) rows: what was predicted with what, where,
+    when and by which versions, and the totals. The HTML's header and the PNG's title read this."""
+    f = picture.facts
+    model = f.get("model_folder") or "?"
+    folds = ", ".join(str(x) for x in f.get("folds") or []) or "?"
+    # nnU-Net's results tree: <dataset>/<trainer>__<plans>__<configuration>
+    trainer_folder = model.rstrip(os.sep)
+    name = f"{os.path.basename(os.path.dirname(trainer_folder))} / {os.path.basename(trainer_folder)}"
+    title = f"nnunet-launch: {name} ({f.get('configuration', '?')}, folds {folds})"
+    versions = f.get("versions") or {}
+    runs = picture.runs
+    when = f"{clock(runs[0]['started'])} to {clock(runs[-1]['end'])}" if runs else "no run"
+    rate = summary["cases_per_hour"]
+    rows = [
+        ("model folder", model),
+        ("configuration", f"{f.get('configuration', '?')}, folds {folds}, checkpoint {f.get('checkpoint', '?')}"),
+        ("profile", str(f.get("profile", "?"))),
+        ("input folder", f.get("input_folder") or "?"),
+        ("output folder", f.get("output_folder") or "?"),
+        ("host", f.get("host") or "?"),
+        ("when", f"{when} ({len(runs)} run(s))"),
+        (
+            "versions",
+            ", ".join(f"{name} {versions.get(name) or '?'}" for name in ("nnunet-launch", "nnunetv2", "torch")),
+        ),
+        (
+            "cases",
+            f"{summary['done']} done, {summary['failed']} failed, {summary['total']} in all",
+        ),
+        (
+            "throughput",
+            f"{hms(summary['wall_s'])} wall, {'-' if rate is None else f'{rate:.1f}'} cases per hour, "
+            f"{summary['device_hours']:.2f} {summary['device_kind']} hours",
+        ),
+    ]
+    busy = [f"part {lane['part']} {lane['busy_pct']:.0f}%" for lane in summary["lanes"] if lane["busy_pct"] is not None]
+    if busy:
+        rows.append((f"busy ({summary['device_kind']} predicting)", ", ".join(busy)))
+    return title, rows
 
 
 # --- text helpers ------------------------------------------------------------------------------
@@ -276,8 +330,9 @@ def render_svg(picture: Picture) -> str:
             f'<text x="{x0 + 2:.1f}" y="{TOP - 4}" class="runlabel">run {run["id"]}</text>'
         )
     out += _axis(picture, x, lanes_bottom)
+    labels = stage_labels(picture)
     for i, lane in enumerate(picture.lanes):
-        out += _lane(picture, lane, tops[i], x)
+        out += _lane(picture, lane, tops[i], x, labels)
     for event in picture.events:  # without a part: it concerns every lane
         if event["part"] is None:
             ex = x(event["ts"])
@@ -289,7 +344,7 @@ def render_svg(picture: Picture) -> str:
     if gpus:
         out += _gpu_panel(picture, gpus, gpu_top, x)
         out += _axis(picture, x, plot_bottom - GPU_GAP)
-    out += _legend(legend_top)
+    out += _legend(legend_top, bool(gpus))
     out.append("</svg>")
     return "\n".join(out)
 
@@ -309,14 +364,14 @@ def _axis(picture: Picture, x, y: float) -> list[str]:
     return out
 
 
-def _lane(picture: Picture, lane: dict, y: float, x) -> list[str]:
+def _lane(picture: Picture, lane: dict, y: float, x, labels: dict) -> list[str]:
     part = esc(lane["part"])
     out = [
         f'<g class="lane" data-part="{part}">',
         f'<rect class="lanebg" x="{LEFT}" y="{y}" width="{PLOT_W}" height="{lane_height(lane)}"/>',
         f'<text x="{LEFT - 6}" y="{y + BAR_Y + BAR_H - 4}" text-anchor="end">{esc(lane_label(lane))}</text>',
     ]
-    for a in picture.attempts:
+    for i, a in enumerate(picture.attempts):
         if a["part"] != lane["part"]:
             continue
         case = esc(a["case_id"])
@@ -339,11 +394,33 @@ def _lane(picture: Picture, lane: dict, y: float, x) -> list[str]:
             f'data-attempt="{esc(a["attempt"])}" x="{ax:.1f}" y="{bar_y}" '
             f'width="{max(x(a["ended"]) - ax, 0.5):.1f}" height="{BAR_H}"><title>{esc(attempt_title(a))}</title></rect>'
         )
+        for stage, start, end in labels.get(i, ()):
+            out.append(
+                f'<text class="stagelabel" x="{(x(start) + x(end)) / 2:.1f}" y="{bar_y + BAR_H - 3}" '
+                f'text-anchor="middle">{esc(stage)}</text>'
+            )
     for event in picture.events:
-        if event["part"] == lane["part"]:
-            out.append(_marker(event, x(event["ts"]), y + BAR_Y))
+        if event["part"] == lane["part"]:  # a death at the lane's foot: never under the next start's triangle
+            below = event["kind"] == "worker_died"
+            out.append(_marker(event, x(event["ts"]), y + (lane_height(lane) - 6 if below else BAR_Y)))
     out.append("</g>")
     return out
+
+
+def stage_labels(picture: Picture, min_share: float = 0.06) -> dict[int, list[tuple[str, float, float]]]:
+    """Where to write each stage's name on the chart itself, so that it reads without the legend:
+    each stage's longest segment, where it is wide enough, as {attempt index: [(stage, start, end)]}."""
+    span = max(picture.t1 - picture.t0, 1e-9)
+    best: dict[str, tuple[int, float, float]] = {}
+    for i, a in enumerate(picture.attempts):
+        for stage, start, end in stage_segments(a) if a["outcome"] == "done" else ():
+            longest = best.get(stage)
+            if (end - start) / span >= min_share and (longest is None or end - start > longest[2] - longest[1]):
+                best[stage] = (i, start, end)
+    labels: dict[int, list[tuple[str, float, float]]] = {}
+    for stage, (i, start, end) in best.items():
+        labels.setdefault(i, []).append((stage, start, end))
+    return labels
 
 
 def stage_segments(a: dict) -> list[tuple[str, float, float]]:
@@ -421,7 +498,7 @@ def _gpu_panel(picture: Picture, gpus: list[str], top: float, x) -> list[str]:
     return out
 
 
-def _legend(top: float) -> list[str]:
+def _legend(top: float, gpus: bool) -> list[str]:
     items = [(f'<rect class="stage s-{s}" x="0" y="0" width="14" height="10"/>', s) for s in STAGES]
     items += [
         ('<rect class="queued" x="0" y="3" width="14" height="4"/>', "queued in the worker"),
@@ -441,9 +518,12 @@ def _legend(top: float) -> list[str]:
             '<line x1="7" y1="-2" x2="7" y2="12" stroke="#1f77b4" stroke-dasharray="4 3" stroke-width="1.5"/>',
             "interrupted / stopped",
         ),
-        ('<line class="util" x1="0" y1="5" x2="14" y2="5"/>', "GPU utilisation"),
-        ('<line class="mem" x1="0" y1="5" x2="14" y2="5"/>', "GPU memory used"),
     ]
+    if gpus:  # a CPU run has no GPU panel
+        items += [
+            ('<line class="util" x1="0" y1="5" x2="14" y2="5"/>', "GPU utilisation"),
+            ('<line class="mem" x1="0" y1="5" x2="14" y2="5"/>', "GPU memory used"),
+        ]
     out, per_row, col_w = ['<g class="legend">'], 8, (WIDTH - 20) / 8
     for i, (shape, text) in enumerate(items):
         lx, ly = 10 + (i % per_row) * col_w, top + (i // per_row) * 20
@@ -469,7 +549,7 @@ CSS = (
     f'svg rect.attempt[data-outcome="released"]{{fill:url(#hatch-released);stroke:{RELEASED_COLOUR};'
     "stroke-width:1.2;stroke-dasharray:3 2}"
     "svg .util{fill:none;stroke:#1f77b4;stroke-width:1.2}svg .mem{fill:none;stroke:#9467bd;stroke-width:1.2}"
-    "svg .paneltitle{fill:#444}"
+    "svg .paneltitle{fill:#444}svg .stagelabel{fill:#fff;font-size:10px;pointer-events:none}"
 )
 
 
@@ -511,11 +591,22 @@ def render_html(picture: Picture, png_note: str | None) -> str:
     note = f"<p class='note'>{esc(png_note)}</p>" if png_note else ""
     failed = [a for a in picture.attempts if a["outcome"] == "failed" and a["error"]]
     errors = "".join(f"<li><b>{esc(a['case_id'])}</b>: {esc(str(a['error'])[:500])}</li>" for a in failed[:50])
+    title, facts = title_lines(picture, summary)
+    header = "".join(f"<tr><th class='l'>{esc(k)}</th><td class='l'>{esc(v)}</td></tr>" for k, v in facts)
+    failed_cases = "".join(f"<li><b>{esc(c)}</b>: {esc(why[:500])}</li>" for c, why in picture.failed_cases[:200])
+    more = len(picture.failed_cases) - 200
+    failed_cases += f"<li>... and {more} more (cases.csv)</li>" if more > 0 else ""
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>nnunet-launch: {esc(picture.source)}</title><style>{CSS}</style></head><body>\n"
-        f"<h2>nnunet-launch: the run's picture</h2><p>{esc(picture.source)}, drawn {clock(time.time())}; "
-        "times from the first run's start (h:mm:ss); hover a bar for its case</p>"
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n"
+        f"<h2>{esc(title)}</h2><table class='title'>{header}</table>"
+        + (
+            f"<h4>failed cases ({len(picture.failed_cases)})</h4><ul class='failed'>{failed_cases}</ul>"
+            if failed_cases
+            else ""
+        )
+        + f"<p>Each bar is one attempt at a case, coloured by stage; time from the first run's start "
+        f"(h:mm:ss); hover a bar for its case. State: {esc(picture.source)}, drawn {clock(time.time())}.</p>"
         f"{note}\n<div class='layout'><div class='chart'>\n{render_svg(picture)}\n</div>"
         f"<div class='side'>{summary_tables(picture, summary)}"
         + (f"<h4>failed attempts</h4><ul>{errors}</ul>" if errors else "")
@@ -545,7 +636,7 @@ def render_png(picture: Picture, path: str) -> None:
 
     gpus = [u for u in _gpu_order(picture) if picture.samples.get(u)]
     n = max(sum(lane["rows"] for lane in picture.lanes), 1)  # bar rows over all lanes
-    fig = Figure(figsize=(14, 1.5 + 0.3 * n + 1.3 * len(gpus)), dpi=100)
+    fig = Figure(figsize=(14, 2.7 + 0.3 * n + 1.3 * len(gpus)), dpi=100)
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2 if gpus else 1, 1, height_ratios=[n, 1.2 * len(gpus)] if gpus else [1])
     ax = fig.add_subplot(grid[0])
@@ -572,12 +663,27 @@ def render_png(picture: Picture, path: str) -> None:
             ax.broken_barh(spans, (y - 0.3, 0.6), facecolors="none", edgecolors=RELEASED_COLOUR, hatch="..", ls="--")
         else:
             ax.broken_barh(spans, (y - 0.3, 0.6), facecolors=STAGE_COLOURS.get(kind, UNKNOWN_STAGE_COLOUR))
+    for i, named in stage_labels(picture).items():  # the chart reads without the legend
+        a = picture.attempts[i]
+        for stage, start, end in named:
+            y = index[a["part"]] + a["row"]
+            ax.text(rel((start + end) / 2), y, stage, ha="center", va="center", fontsize=7, color="white", zorder=6)
     markers = {"worker_died": "x", "spawn": "^", "gave_up": "s", "device_rests": "D", "case_error": "o"}
     for e in picture.events:
         if e["part"] is None:
             ax.axvline(rel(e["ts"]), color=EVENT_COLOURS[e["kind"]], linestyle="--", linewidth=1)
-        else:
-            ax.plot(rel(e["ts"]), index[e["part"]] - 0.38, markers[e["kind"]], color=EVENT_COLOURS[e["kind"]], ms=6)
+        else:  # a death at the lane's foot, larger and on top: never hidden under the next start's triangle
+            lane_rows = next(lane["rows"] for lane in picture.lanes if lane["part"] == e["part"])
+            died = e["kind"] == "worker_died"
+            y = index[e["part"]] + (lane_rows - 1 + 0.38 if died else -0.38)
+            ax.plot(
+                rel(e["ts"]),
+                y,
+                markers[e["kind"]],
+                color=EVENT_COLOURS[e["kind"]],
+                ms=8 if died else 6,
+                zorder=5 if died else 4,
+            )
     for run in picture.runs:
         ax.axvspan(rel(run["started"]), rel(run["end"]), color="#f6f8fb", zorder=0)
     ax.set_yticks([index[lane["part"]] + (lane["rows"] - 1) / 2 for lane in picture.lanes])
@@ -628,7 +734,21 @@ def render_png(picture: Picture, path: str) -> None:
         a_.set_xlim(0, max(picture.t1 - picture.t0, 1.0))
         a_.xaxis.set_major_locator(FixedLocator(ticks))
         a_.xaxis.set_major_formatter(FuncFormatter(lambda v, _: hms(v)))
-    axes[-1].set_xlabel("time from the first run's start (h:mm:ss)")
+    axes[-1].set_xlabel("time from the first run's start (h:mm:ss); each bar one attempt at a case, coloured by stage")
+    title, facts = title_lines(picture, summarize(picture))
+    shown = dict(facts)
+    fig.suptitle(
+        f"{title}\n"
+        + "\n".join(
+            f"{k}: {shown[k]}" for k in ("input folder", "output folder", "when", "cases", "throughput") if k in shown
+        )
+        + f"\n{shown.get('host', '?')}; {shown.get('versions', '')}"
+        + (f"\nfailed: {', '.join(c for c, _ in picture.failed_cases[:12])}" if picture.failed_cases else "")
+        + (" ..." if len(picture.failed_cases) > 12 else ""),
+        fontsize=8,
+        x=0.01,
+        ha="left",
+    )
     fig.tight_layout()
     fig.savefig(path, format="png")
 
@@ -637,7 +757,7 @@ def render_png(picture: Picture, path: str) -> None:
 def write_picture(state: str, journal: Journal) -> list[str]:
     """report.html (and report.png where matplotlib imports) in the run's state folder, from
     `journal`; returns the paths written. Both are written under tmp/ and renamed into place."""
-    picture = read_picture(journal, state, live=lock_info(lock_path(state)) is not None)
+    picture = read_picture(journal, state, lock_info(lock_path(state)) is not None, _summary_facts(state))
     scratch = tmp_dir(state)
     os.makedirs(scratch, exist_ok=True)
     missing = matplotlib_missing()
@@ -650,6 +770,16 @@ def write_picture(state: str, journal: Journal) -> list[str]:
     html_path = os.path.join(state, HTML_FILE)
     write_text_atomically(html_path, render_html(picture, missing), scratch)
     return [html_path, *written]
+
+
+def _summary_facts(state: str) -> dict:
+    """What the run's summary.json records (the report's title block), {} without one."""
+    try:
+        with open(os.path.join(state, "summary.json")) as f:
+            facts = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return facts if isinstance(facts, dict) else {}
 
 
 def report(out: str) -> list[str]:

@@ -154,6 +154,8 @@ def make_plan(config: RunConfig) -> Plan:
     else:
         static = dict(enumerate(static_parts([c.id for c in cases], len(slots))))
     parts = static if config.schedule == "static" else {}  # dynamic: Plan.to_do estimates it, for `plan`
+    if warning := oversubscription_warning(config.npp, config.nps, len(slots), available_cores()):
+        warnings.append(warning)
     return Plan(
         cases={c.id: c for c in cases},
         slots=slots,
@@ -242,6 +244,19 @@ def memory_warning(plan: Plan, num_channels: int, num_labels: int, available: in
 def worker_host_bytes(voxels: int, num_channels: int, num_labels: int, npp: int, nps: int, model_bytes: int) -> int:
     """Host memory one worker needs for a case of `voxels` (see memory_warning)."""
     return voxels * 4 * (num_channels * (npp + 2) + 2 * num_labels * (nps + 1)) + model_bytes
+
+
+def oversubscription_warning(npp: int | None, nps: int | None, workers: int, cores: int) -> str | None:
+    """-npp/-nps given so that the helper processes of every worker together outnumber the cores
+    by more than 2x: they compete for the cores (and each takes memory), so more is slower."""
+    given = [f"-{flag} {n}" for flag, n in (("npp", npp), ("nps", nps)) if n]
+    helpers = workers * ((npp or 0) + (nps or 0))
+    if not given or helpers <= 2 * cores:
+        return None
+    return (
+        f"{' '.join(given)} with {workers} worker(s): {helpers} helper processes on {cores} core(s) compete for "
+        "them; fewer is faster (without -npp/-nps each worker gets its share of the cores)"
+    )
 
 
 def helper_processes(given: int | None, share: int) -> int:

@@ -12,7 +12,7 @@ import time
 
 from launcher.exits import EXIT_INTERRUPTED, EXIT_MEANING
 from launcher.journal import STAGE_SECONDS, Journal
-from launcher.numbers import hms
+from launcher.numbers import busy_pct, hms
 from launcher.outputs import logs_dir, tmp_dir, write_json_atomically, write_text_atomically
 
 SECONDS_COLUMNS = ("seconds", *STAGE_SECONDS)
@@ -34,9 +34,10 @@ def write_summary(state: str, journal: Journal, exit_code: int, started: float, 
         "wall_seconds": round(sum(r["wall_seconds"] or 0.0 for r in runs), 2),
         **{k: sum(r[k] for r in runs) for k in ("done", "failed", "released")},
     }
-    predicting, utilisation = journal.busy(started)
-    for part in snapshot["parts"]:  # how busy each worker kept its device over this run
-        part["busy_pct"] = round(100 * predicting.get(part["part_id"], 0.0) / max(ended - started, 1e-9), 1)
+    predicting, _ = journal.busy(0.0)
+    _, utilisation = journal.busy(started)  # NVML's samples: this run's
+    for part in snapshot["parts"]:  # how busy each worker kept its device, over every run (numbers.busy_pct)
+        part["busy_pct"] = busy_pct(predicting.get(part["part_id"], 0.0), facts["over_all_runs"]["wall_seconds"])
         if part["gpu_uuid"] in utilisation:
             part["gpu_util_mean_pct"] = round(utilisation[part["gpu_uuid"]], 1)
     return write_report_files(state, snapshot, journal.case_rows(), exit_code, round(ended - started, 2), facts)
@@ -113,7 +114,9 @@ def summary_lines(
     ]
     for part in summary["parts"]:
         failed = f", {part['failed']} failed" if part.get("failed") else ""
-        busy = f", predicting {part['busy_pct']:.0f}% of the time" if part.get("busy_pct") is not None else ""
+        runs = (summary.get("over_all_runs") or {}).get("runs", 1)
+        over = f" over {runs} runs" if runs > 1 else ""
+        busy = f", predicting {part['busy_pct']:.0f}% of the time{over}" if part.get("busy_pct") is not None else ""
         util = (
             f", GPU {part['gpu_util_mean_pct']:.0f}% busy (NVML)" if part.get("gpu_util_mean_pct") is not None else ""
         )

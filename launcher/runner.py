@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import platform
 import shlex
 import signal
 import sqlite3
@@ -400,8 +401,13 @@ def _run_facts(config: RunConfig, argv: list[str]) -> dict:
     stages = config.stages
     return {
         "command": ["nnunet-launch", *argv],
+        # absolute: a summary read later, elsewhere, still names the folders
+        "input_folder": os.path.abspath(config.input_folder),
+        "output_folder": os.path.abspath(config.output_folder),
+        "working_directory": os.getcwd(),
+        "host": platform.node(),
         **({"stages": stages.identity()} if stages else {}),
-        "model_folder": config.model.folder,
+        "model_folder": os.path.abspath(config.model.folder),
         "configuration": config.model.configuration,
         "folds": list(config.model.folds),
         "checkpoint": config.checkpoint,

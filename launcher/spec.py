@@ -165,6 +165,7 @@ class WorkerSpec:
     log_path: str
     settings: PredictSettings
     cases: tuple[WorkCase, ...]  # the first ones; the supervisor sends more until "no_more"
+    device_label: str = ""  # "GPU 3", "cpu": the worker's process title names it
 
 
 class UnreadableInput(Exception):

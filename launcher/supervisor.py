@@ -200,7 +200,7 @@ class Supervisor:
         work = tuple(self._work_case(c) for c in taken.cases)
         spec = WorkerSpec(
             part, self.attempts[part], slot.device_key, slot.gpu_uuid, os.getpid(),
-            os.path.abspath(self.config.output_folder), tmp, log_path, self.settings, work,
+            os.path.abspath(self.config.output_folder), tmp, log_path, self.settings, work, slot.label,
         )  # fmt: skip
         handle = self.workers[slot.part_id] = start_worker(self.context, self.serials, slot, key, spec, now)
         handle.solo = taken.solo

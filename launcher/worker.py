@@ -74,6 +74,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     _die_with_supervisor(spec.supervisor_pid)
     _exit_on_stop_signals()
     _redirect_output(spec.log_path)
+    _name_process(f"nnunet-launch part {spec.part_id} {spec.device_label}".rstrip())
     _start_group_reaper()
     _pin_device(spec)
     conn.send(("hello", os.getpid()))
@@ -175,6 +176,36 @@ def _reap_group_once_orphaned(worker_pid: int) -> None:  # pragma: no cover - it
         os._exit(0)
 
 
+def _name_process(title: str) -> None:
+    """What `ps`, `top` and nvidia-smi show for this worker instead of `python -c from
+    multiprocessing.spawn ...` (setproctitle; without it, the title stays)."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(title)
+
+
+class _Timestamped:
+    """This process's prints in the part's log, each line stamped with the time (the helpers'
+    lines, written to the same file by processes of their own, are not)."""
+
+    def __init__(self, stream):
+        self._stream, self._at_line_start = stream, True
+
+    def write(self, text: str) -> int:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
+        pieces = []
+        for line in text.splitlines(keepends=True):
+            pieces.append((stamp if self._at_line_start else "") + line)
+            self._at_line_start = line.endswith("\n")
+        self._stream.write("".join(pieces))
+        return len(text)
+
+    def __getattr__(self, name):  # flush, fileno, encoding, ...: the stream's own
+        return getattr(self._stream, name)
+
+
 def _redirect_output(log_path: str) -> None:
     """nnU-Net prints a lot; it goes to this part's log (fds, so helper processes follow)."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -184,8 +215,8 @@ def _redirect_output(log_path: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    sys.stdout = _Timestamped(os.fdopen(1, "w", buffering=1, closefd=False))
+    sys.stderr = _Timestamped(os.fdopen(2, "w", buffering=1, closefd=False))
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

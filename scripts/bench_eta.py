@@ -1,6 +1,7 @@
 """The ETA against the truth: a real run (real nnU-Net on the CPU, the bundled tiny model) over a
 skewed set, largest case first, with `status --json` read every half second. At the first reading
-with a quarter, half and three quarters of the cases done, the ETA it showed is set against the
+with 10 %, a quarter, half and three quarters of the run's work behind it (numbers.py: done, and
+the cases in flight by their progress), the ETA it showed (a range before 10 %) is set against the
 time really left until the last case was done. Also: how long the launcher took from its last
 output in place to its exit.
 
@@ -22,7 +23,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.join(os.path.dirname(sys.executable), "nnunet-launch")
-MILESTONES = (0.25, 0.5, 0.75)
+MILESTONES = (0.10, 0.25, 0.5, 0.75)  # shares of the run's work behind it
 
 
 def main() -> None:
@@ -52,16 +53,22 @@ def main() -> None:
         status = subprocess.run([BIN, "status", out, "--json"], capture_output=True, text=True)
         if status.returncode in (0, 1) and status.stdout:
             info = json.loads(status.stdout)
-            readings.append((time.time(), info["cases"]["done"], info["cases"]["total"], info.get("eta_s")))
+            left, done = info.get("work_left") or 0.0, info.get("work_done_this_run") or 0.0
+            share = 1.0 - left / (left + done) if left + done else 0.0
+            at = (time.time(), info["cases"]["done"], info["cases"]["total"], info.get("eta_s"), share)
+            readings.append((*at, info.get("eta_range_s")))
     exited = exit_times[0]
     assert run.returncode == 0, f"the run failed ({run.returncode})"
     last_done = max(os.stat(os.path.join(out, n)).st_mtime for n in os.listdir(out) if n.endswith(".nii.gz"))
     rows = []
     for milestone in MILESTONES:
-        at = next(r for r in readings if r[2] and r[1] / r[2] >= milestone)
+        at = next(r for r in readings if r[4] >= milestone)
         real = last_done - at[0]
         error = None if at[3] is None else (at[3] - real) / real
-        rows.append({"done": f"{at[1]}/{at[2]}", "eta_s": at[3], "real_s": round(real, 1), "error": error})
+        rows.append(
+            {"work": milestone, "done": f"{at[1]}/{at[2]}", "eta_s": at[3], "eta_range_s": at[5],
+             "real_s": round(real, 1), "error": error}
+        )  # fmt: skip
     first_eta = next((r for r in readings if r[3] is not None), None)
     result = {
         "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), {os.cpu_count()} cores",
@@ -76,11 +83,12 @@ def main() -> None:
         "last_output_to_exit_s": round(exited - last_done, 2),
     }
     print(f"# bench_eta on {result['machine']}, {result['date']}: {args.cases} cases, {args.workers} CPU workers")
-    print("| cases done | ETA shown | really left | error |")
-    print("|---|---|---|---|")
+    print("| work behind | cases done | ETA shown | really left | error |")
+    print("|---|---|---|---|---|")
     for row in rows:
         error = "—" if row["error"] is None else f"{row['error']:+.0%}"
-        print(f"| {row['done']} | {row['eta_s']} s | {row['real_s']} s | {error} |")
+        shown = f"{row['eta_s']} s" + (" (range {}–{} s)".format(*row["eta_range_s"]) if row["eta_range_s"] else "")
+        print(f"| {row['work']:.0%} | {row['done']} | {shown} | {row['real_s']} s | {error} |")
     print(f"run {result['run_seconds']} s; first ETA {result['first_eta_after_s']} s after the start; "
           f"last output to exit {result['last_output_to_exit_s']} s")  # fmt: skip
     if args.json:

@@ -284,3 +284,40 @@ def test_attempts_a_workers_pipeline_overlaps_get_rows_of_their_own_and_later_on
     assert rows["a"] != rows["b"], "a predicts while b is preprocessed: two rows, both visible"
     assert rows["c"] == rows["a"] and rows["d"] == rows["b"], "a row is reused once its bar ended"
     assert stack_rows([]) == 1
+
+
+def test_the_report_names_model_folders_host_versions_totals_and_failed_cases_and_a_cpu_run_has_no_gpu_legend(
+    tmp_path,
+):
+    """A title block a reader needs without the run's logs (from summary.json), the failed cases
+    with their reasons, and a legend without GPU lines where no GPU was sampled."""
+    import json
+
+    state = make_journal(tmp_path / "out", samples=False)
+    facts = {
+        "model_folder": "/results/Dataset042_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres",
+        "configuration": "3d_fullres",
+        "folds": [0, 1],
+        "checkpoint": "checkpoint_final.pth",
+        "profile": "exact",
+        "input_folder": "/data/in ü",
+        "output_folder": str(tmp_path / "out"),
+        "host": "gpu-node-7",
+        "versions": {"nnunet-launch": "0.1.0", "nnunetv2": "2.8.1", "torch": "2.14.1"},
+    }
+    (state / "summary.json").write_text(json.dumps(facts))
+    journal = Journal.open_readonly(journal_path(str(state)))
+    try:
+        write_picture(str(state), journal)
+    finally:
+        journal.close()
+    text = (state / "report.html").read_text(encoding="utf-8")
+    title = re.search(r"<h2>(.*?)</h2>", text).group(1)
+    assert title == "nnunet-launch: Dataset042_Liver / nnUNetTrainer__nnUNetPlans__3d_fullres (3d_fullres, folds 0, 1)"
+    header = re.search(r"<table class='title'>(.*?)</table>", text).group(1)
+    for value in ("/data/in ü", str(tmp_path / "out"), "gpu-node-7", "nnunetv2 2.8.1", "3 done, 1 failed, 4 in all"):
+        assert value in header, value
+    assert "108.0 cases per hour" in header and "0.06 GPU hours" in header  # 3 cases in 100 s, 2 GPUs
+    assert "<li><b>case_002</b>: oom</li>" in re.search(r"<ul class='failed'>(.*?)</ul>", text).group(1)
+    legend = "".join(next(g for g in svg_of(text).iter("g") if g.get("class") == "legend").itertext())
+    assert "GPU" not in legend

@@ -122,3 +122,15 @@ def test_the_first_of_two_workers_takes_only_its_fair_share_of_four_cases():
     work = {"a": 10.0, "b": 4.0, "c": 3.0, "d": 3.0}
     first, second = simulate_feeding(work, 2)
     assert first[0] == "a" and sorted(second[:3]) == ["b", "c", "d"]
+
+
+def test_npp_and_nps_that_oversubscribe_the_cores_get_one_warning_line(tiny, tmp_path):
+    from launcher.planning import available_cores
+
+    many = str(2 * available_cores() + 1)
+    result = cli("plan", *model_args(tiny, tmp_path / "out"), "-device", "cpu", "--workers", "1", "-npp", many)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "compete for" in line]
+    assert len(lines) == 1 and f"-npp {many} with 1 worker(s)" in lines[0], result.stderr
+    fine = cli("plan", *model_args(tiny, tmp_path / "out"), "-device", "cpu", "--workers", "1", "-npp", "1")
+    assert "compete for" not in fine.stderr
