@@ -26,9 +26,7 @@ def _on_finish_writes_exit_code(path) -> str:
     return f'printf %s "$NNUNET_LAUNCH_EXIT_CODE" > {shlex.quote(str(path))}'
 
 
-def test_a_terminal_closed_mid_run_leaves_the_report_the_exit_code_and_the_on_finish_of_a_finished_run(
-    cases, tmp_path
-):
+def test_a_terminal_closed_mid_run_leaves_the_report_the_exit_code_and_the_on_finish_of_a_finished_run(cases, tmp_path):
     out, told = tmp_path / "out", tmp_path / "told"
     args = run_args(cases, out, "--workers", "2", "--on-finish", _on_finish_writes_exit_code(told))
     master, terminal = os.openpty()
