@@ -110,7 +110,7 @@ class ModelCheck:
         self.models = models
         self.child = None
         if not _fake():  # the stand-in loads in no time, in this process, at wait()
-            command = [sys.executable, "-m", "launcher.model_check", json.dumps(asdict(models))]
+            command = [sys.executable, "-m", "launcher.model_check", json.dumps(asdict(models)), str(os.getpid())]
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
             pipes = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             self.child = subprocess.Popen(command, env=env, text=True, **pipes)
@@ -140,6 +140,11 @@ class ModelCheck:
 
 
 def main() -> None:
+    from launcher.worker import die_with_parent
+
+    # a launcher SIGKILLed while its model loads here (torch's import alone takes seconds under load)
+    # must not leave this process loading on
+    die_with_parent(int(sys.argv[2]))
     models = json.loads(sys.argv[1])
     with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints; stdout carries only the answer
         error = load_error(Models(tuple(models["folders"]), tuple(models["folds"]), models["checkpoint"]))

@@ -71,7 +71,7 @@ class CaseFeed:
 
 def worker_main(spec: WorkerSpec, conn) -> None:
     os.setsid()  # own process group: the supervisor can kill the worker with all its helpers
-    _die_with_supervisor(spec.supervisor_pid)
+    die_with_parent(spec.supervisor_pid)
     _exit_on_stop_signals()
     _redirect_output(spec.log_path)
     _name_process(f"nnunet-launch part {spec.part_id} {spec.device_label}".rstrip())
@@ -146,10 +146,12 @@ def _exit_on_stop_signals() -> None:
     signal.signal(signal.SIGINT, stop)
 
 
-def _die_with_supervisor(supervisor_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (a SIGKILLed launcher leaves no orphan); call it
+    first thing, before importing torch: a parent that died before this took effect is seen here."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != supervisor_pid:  # pragma: no cover - the supervisor died before prctl took effect
+    if os.getppid() != parent_pid:  # pragma: no cover - the parent died before prctl took effect
         os._exit(1)
 
 

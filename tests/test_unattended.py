@@ -117,3 +117,27 @@ def test_a_sigkilled_launcher_is_shown_as_killed_its_cases_interrupted_and_the_r
     killed, last = summary["runs"]
     assert killed["died"] and killed["exit_code"] is None and killed["ended"] is not None
     assert not last["died"] and last["exit_code"] == 0
+
+
+def test_a_launcher_sigkilled_while_its_model_check_loads_leaves_no_process_loading_on(tiny, tmp_path, launch):
+    """The model check's child imports torch and nnU-Net (seconds; more under load): when its
+    launcher is SIGKILLed meanwhile, it ends with it instead of loading on as an orphan."""
+    import psutil
+
+    run = launch(run_args(tiny, tmp_path / "out", "--workers", "1"))
+    deadline, child = time.monotonic() + 60, None
+    while child is None and time.monotonic() < deadline:
+        for process in psutil.Process(run.proc.pid).children():
+            try:
+                if "launcher.model_check" in process.cmdline():
+                    child = process
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.02)
+    assert child is not None, "the model check's child was seen"
+    run.proc.kill()
+    run.proc.wait()
+    gone, alive = psutil.wait_procs([child], timeout=5)
+    for orphan in alive:  # this test's own clean-up, by pid
+        orphan.kill()
+    assert not alive, "the model check's child ended with its launcher"
