@@ -278,10 +278,11 @@ def run(**values):
 @click.option("--nodes", "num_nodes", type=click.IntRange(min=1), required=True, help="array tasks (machines)")
 @click.option(
     "--gpus-per-node",
-    type=click.IntRange(min=1),
-    default=1,
+    type=str,
+    default="1",
     show_default=True,
-    help="GPUs each task asks for (--gres=gpu:G); ignored with -device cpu",
+    help="GPUs each task asks for: G, or TYPE:G where the site types its GPUs (a100:4 is --gres=gpu:a100:4); "
+    "ignored with -device cpu",
 )
 @click.option("--cpus-per-gpu", type=click.IntRange(min=1), help="CPUs each task asks for per GPU [default: 8]")
 @click.option(

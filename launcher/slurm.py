@@ -99,9 +99,9 @@ RESERVED_SBATCH_KEYS = {
     "account": "--account",
     "cpus-per-task": "--cpus-per-task",
     "cpus-per-gpu": "--cpus-per-gpu",
-    "gres": "--gpus-per-node",
-    "gpus": "--gpus-per-node",
-    "gpus-per-node": "--gpus-per-node",
+    "gres": "--gpus-per-node (G, or TYPE:G for typed GPUs: a100:4)",
+    "gpus": "--gpus-per-node (G, or TYPE:G for typed GPUs: a100:4)",
+    "gpus-per-node": "--gpus-per-node (G, or TYPE:G for typed GPUs: a100:4)",
     "chdir": None,
     "output": None,
     "error": None,
@@ -134,6 +134,7 @@ class JobSpec:
     environment: tuple[tuple[str, str], ...] = ()  # nnUNet_* variables to export
     prelude: str = ""
     memory_gib: int | None = None  # the default --mem; None when --sbatch-arg sets the memory
+    gpu_type: str | None = None  # --gpus-per-node TYPE:G, as sites that type their GPUs require
 
 
 # --- checking what goes into a script ---------------------------------------------------------
@@ -217,6 +218,24 @@ def read_prelude(path: str) -> str:
     return text if not text or text.endswith("\n") else text + "\n"
 
 
+GPUS_PER_NODE_FORMAT = re.compile(r"(?:([A-Za-z0-9_.-]+):)?([1-9][0-9]*)")
+
+
+def parse_gpus_per_node(value: str) -> tuple[str | None, int]:
+    """--gpus-per-node G or TYPE:G (a100:4): (the GPU type or None, the count)."""
+    match = GPUS_PER_NODE_FORMAT.fullmatch(value.strip())
+    if not match:
+        raise LauncherError(
+            f"--gpus-per-node {value!r}: give a count (4) or a GPU type and a count as your site names them (a100:4)"
+        )
+    return match.group(1), int(match.group(2))
+
+
+def gres(job: JobSpec) -> str:
+    """The GPU request of a task: gpu:G or gpu:TYPE:G."""
+    return f"gpu:{job.gpu_type}:{job.gpus_per_node}" if job.gpu_type else f"gpu:{job.gpus_per_node}"
+
+
 def refuse_local_only(gpus: str | None, skip_busy: bool) -> None:
     """--gpus and --skip-busy pick GPUs by what NVML shows on this host; on a node the GPUs are
     the ones SLURM granted the task (CUDA_VISIBLE_DEVICES), which this host cannot know."""
@@ -280,7 +299,7 @@ def make_job(
     workers: int,
     workers_per_gpu: int,
     nodes: int,
-    gpus_per_node: int,
+    gpus_per_node: str | int,
     cpus_per_gpu: int | None,
     cpus_per_task: int | None,
     partition: str | None,
@@ -307,17 +326,19 @@ def make_job(
         raise LauncherError("--cpus-per-gpu needs GPUs; with -device cpu give --cpus-per-task")
     if cpus_per_gpu is not None and cpus_per_task is not None:
         raise LauncherError("give --cpus-per-gpu or --cpus-per-task, not both")
+    gpu_type, count = parse_gpus_per_node(str(gpus_per_node))
     if device == "cuda":
-        parts_per_node, gres = gpus_per_node * workers_per_gpu, gpus_per_node
-        cpus = cpus_per_task or (cpus_per_gpu or DEFAULT_CPUS_PER_GPU) * gpus_per_node
+        parts_per_node, gres = count * workers_per_gpu, count
+        cpus = cpus_per_task or (cpus_per_gpu or DEFAULT_CPUS_PER_GPU) * count
     else:
-        parts_per_node, gres = workers, None
+        parts_per_node, gres, gpu_type = workers, None, None
         cpus = cpus_per_task or DEFAULT_CPUS_PER_CPU_WORKER * workers
     refuse_line_breaks("the Python running nnunet-launch", sys.executable)
     return JobSpec(
         nodes=nodes,
         parts_per_node=parts_per_node,
         gpus_per_node=gres,
+        gpu_type=gpu_type,
         cpus_per_task=cpus,
         partition=partition,
         time=time,
@@ -428,7 +449,7 @@ def array_script(run_args: list[str], job: JobSpec) -> str:
         f"#SBATCH --cpus-per-task={job.cpus_per_task}",
     ]
     if job.gpus_per_node:
-        lines.append(f"#SBATCH --gres=gpu:{job.gpus_per_node}")
+        lines.append(f"#SBATCH --gres={gres(job)}")
     if job.memory_gib:
         lines.append(f"#SBATCH --mem={job.memory_gib}G")
     lines += [
@@ -444,7 +465,7 @@ def array_script(run_args: list[str], job: JobSpec) -> str:
     body, launcher = _body(job, job.prelude)
     command = ["run", *run_args, "--nodes", str(job.nodes), "--parts-per-node", str(job.parts_per_node)]
     step = ["srun", "--ntasks=1", f"--cpus-per-task={job.cpus_per_task}"]
-    step += [f"--gres=gpu:{job.gpus_per_node}"] if job.gpus_per_node else []
+    step += [f"--gres={gres(job)}"] if job.gpus_per_node else []
     lines += body
     lines += [
         "# srun would turn a SIGTERM it gets into SIGKILL for the step: this shell passes one it gets",

@@ -153,6 +153,7 @@ REFUSED = [
     ("partition with a space", lambda t: ["--partition", "gpu long"], "is not a valid SLURM value"),
     ("time in hours", lambda t: ["--time", "12h"], "--time '12h' is not a valid SLURM value"),
     ("account with a semicolon", lambda t: ["--account", "lab;id"], "is not a valid SLURM value"),
+    ("gpus with a space", lambda t: ["--gpus-per-node", "a100 :4"], "give a count (4) or a GPU type and a count"),
     ("two sbatch options in one", lambda t: ["--sbatch-arg=--mem=64G --qos=high"], "one --key[=value] token"),
     ("sbatch argument with quotes", lambda t: ['--sbatch-arg=--comment="x"'], "one --key[=value] token"),
     ("short sbatch option", lambda t: ["--sbatch-arg=-p"], "one --key[=value] token"),
@@ -210,6 +211,14 @@ def _job(prelude: str | None = None, **overrides) -> jobs.JobSpec:
         environ={},
     )
     return jobs.make_job(**{**settings, **overrides})
+
+
+def test_typed_gpus_are_asked_for_as_the_site_names_them_in_the_task_and_its_step():
+    job = _job(device="cuda", gpus_per_node="a100:4", cpus_per_task=None, workers_per_gpu=2)
+    assert (job.gpu_type, job.gpus_per_node, job.parts_per_node, job.cpus_per_task) == ("a100", 4, 8, 32)
+    script = jobs.array_script(["-i", "in", "-o", "out"], job)
+    assert "#SBATCH --gres=gpu:a100:4\n" in script and "srun --ntasks=1 --cpus-per-task=32 --gres=gpu:a100:4 " in script
+    assert "#SBATCH --gres=gpu:2\n" in jobs.array_script([], _job(device="cuda", gpus_per_node="2"))
 
 
 def _run_script(tmp_path: Path, text: str) -> tuple[subprocess.CompletedProcess, list[str] | None]:
