@@ -357,7 +357,7 @@ def slurm(
     array_text, verify_text = jobs.array_script(forwarded, job), jobs.verify_script(forwarded, job)
     if submit:
         jobs.check_with_sbatch(array_text, verify_text, job)
-    for warning in jobs.warnings(len(ids), job):
+    for warning in [*jobs.warnings(len(ids), job), *jobs.node_local_warnings(out, job)]:
         click.echo(f"nnunet-launch: warning: {warning}", err=True)
     if fresh:
         removed = jobs.discard_previous(out, ids, config.model.file_ending, config.save_probabilities)

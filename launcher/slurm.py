@@ -372,6 +372,28 @@ def warnings(num_cases: int, job: JobSpec) -> list[str]:
     return found
 
 
+def node_local_warnings(out: str, job: JobSpec) -> list[str]:
+    """OUT, and the Python that runs the launcher unless a --prelude puts one on the nodes' path,
+    must be seen by the compute nodes: a folder on a local filesystem of this host (a temporary or
+    scratch folder) usually is not."""
+    from launcher.journal import on_network_filesystem
+
+    found = []
+    paths = [("the output folder", out)]
+    if not job.prelude:
+        paths.append(("the Python running nnunet-launch", sys.executable))
+    for what, path in paths:
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not on_network_filesystem(existing):
+            found.append(
+                f"{what} ({path}) is on a local filesystem of this host: the compute nodes may not see it; "
+                "use a shared filesystem (or a --prelude that puts the launcher on their path)"
+            )
+    return found
+
+
 # --- the scripts ----------------------------------------------------------------------------
 def _directives(job: JobSpec, partition: str | None, time: str | None, extra: tuple[str, ...]) -> list[str]:
     lines = [f"#SBATCH --{key}={value}" for key, value in (("partition", partition), ("time", time)) if value]

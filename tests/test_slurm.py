@@ -648,3 +648,16 @@ def test_a_request_no_node_can_hold_is_refused_naming_the_flags_to_change(cluste
     ), result.stderr
     assert asked in result.stderr and result.stderr.endswith("; lower these or choose another --partition\n")
     assert not out.exists()
+
+
+def test_an_out_or_a_python_on_a_local_filesystem_is_warned_about_and_a_shared_one_is_not(small, tmp_path):
+    from launcher.journal import FILESYSTEM_ENV
+
+    args = cpu_array(small, tmp_path / "out")
+    local = cli(*args, env={FILESYSTEM_ENV: "local"})
+    assert local.returncode == 0, local.stderr
+    assert f"the output folder ({tmp_path / 'out'}) is on a local filesystem of this host" in local.stderr
+    assert f"the Python running nnunet-launch ({sys.executable}) is on a local filesystem" in local.stderr
+    shared = cli(*args, env={FILESYSTEM_ENV: "network"})
+    assert shared.returncode == 0, shared.stderr
+    assert "local filesystem" not in shared.stderr
