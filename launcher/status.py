@@ -196,6 +196,9 @@ def status_and_cases(out: str, with_rows: bool = True) -> tuple[dict, list[dict]
         submitted = slurm.read_submitted(out)
         if submitted is not None:  # `slurm --submit` ran, and no task has started the launcher yet
             return _submitted_status(submitted), []
+        written = os.path.join(slurm.slurm_dir(out), slurm.ARRAY_SCRIPT)
+        if os.path.isfile(written):  # `slurm` wrote the scripts; nobody submitted them (yet)
+            return _submitted_status({"array_job": None, "written": written, "submit": slurm.resubmit_command(out)}), []
         return _state_status(state_dir(out), with_rows)
     if len(shown) == 1 and shown[0][1] is None:
         info, rows = _state_status(shown[0][2], with_rows)
@@ -211,7 +214,7 @@ def status_and_cases(out: str, with_rows: bool = True) -> tuple[dict, list[dict]
 def _submitted_status(submitted: dict) -> dict:
     """Status of an OUT whose SLURM array was submitted but has no launcher state yet: the jobs,
     and what squeue says of them (a job no longer queued ended before any task started)."""
-    queue = slurm.queue_states(str(submitted["array_job"]))
+    queue = None if submitted["array_job"] is None else slurm.queue_states(str(submitted["array_job"]))
     info: dict = dict.fromkeys(COUNTS, 0)
     info.update(parts=[], failed_cases=[], last_run=None, source="slurm")
     info.update(launcher_running=False, launcher_pid=None, launcher_host=None)
@@ -221,6 +224,8 @@ def _submitted_status(submitted: dict) -> dict:
 
 def _submission(slurm_info: dict) -> str:
     job, queue = slurm_info["array_job"], slurm_info["queue"]
+    if job is None:
+        return f"SLURM scripts written ({slurm_info['written']}), not submitted; submit with: {slurm_info['submit']}"
     if queue is None:
         return f"submitted as job {job}; squeue not available"
     if not queue:
@@ -298,8 +303,8 @@ def exit_code(info: dict) -> int:
     array left the queue without starting)."""
     if info["launcher_running"]:
         return 0
-    if "slurm" in info:
-        return 1 if info["slurm"]["queue"] == {} else 0
+    if "slurm" in info:  # 1: the array left the queue without starting, or was never submitted
+        return 1 if info["slurm"]["queue"] == {} or info["slurm"]["array_job"] is None else 0
     return 1 if info["failed"] or info["pending"] or info["running"] or info.get("interrupted") else 0
 
 

@@ -661,3 +661,12 @@ def test_an_out_or_a_python_on_a_local_filesystem_is_warned_about_and_a_shared_o
     shared = cli(*args, env={FILESYSTEM_ENV: "network"})
     assert shared.returncode == 0, shared.stderr
     assert "local filesystem" not in shared.stderr
+
+
+def test_status_of_scripts_written_but_not_submitted_says_so_and_how_to_submit(small, tmp_path):
+    out = tmp_path / "out"
+    assert cli(*cpu_array(small, out)).returncode == 0
+    shown = cli("status", str(out))
+    assert shown.returncode == 1, shown.stderr
+    assert shown.stdout.startswith("launcher: not started; SLURM scripts written (")
+    assert f"not submitted; submit with: sbatch --chdir={out / '.nnunet-launch' / 'slurm'}" in shown.stdout
