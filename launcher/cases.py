@@ -19,18 +19,22 @@ class Case:
         return sum(os.path.getsize(f) for f in self.files)
 
 
-def discover(input_folder: str, file_ending: str, num_channels: int) -> list[Case]:
+def discover(input_folder: str, file_ending: str, num_channels: int, skip_bad: bool = False) -> list[Case]:
     """Cases sorted like nnU-Net's np.unique of the names with `_XXXX<file_ending>` cropped.
 
     Files without the file ending are skipped, as nnU-Net does. A file with the ending but not
     nnU-Net's channel naming, or a case missing a channel, is an error here: nnU-Net itself
     would die mid-run with "Background workers died".
     """
-    return discover_with_skipped(input_folder, file_ending, num_channels)[0]
+    return discover_with_skipped(input_folder, file_ending, num_channels, skip_bad)[0]
 
 
-def discover_with_skipped(input_folder: str, file_ending: str, num_channels: int) -> tuple[list[Case], list[str]]:
-    """discover(), plus the names of the files nnU-Net would skip silently (another ending)."""
+def discover_with_skipped(
+    input_folder: str, file_ending: str, num_channels: int, skip_bad: bool = False
+) -> tuple[list[Case], list[str], list[str]]:
+    """discover(), plus the names of the files nnU-Net would skip silently (another ending), and
+    with `skip_bad` (--skip-bad-inputs) the input problems left out instead of refused: misnamed
+    files and cases whose channels are not the model's, one line each."""
     if not os.path.isdir(input_folder):
         raise LauncherError(missing_folder("input folder", input_folder, "-i takes the folder of scans"))
     with os.scandir(input_folder) as entries:
@@ -54,12 +58,8 @@ def discover_with_skipped(input_folder: str, file_ending: str, num_channels: int
             misnamed.append(name)
             continue
         channels.setdefault(match.group(1), {})[int(match.group(2))] = os.path.join(input_folder, name)
-    if misnamed:  # every one at once: a user renames them in one go
-        raise LauncherError(
-            f"{_some(misnamed)} in the input folder {'does' if len(misnamed) == 1 else 'do'} not follow nnU-Net's "
-            f"naming CASE_XXXX{file_ending} (XXXX = channel number)"
-        )
-    cases, problems = [], []
+    naming = f"nnU-Net's naming CASE_XXXX{file_ending} (XXXX = channel number)"
+    cases, problems = [], [f"{name!r} does not follow {naming}" for name in misnamed]
     for case_id in sorted(channels):
         found = channels[case_id]
         missing = [c for c in range(num_channels) if c not in found]
@@ -72,9 +72,12 @@ def discover_with_skipped(input_folder: str, file_ending: str, num_channels: int
             problems.append(f"case {case_id!r} has channel {extra[0]:04d}")
         else:
             cases.append(Case(case_id, tuple(found[c] for c in range(num_channels))))
-    if problems:
-        raise LauncherError(f"{_some(problems, quote=False)}; the model expects {num_channels} channel(s)")
-    return cases, skipped
+    if problems and not skip_bad:  # every one at once, misnamed files and channels: fixed in one go
+        raise LauncherError(
+            f"{len(problems)} input problem(s): {_some(problems, quote=False)}; the model expects "
+            f"{num_channels} channel(s); --skip-bad-inputs predicts the rest"
+        )
+    return cases, skipped, problems
 
 
 SHOWN = 5

@@ -118,6 +118,15 @@ PREDICT_OPTIONS = [
     (("--fresh", "fresh"), dict(is_flag=True, default=None, help="discard this OUT's previous run")),
     (("--skip-busy", "skip_busy"), dict(is_flag=True, default=None, help="leave out GPUs other programs use")),
     (
+        ("--skip-bad-inputs", "skip_bad_inputs"),
+        dict(
+            is_flag=True,
+            default=None,
+            help="predict the cases that are fine and name the misnamed files and cases with missing channels "
+            "(else refused, all listed)",
+        ),
+    ),
+    (
         ("--disable_progress_bar", "disable_progress_bar"),
         dict(is_flag=True, default=None, help="accepted for nnUNetv2_predict's sake (no progress bar is shown)"),
     ),

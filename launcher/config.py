@@ -60,6 +60,7 @@ class RunConfig:
     on_finish: str | None = None  # a shell command run once at the end (notify.py)
     fresh: bool = False
     skip_busy: bool = False
+    skip_bad_inputs: bool = False  # misnamed files, cases with missing channels: left out, named
     # set by the SLURM array script, not by users: this node's share of a K-node run
     node: int | None = None
     nodes: int = 1

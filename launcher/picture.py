@@ -248,6 +248,9 @@ def title_lines(picture: Picture, summary: dict) -> tuple[str, list[tuple[str, s
             f"{summary['device_hours']:.2f} {summary['device_kind']} hours",
         ),
     ]
+    if f.get("skipped_inputs"):
+        shown = "; ".join(f["skipped_inputs"][:5]) + (" ..." if len(f["skipped_inputs"]) > 5 else "")
+        rows.append((f"inputs skipped ({len(f['skipped_inputs'])}, --skip-bad-inputs)", shown))
     busy = [f"part {lane['part']} {lane['busy_pct']:.0f}%" for lane in summary["lanes"] if lane["busy_pct"] is not None]
     if busy:
         rows.append((f"busy ({summary['device_kind']} predicting)", ", ".join(busy)))

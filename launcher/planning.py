@@ -34,6 +34,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     broken: dict[str, str] = field(default_factory=dict)  # cases whose input fails the gzip check: why
     stages: StagePlan | None = None  # a multi-stage run: several units of work per case
+    bad_inputs: list[str] = field(default_factory=list)  # what --skip-bad-inputs left out, one line each
 
     @cached_property
     def unit_deps(self) -> dict[str, tuple[str, ...]]:
@@ -115,8 +116,11 @@ def available_cores() -> int:
 
 def make_plan(config: RunConfig) -> Plan:
     model = config.model
-    cases, skipped = discover_with_skipped(config.input_folder, model.file_ending, model.num_channels)
+    cases, skipped, bad = discover_with_skipped(
+        config.input_folder, model.file_ending, model.num_channels, config.skip_bad_inputs
+    )
     warnings = [_skipped_warning(skipped, model.file_ending)] if skipped else []
+    warnings += [f"--skip-bad-inputs: not predicted: {problem}" for problem in bad]
     if config.num_parts > 1:  # nnU-Net's own split; this run predicts one part of it
         mine = set(static_parts([c.id for c in cases], config.num_parts)[config.part_id])
         cases = [c for c in cases if c.id in mine]
@@ -166,6 +170,7 @@ def make_plan(config: RunConfig) -> Plan:
         device_bytes_per_worker=need if config.device == "cuda" else 0,
         warnings=warnings,
         broken=broken,
+        bad_inputs=bad,
         stages=config.stages,
         # on a GPU nnU-Net itself runs torch with one thread; on the CPU each worker gets its share
         threads=1 if config.device == "cuda" else share,

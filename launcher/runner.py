@@ -332,6 +332,7 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, a
     finally:
         intermediates = supervisor.books.intermediates if supervisor else None
         facts = {"intermediate_peak_bytes": intermediates.peak} if intermediates else {}
+        facts["skipped_inputs"] = plan.bad_inputs  # --skip-bad-inputs: named in the summary and the report
         _finish(config, journal, reporter, run_id, exit_code, started, argv, facts)
     return exit_code
 

@@ -94,10 +94,15 @@ ROWS = [
         "does not follow nnU-Net's naming",
     ),
     (
-        "every bad file name at once",
-        lambda w: [(w["inputs"] / n).write_bytes(b"") for n in ("scan.nii.gz", "x_1.nii.gz")] and _base(w),
+        "every bad file name and missing channel at once",
+        lambda w: [(w["inputs"] / n).write_bytes(b"") for n in ("scan.nii.gz", "x_1.nii.gz")]
+        and (w["inputs"] / "case_003_0000.nii.gz").rename(w["inputs"] / "case_003_0001.nii.gz")
+        and _base(w),
         {},
-        "'scan.nii.gz'; 'x_1.nii.gz' in the input folder do not follow nnU-Net's naming",
+        "3 input problem(s): 'scan.nii.gz' does not follow nnU-Net's naming CASE_XXXX.nii.gz (XXXX = channel "
+        "number); 'x_1.nii.gz' does not follow nnU-Net's naming CASE_XXXX.nii.gz (XXXX = channel number); "
+        "case 'case_003' is missing channel 0000 (case_003_0000.nii.gz); the model expects 1 channel(s); "
+        "--skip-bad-inputs predicts the rest",
     ),
     ("model missing", lambda w: _base(w, **{"-m": w["tmp"] / "no model"}), {}, "does not exist"),
     ("fold missing", lambda w: _base(w, **{"-f": "3"}), {}, "folds with checkpoint_final.pth: 0"),

@@ -141,3 +141,18 @@ def test_a_launcher_sigkilled_while_its_model_check_loads_leaves_no_process_load
     for orphan in alive:  # this test's own clean-up, by pid
         orphan.kill()
     assert not alive, "the model check's child ended with its launcher"
+
+
+def test_skip_bad_inputs_predicts_the_rest_and_names_every_skipped_one_in_the_summary_and_the_report(cases, tmp_path):
+    inputs, out = cases["inputs"], tmp_path / "out"
+    (inputs / "scan.nii.gz").write_bytes(b"")
+    (inputs / "case_003_0000.nii.gz").rename(inputs / "case_003_0001.nii.gz")
+    refused = cli(*run_args(cases, out, "--workers", "2"), env=fake_env(tmp_path))
+    assert refused.returncode == 2 and "2 input problem(s)" in refused.stderr and not out.exists()
+    result = cli(*run_args(cases, out, "--workers", "2", "--skip-bad-inputs"), env=fake_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "--skip-bad-inputs: not predicted: 'scan.nii.gz' does not follow nnU-Net's naming" in result.stdout
+    assert "--skip-bad-inputs: not predicted: case 'case_003' is missing channel 0000" in result.stdout
+    summary = json.loads((out / ".nnunet-launch" / "summary.json").read_text())
+    assert summary["done"] == len(cases["ids"]) - 1 and len(summary["skipped_inputs"]) == 2
+    assert "inputs skipped (2, --skip-bad-inputs)" in (out / ".nnunet-launch" / "report.html").read_text()
