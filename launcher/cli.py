@@ -340,7 +340,7 @@ def slurm(
     jobs.refuse_local_only(None if config.gpus == "all" else config.gpus, config.skip_busy)
     out = os.path.abspath(config.output_folder)
     jobs.refuse_line_breaks("output folder", out)
-    cases = discover(config.input_folder, config.model.file_ending, config.model.num_channels)
+    cases = discover(config.input_folder, config.model.file_ending, config.model.num_channels, config.skip_bad_inputs)
     job = jobs.make_job(
         device=config.device,
         workers=config.workers,
