@@ -74,3 +74,23 @@ def test_the_snapshot_leaves_kept_outputs_out_of_the_rate_and_gives_parts_no_eta
     parts = {p["part_id"]: p for p in journal.snapshot(now=t0 + 30)["parts"]}
     assert parts[0]["eta_s"] is None and parts[1]["eta_s"] is not None, "a finished part has none, a busy one has"
     journal.close()
+
+
+def test_a_multi_stage_case_whose_final_unit_failed_is_failed_not_also_working(tmp_path):
+    """Its other member may still be predicted (it had started): the case counts once, as failed,
+    and nothing is negative (the defect: "-1 waiting", and the ETA gone with it)."""
+    from launcher.journal import Journal
+
+    journal = Journal.open(str(tmp_path / "journal.sqlite"))
+    units = ["2d/a", "3d/a", "a", "2d/b", "3d/b", "b"]
+    journal.start_run({"members": ["2d", "3d"], "final_stage": "final"}, [(0, "cpu", None)], dict.fromkeys(units, 1.0))
+    journal.apply(
+        [
+            ("3d/a", {"state": "failed", "part": 0}),
+            ("a", {"state": "failed", "part": 0}),
+            ("2d/a", {"state": "running", "stage": "predict", "part": 0}),
+        ]
+    )
+    cases = journal.snapshot()["cases"]
+    assert cases == {"done": 0, "failed": 1, "working": 0, "queued": 0, "waiting": 1, "total": 2}
+    journal.close()
