@@ -347,7 +347,7 @@ def render_svg(picture: Picture) -> str:
     if gpus:
         out += _gpu_panel(picture, gpus, gpu_top, x)
         out += _axis(picture, x, plot_bottom - GPU_GAP)
-    out += _legend(legend_top, bool(gpus))
+    out += _legend(picture, legend_top, bool(gpus))
     out.append("</svg>")
     return "\n".join(out)
 
@@ -501,27 +501,29 @@ def _gpu_panel(picture: Picture, gpus: list[str], top: float, x) -> list[str]:
     return out
 
 
-def _legend(top: float, gpus: bool) -> list[str]:
+def _legend(picture: Picture, top: float, gpus: bool) -> list[str]:
+    """What the chart shows, and only that (no marker that never occurs, no GPU line on the CPU)."""
+    outcomes = {a["outcome"] for a in picture.attempts}
+    kinds = {e["kind"] for e in picture.events if e["part"] is not None}
     items = [(f'<rect class="stage s-{s}" x="0" y="0" width="14" height="10"/>', s) for s in STAGES]
-    items += [
-        ('<rect class="queued" x="0" y="3" width="14" height="4"/>', "queued in the worker"),
-        ('<rect class="attempt" data-outcome="failed" x="0" y="0" width="14" height="10"/>', "failed attempt"),
-        (
+    items.append(('<rect class="queued" x="0" y="3" width="14" height="4"/>', "queued in the worker"))
+    if "failed" in outcomes:
+        shape = '<rect class="attempt" data-outcome="failed" x="0" y="0" width="14" height="10"/>'
+        items.append((shape, "failed attempt"))
+    if "released" in outcomes:
+        shape = (
             '<rect class="stage s-predict" x="0" y="0" width="14" height="10"/>'
-            '<rect class="attempt" data-outcome="released" x="0" y="0" width="14" height="10"/>',
-            "released (requeued)",
-        ),
-    ]
+            '<rect class="attempt" data-outcome="released" x="0" y="0" width="14" height="10"/>'
+        )
+        items.append((shape, "released (requeued)"))
     items += [
         (_marker({"kind": k, "part": None, "ts": 0, "case_id": None, "message": None}, 7, 5), EVENT_NAMES[k])
         for k in ("worker_died", "spawn", "gave_up", "device_rests", "case_error")
+        if k in kinds
     ]
-    items += [
-        (
-            '<line x1="7" y1="-2" x2="7" y2="12" stroke="#1f77b4" stroke-dasharray="4 3" stroke-width="1.5"/>',
-            "interrupted / stopped",
-        ),
-    ]
+    if any(e["part"] is None for e in picture.events):
+        shape = '<line x1="7" y1="-2" x2="7" y2="12" stroke="#1f77b4" stroke-dasharray="4 3" stroke-width="1.5"/>'
+        items.append((shape, "interrupted / stopped"))
     if gpus:  # a CPU run has no GPU panel
         items += [
             ('<line class="util" x1="0" y1="5" x2="14" y2="5"/>', "GPU utilisation"),
@@ -694,15 +696,18 @@ def render_png(picture: Picture, path: str) -> None:
     for lane in picture.lanes[1:]:  # a line between lanes
         ax.axhline(index[lane["part"]] - 0.5, color="#c8ccd2", linewidth=0.8)
     ax.set_ylim(n - 0.5, -0.7)
+    # the legend names what the chart shows, and only that
+    outcomes, kinds = {a["outcome"] for a in picture.attempts}, {e["kind"] for e in picture.events}
     handles = [Patch(color=c, label=s) for s, c in STAGE_COLOURS.items()]
-    handles += [
-        Patch(color=QUEUED_COLOUR, label="queued"),
-        Patch(facecolor="none", edgecolor=FAILED_COLOUR, hatch="////", label="failed"),
-        Patch(facecolor="none", edgecolor=RELEASED_COLOUR, hatch="..", linestyle="--", label="released"),
-    ]
+    handles.append(Patch(color=QUEUED_COLOUR, label="queued"))
+    if "failed" in outcomes:
+        handles.append(Patch(facecolor="none", edgecolor=FAILED_COLOUR, hatch="////", label="failed"))
+    if "released" in outcomes:
+        handles.append(Patch(facecolor="none", edgecolor=RELEASED_COLOUR, hatch="..", linestyle="--", label="released"))
     handles += [
         Line2D([], [], marker=m, color=EVENT_COLOURS[k], linestyle="none", label=EVENT_NAMES[k])
         for k, m in markers.items()
+        if k in kinds
     ]
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=8, fontsize=7, frameon=False)
     axes = [ax]
