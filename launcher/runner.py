@@ -153,12 +153,15 @@ def inspect_out(config: RunConfig, plan: Plan) -> OutView:
 
 def _placed_by_other_shares(config: RunConfig, identity: RunIdentity) -> set[str]:
     """Cases whose outputs another share of this OUT placed (a plain run beside `-part_id k` runs,
-    SLURM nodes): journaled done in another state folder by a run of the same model and
+    which take turns): journaled done in another state folder by a run of the same model and
     settings. They are the launcher's, not another tool's: kept once they decode."""
     mine = run_state_dir(config)
     placed: set[str] = set()
-    for _, _, folder in run_states(config.output_folder):
-        if folder == mine or not os.path.isfile(journal_path(folder)):
+    if config.node is not None:  # a SLURM node owns its share: no other share placed its cases
+        return placed
+    for _, node, folder in run_states(config.output_folder):
+        # SLURM nodes' journals are left alone: they may be written on other hosts now (status.py)
+        if folder == mine or node is not None or not os.path.isfile(journal_path(folder)):
             continue
         try:
             journal = Journal.open_readonly(journal_path(folder))

@@ -324,10 +324,7 @@ def render_status(info: dict) -> str:
     state = _launcher_state(info)
     last = info.get("last_run") or {}
     if not info["launcher_running"] and last.get("died"):
-        state += (
-            f"; the last run (pid {last['pid']}, started {_clock(last['started'])}) was killed or died before it "
-            f"ended: last seen alive {_clock(last['seen'])}"
-        )
+        state += "; " + dead_run_line({**last, "in_flight": 0})
     elif not info["launcher_running"] and last.get("ended"):
         wall = last["ended"] - last["started"]
         meaning = EXIT_MEANING.get(last["exit_code"], "error")
