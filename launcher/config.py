@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from launcher import nnunet_versions
 from launcher.cases import missing_folder
 from launcher.errors import LauncherError
 from launcher.outputs import stages_dir, state_dir
@@ -151,6 +152,7 @@ def load_toml(path: str) -> dict[str, Any]:
 
 def build(cli_values: dict[str, Any], config_file: str | None) -> RunConfig:
     """Merge (flags given on the command line win over the TOML file) and validate."""
+    nnunet_versions.refuse_unsupported()  # the installed nnU-Net and torch, before anything else
     merged = load_toml(config_file) if config_file else {}
     merged.update({k: v for k, v in cli_values.items() if v is not None})
     if "folds" in merged:
@@ -164,6 +166,8 @@ def build(cli_values: dict[str, Any], config_file: str | None) -> RunConfig:
     except TypeError as exc:
         raise LauncherError(f"bad configuration: {exc}") from None
     validate(config, given=set(merged))
+    if config.profile == "fast" and (why := nnunet_versions.fast_profile_refusal()):
+        raise LauncherError(why)
     return config
 
 

@@ -15,13 +15,12 @@ from functools import partial
 import numpy as np
 import torch
 from nnunetv2.ensembling.ensemble import merge_files
-from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from launcher import fast_profile, safe_pickle
+from launcher import fast_profile, nnunet_versions, safe_pickle
 from launcher.device import Device, configure_process, for_worker
 from launcher.headers import gzip_stream_intact
 from launcher.spec import Combine, Failure, PredictSettings, UnreadableInput
@@ -86,9 +85,10 @@ def _preprocess(model: str | None, files: tuple[str, ...], prev_stage_file: str 
     that reading is told apart from preprocessing)."""
     prep = _PREP[model]
     data, seg, properties = _read(prep, files, prev_stage_file)
-    data, seg, properties = prep["preprocessor"].run_case_npy(
-        data, seg, properties, prep["plans_manager"], prep["configuration_manager"], prep["dataset_json"]
-    )
+    data, seg, properties = nnunet_versions.run_case_npy(
+        prep["preprocessor"], data, seg, properties, prep["plans_manager"], prep["configuration_manager"],
+        prep["dataset_json"],
+    )  # fmt: skip
     if prev_stage_file is not None:
         seg_onehot = convert_labelmap_to_one_hot(seg[0], prep["label_manager"].foreground_labels, data.dtype)
         data = np.vstack((data, seg_onehot))
@@ -241,7 +241,7 @@ class NnunetBackend:
         p = self.predictor
         whole = (p.configuration_manager, p.plans_manager, p.dataset_json, output_base, save_probabilities)
         if not self.fast:
-            return export_prediction_from_logits, (logits, properties, *whole, self.settings.threads)
+            return nnunet_versions.export_prediction, (logits, properties, *whole, self.settings.threads)
         if not self.export_in_worker:
             self.choices.append("export in a helper on the CPU")
             return fast_profile.export_from_logits, (logits, properties, *whole, self.settings.threads)

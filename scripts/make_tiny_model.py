@@ -139,9 +139,19 @@ def save_checkpoints(
     configuration_manager = plans_manager.get_configuration(configuration)
     for fold in folds:
         torch.manual_seed(seed + fold)
-        network = nnUNetTrainer.build_network_architecture(
-            plans_manager, configuration_manager, num_inputs, num_outputs, enable_deep_supervision=False
-        )
+        try:  # nnU-Net >= 2.7
+            network = nnUNetTrainer.build_network_architecture(
+                plans_manager, configuration_manager, num_inputs, num_outputs, enable_deep_supervision=False
+            )
+        except TypeError:  # before 2.7 it takes the architecture's name and arguments
+            network = nnUNetTrainer.build_network_architecture(
+                configuration_manager.network_arch_class_name,
+                configuration_manager.network_arch_init_kwargs,
+                configuration_manager.network_arch_init_kwargs_req_import,
+                num_inputs,
+                num_outputs,
+                enable_deep_supervision=False,
+            )
         checkpoint = {
             "network_weights": network.state_dict(),
             "trainer_name": trainer,

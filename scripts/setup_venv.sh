@@ -14,6 +14,10 @@
 # (about 6.4 GB installed, of which 3.2 GB nvidia-* and 0.9 GB triton; 1m40s from this machine's
 # indexes).
 #
+# nnunetv2: the newest release the launcher supports (pyproject.toml asks for a range, so that an
+# install into a user's environment keeps their nnU-Net); NNUNET_LAUNCH_NNUNET for another, e.g.
+# `nnunetv2==2.5.2`, the oldest supported.
+#
 # NNUNET_LAUNCH_TORCH: the torch a machine wants instead (e.g. `torch` on a GPU machine online).
 # Its torchvision: NNUNET_LAUNCH_TORCHVISION when set; else for an exact `torch==2.Y[.Z]` the
 # matching release line `torchvision==0.<Y+15>.*` (torch 2.13 -> 0.28, 2.14 -> 0.29); else plain
@@ -34,12 +38,14 @@ else
   TORCH_SPEC="torch==2.14.1"
   TORCHVISION_SPEC="${NNUNET_LAUNCH_TORCHVISION:-torchvision==0.29.1}"
 fi
-built_from() { cat pyproject.toml scripts/setup_venv.sh; echo "$TORCH_SPEC $TORCHVISION_SPEC"; }
+NNUNET_SPEC="${NNUNET_LAUNCH_NNUNET:-nnunetv2==2.8.1}"
+built_from() { cat pyproject.toml scripts/setup_venv.sh; echo "$TORCH_SPEC $TORCHVISION_SPEC $NNUNET_SPEC"; }
 stamp="$VENV/.installed-$(built_from | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-echo "setting up $VENV (nnunetv2, $TORCH_SPEC, $TORCHVISION_SPEC, test tools)..." >&2
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC" "$TORCHVISION_SPEC" -e ".[test]" 2>&1 \
+echo "setting up $VENV ($NNUNET_SPEC, $TORCH_SPEC, $TORCHVISION_SPEC, test tools)..." >&2
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$NNUNET_SPEC" "$TORCH_SPEC" "$TORCHVISION_SPEC" \
+  -e ".[test]" 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
 "$VENV/bin/python" -c "import launcher, nnunetv2, torch, pynvml, click, psutil, pytest" \
   || { echo "setup of $VENV failed (see pip output above)" >&2; exit 1; }

@@ -95,9 +95,11 @@ ROWS = [
     ),
     (
         "every bad file name and missing channel at once",
-        lambda w: [(w["inputs"] / n).write_bytes(b"") for n in ("scan.nii.gz", "x_1.nii.gz")]
-        and (w["inputs"] / "case_003_0000.nii.gz").rename(w["inputs"] / "case_003_0001.nii.gz")
-        and _base(w),
+        lambda w: (
+            [(w["inputs"] / n).write_bytes(b"") for n in ("scan.nii.gz", "x_1.nii.gz")]
+            and (w["inputs"] / "case_003_0000.nii.gz").rename(w["inputs"] / "case_003_0001.nii.gz")
+            and _base(w)
+        ),
         {},
         "3 input problem(s): 'scan.nii.gz' does not follow nnU-Net's naming CASE_XXXX.nii.gz (XXXX = channel "
         "number); 'x_1.nii.gz' does not follow nnU-Net's naming CASE_XXXX.nii.gz (XXXX = channel number); "
