@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import signal
-import sqlite3
 
 from launcher.errors import LauncherError
 
@@ -30,16 +29,12 @@ EXIT_MEANING = {
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-SQLITE_FULL = 13
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """An error that a full disk (or quota) causes: an OSError, or SQLite's "database or disk is full"."""
-    if isinstance(exc, OSError):
-        return exc.errno in DISK_FULL_ERRNOS
-    if isinstance(exc, sqlite3.OperationalError):
-        return getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(exc)
-    return False
+    """An error a full disk (or quota) causes. The journal's own (SQLite's "database or disk is
+    full") arrive as JournalWriteError, a ResumableStop."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
 class ResumableStop(Exception):

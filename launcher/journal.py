@@ -192,8 +192,8 @@ class Journal:
         it, the machine went down): end it at `seen`, when it was last seen alive (or its last
         journaled step), its exit code unknown (NULL). Called under the OUT lock, so it is not
         running. Returns {"pid", "started", "seen", "in_flight"} of that run, or None."""
-        row = self.db.execute("SELECT id, pid, started FROM runs ORDER BY id DESC LIMIT 1").fetchone()
-        if row is None or self.db.execute("SELECT ended FROM runs WHERE id=?", (row[0],)).fetchone()[0] is not None:
+        row = self.db.execute("SELECT id, pid, started, ended FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None or row[3] is not None:
             return None
         activity = self.db.execute(
             "SELECT MAX(t) FROM (SELECT MAX(ts) AS t FROM events UNION ALL SELECT MAX(ended) FROM cases "
@@ -332,11 +332,11 @@ class Journal:
                     "SELECT part, TOTAL(work) FROM cases WHERE state IN (?, ?) GROUP BY part", (PENDING, RUNNING)
                 )
             )
-            this_run = {
-                part: (count, last_end, work)
-                for part, count, last_end, work in db.execute(
+            this_run = {  # part: (cases done, their work)
+                part: (count, work)
+                for part, count, work in db.execute(
                     # a kept output (verified, seconds NULL) took no work: it is not this run's rate
-                    "SELECT part, COUNT(*), MAX(ended), TOTAL(work) FROM cases "
+                    "SELECT part, COUNT(*), TOTAL(work) FROM cases "
                     "WHERE state=? AND ended >= ? AND seconds IS NOT NULL GROUP BY part",
                     (DONE, run_started),
                 )
@@ -354,7 +354,7 @@ class Journal:
             db.execute("COMMIT")
         units = numbers.counts({s: sum(p.get(s, 0) for p in per_part.values()) for s in numbers.PERSON_STATES})
         work_left = sum(left_per_part.values())
-        work_done = sum(work for _, _, work in this_run.values())
+        work_done = sum(work for _, work in this_run.values())
         in_flight = sum(w["behind"] for w in working)
         eta = numbers.eta_s(work_left, work_done, in_flight, working_since, now)
         shared = per_part.get(None, {}).get("waiting", 0)  # a queue no part owns yet (dynamic schedule)
@@ -388,7 +388,7 @@ class Journal:
             # estimated work (voxels x channels): the ETA comes from work left and work done per second
             "work_left": work_left,
             "work_done_this_run": work_done,
-            "done_this_run": sum(count for count, _, _ in this_run.values()),
+            "done_this_run": sum(count for count, _ in this_run.values()),
             "run_started": run_started,
             "working_since": working_since,
             "parts": parts,
@@ -448,7 +448,7 @@ class Journal:
     def _part(row: tuple, per_part: dict, this_run: dict, working: list[dict], since: float | None, now: float) -> dict:
         part_id, gpu, uuid, restarts, pid, state = row
         mine = numbers.counts(per_part.get(part_id, {}))
-        done_this_run, _, _ = this_run.get(part_id, (0, None, 0.0))
+        done_this_run, _ = this_run.get(part_id, (0, 0.0))
         cases = [{k: w[k] for k in ("case", "stage", "progress_pct")} for w in working if w["part"] == part_id]
         # the one a person asks about: the case being predicted, else the oldest one in work
         current = next((c for c in cases if c["stage"] == "predict"), cases[0] if cases else None)

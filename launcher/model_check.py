@@ -47,6 +47,10 @@ class Models:
         folders = [m.folder for m in config.stages.members] if config.stages else [config.model.folder]
         return cls(tuple(folders), tuple(config.model.folds), config.checkpoint)
 
+    def checkpoints(self) -> list[str]:
+        """Every checkpoint a worker loads: each folder's folds."""
+        return [os.path.join(f, f"fold_{fold}", self.checkpoint) for f in self.folders for fold in self.folds]
+
     @classmethod
     def of_settings(cls, settings: PredictSettings) -> Models:
         folders = [folder for _, folder in settings.members] or [settings.model_folder]

@@ -12,6 +12,7 @@ from launcher.cases import Case, discover_with_skipped
 from launcher.config import RunConfig
 from launcher.errors import LauncherError
 from launcher.headers import gzip_size_mismatch, gzip_stream_intact, read_header
+from launcher.model_check import Models
 from launcher.scheduler import Slot, make_slots, simulate_feeding, static_parts
 from launcher.spec import PredictSettings, WorkCase
 from launcher.stages import COMBINE_WORK_FRACTION, StagePlan, split_unit
@@ -271,9 +272,7 @@ def helper_processes(given: int | None, share: int) -> int:
 
 def checkpoint_bytes(config: RunConfig) -> int:
     """The size of every checkpoint a worker loads (every fold of every member)."""
-    folders = [m.folder for m in config.stages.members] if config.stages else [config.model.folder]
-    paths = [os.path.join(f, f"fold_{fold}", config.checkpoint) for f in folders for fold in config.model.folds]
-    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+    return sum(os.path.getsize(p) for p in Models.of_config(config).checkpoints() if os.path.isfile(p))
 
 
 def _check_prev_stage_files(config: RunConfig, cases: list[Case]) -> None:

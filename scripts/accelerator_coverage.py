@@ -8,7 +8,13 @@ import json
 import subprocess
 import sys
 
-MODULES = ("launcher/nnunet.py", "launcher/fast_profile.py", "launcher/pipeline.py", "launcher/worker.py")
+MODULES = (
+    "launcher/device.py",
+    "launcher/nnunet.py",
+    "launcher/fast_profile.py",
+    "launcher/pipeline.py",
+    "launcher/worker.py",
+)
 MIN_PCT = 95.0
 
 

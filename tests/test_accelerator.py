@@ -28,8 +28,10 @@ from launcher import fast_profile, safe_pickle  # noqa: E402
 from launcher.device import (  # noqa: E402
     SIMULATED_ACCELERATOR_DIR_ENV,
     SIMULATED_ACCELERATOR_ENV,
+    CudaDevice,
     Device,
     SimulatedAccelerator,
+    for_worker,
 )
 from launcher.spec import Failure, PredictSettings  # noqa: E402
 
@@ -156,25 +158,12 @@ def test_tight_device_memory_falls_back_stage_by_stage_and_still_gives_the_fast_
 def test_best_on_the_accelerator_matches_nnunets_own_chain(stages, manual, tmp_path, monkeypatch):
     """`run --best` (2d + 3d_fullres, ensembled and postprocessed): every worker loads both models
     on its device (torch's inter-op threads are set once per process, not once per model)."""
-    from test_stages import assert_same_segmentations
+    from test_stages import FAST, assert_same_segmentations
 
     monkeypatch.setenv("nnUNet_results", stages["env"]["nnUNet_results"])
     out = tmp_path / "out"
-    args = [
-        "run",
-        "-i",
-        str(stages["inputs"]),
-        "-o",
-        str(out),
-        "-d",
-        "998",
-        "--best",
-        "-device",
-        "cpu",
-        "--workers",
-        "2",
-    ]
-    result = cli(*args, "--disable_tta", "-npp", "1", "-nps", "1", env=simulated(BIG), timeout=600)
+    args = ["run", "-i", str(stages["inputs"]), "-o", str(out), "-d", "998", "--best", *FAST, "--workers", "2"]
+    result = cli(*args, env=simulated(BIG), timeout=600)
     assert result.returncode == 0, result.stderr
     assert_same_segmentations(out, manual / "postprocessed", ("dataset.json", "plans.json"))
 
@@ -411,6 +400,31 @@ def test_a_device_too_small_for_one_tile_fails_the_case_as_out_of_memory(tiny, c
 
 
 @simulated_only
+def test_the_cuda_device_counts_what_the_allocator_caches_as_free_and_knows_only_its_own_tensors(monkeypatch):
+    """CudaDevice, the one place that calls torch.cuda: `-device cuda` workers get it (without
+    touching CUDA to make it). On a GPU (the GPU check) against the real allocator; here its
+    three calls are stand-ins that record what the device asks, the GPU boundary."""
+    device = for_worker("cuda")
+    assert isinstance(device, CudaDevice) and device.accelerator and device.slack_bytes == 512 * MiB
+    if REAL:
+        on_gpu = torch.ones(4, device="cuda")
+        assert device.holds(on_gpu) and not device.holds(on_gpu.cpu()) and device.free_bytes() > 0
+        device.empty_cache()
+        return
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: asked.append(("free", d)) or (10 * MiB, 80 * MiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: asked.append(("reserved", d)) or 6 * MiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: asked.append(("allocated", d)) or 4 * MiB)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: asked.append(("empty", None)))
+    # free = the driver's free memory + what the caching allocator reserved but does not use
+    assert device.free_bytes() == 12 * MiB
+    assert asked == [(what, torch.device("cuda")) for what in ("free", "reserved", "allocated")]
+    device.empty_cache()
+    assert asked[-1] == ("empty", None)
+    assert not device.holds(torch.ones(2)) and not device.holds(torch.empty(2, device="meta"))
+    assert not device.holds("results as a numpy array")
+
+
 def test_the_simulated_device_accounts_results_while_any_view_of_them_lives():
     device = SimulatedAccelerator(10 * MiB)
     kept = device._keep(torch.zeros(MiB // 4))  # 1 MiB

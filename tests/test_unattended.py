@@ -6,11 +6,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shlex
 import subprocess
 import termios
 import threading
 import time
+
+import psutil
 
 from conftest import cli, fake_env, launcher_cmd, run_args, status_json, wait_gone
 
@@ -94,6 +97,11 @@ def test_a_sigkilled_launcher_is_shown_as_killed_its_cases_interrupted_and_the_r
     run = launch(run_args(cases, out, "--workers", "2"), env)
     run.wait_until(lambda: (status_json(out) or {}).get("done", 0) >= 2 and status_json(out)["running"], 120, "work")
     run.sample_tree()
+    # each worker named in ps/top (not `python -c from multiprocessing.spawn ...`), its log lines stamped
+    titles = {" ".join(psutil.Process(p["worker_pid"]).cmdline()).strip() for p in status_json(out)["parts"]}
+    assert titles == {"nnunet-launch part 0 cpu", "nnunet-launch part 1 cpu"}, titles
+    log = next((out / ".nnunet-launch" / "logs").glob("run-1.part-0.attempt-1.log")).read_text()
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d nnunet-launch worker part 0 attempt 1 ", log), log[:200]
     run.proc.kill()
     run.proc.wait()
     assert wait_gone(list(run.seen), run.seen, 15) == [], "the workers end with their launcher"
@@ -122,8 +130,6 @@ def test_a_sigkilled_launcher_is_shown_as_killed_its_cases_interrupted_and_the_r
 def test_a_launcher_sigkilled_while_its_model_check_loads_leaves_no_process_loading_on(tiny, tmp_path, launch):
     """The model check's child imports torch and nnU-Net (seconds; more under load): when its
     launcher is SIGKILLed meanwhile, it ends with it instead of loading on as an orphan."""
-    import psutil
-
     run = launch(run_args(tiny, tmp_path / "out", "--workers", "1"))
     deadline, child = time.monotonic() + 60, None
     while child is None and time.monotonic() < deadline:
