@@ -15,6 +15,7 @@ from functools import partial
 import numpy as np
 import torch
 from nnunetv2.ensembling.ensemble import merge_files
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
@@ -241,7 +242,7 @@ class NnunetBackend:
         p = self.predictor
         whole = (p.configuration_manager, p.plans_manager, p.dataset_json, output_base, save_probabilities)
         if not self.fast:
-            return nnunet_versions.export_prediction, (logits, properties, *whole, self.settings.threads)
+            return export_prediction_from_logits, (logits, properties, *whole)  # plain's thread count: same bits
         if not self.export_in_worker:
             self.choices.append("export in a helper on the CPU")
             return fast_profile.export_from_logits, (logits, properties, *whole, self.settings.threads)

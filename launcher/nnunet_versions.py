@@ -8,9 +8,9 @@ What differs, from nnU-Net's history:
 - 2.5.2 loads checkpoints with `weights_only=False` (earlier versions fail under torch >= 2.6):
   the oldest supported release.
 - before 2.6.0 `DefaultPreprocessor.run_case_npy` returns (data, seg) and updates the properties
-  in place; since, (data, seg, properties): `run_case_npy` below. And
-  `export_prediction_from_logits` takes no `num_threads_torch` (the helper's torch threads are
-  then set here): `export_prediction` below.
+  in place; since, (data, seg, properties): `run_case_npy` below. (`export_prediction_from_logits`
+  takes `num_threads_torch` only since 2.6.0; the exact export leaves it at its default, nnU-Net's
+  `default_num_processes`, on every version, as plain nnU-Net does.)
 - before 2.7.0 `resample_torch_fornnunet` raises a TypeError on anisotropic cases with the default
   `force_separate_z=None`: `--profile fast` (which resamples with it) needs 2.7.0.
 - nnU-Net itself excludes torch 2.9.*.
@@ -18,7 +18,6 @@ What differs, from nnU-Net's history:
 
 from __future__ import annotations
 
-import inspect
 import re
 from importlib import metadata
 
@@ -72,20 +71,6 @@ def fast_profile_refusal() -> str | None:
             f"cases); nnunetv2 {nnunet} is installed: use the exact profile"
         )
     return None
-
-
-def export_prediction(*args) -> None:
-    """nnU-Net's export_prediction_from_logits(logits, properties, configuration_manager,
-    plans_manager, dataset_json, output_base, save_probabilities) with `args[-1]` torch threads, on
-    every supported version. In an export helper."""
-    import torch
-    from nnunetv2.inference.export_prediction import export_prediction_from_logits
-
-    *arguments, threads = args
-    if "num_threads_torch" in inspect.signature(export_prediction_from_logits).parameters:
-        return export_prediction_from_logits(*arguments, threads)
-    torch.set_num_threads(threads)  # 2.5 sets its own inside, from nnUNet_def_n_proc (the worker sets it alike)
-    return export_prediction_from_logits(*arguments)
 
 
 def run_case_npy(preprocessor, data, seg, properties: dict, plans_manager, configuration_manager, dataset_json):

@@ -226,7 +226,9 @@ def _redirect_output(log_path: str) -> None:
 
 def _pin_device(spec: WorkerSpec) -> None:
     threads = str(spec.settings.threads)
-    os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, nnUNet_def_n_proc=threads)
+    # nnUNet_def_n_proc stays the user's: the exact export runs with nnU-Net's default_num_processes
+    # torch threads, as plain nnU-Net's does, for the same bits (its thread count changes them)
+    os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     if spec.gpu_uuid is not None:  # pragma: no cover - only NVML's GPUs have UUIDs (tests/GPU_ONLY.md)
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu_uuid

@@ -22,6 +22,10 @@ BIN = Path(sys.executable).parent
 NUM_CASES = 12
 STAGE_CASES = 5
 MEMBERS = ("2d", "3d_fullres")  # the ensemble inference_information.json names (make_stage_models)
+# nnU-Net's default_num_processes, which sets the exact export's torch threads in plain nnU-Net and
+# in the launcher alike: one, like every thread of the references below (a test that needs another
+# count sets it for both sides).
+os.environ["nnUNet_def_n_proc"] = "1"
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
@@ -62,7 +66,7 @@ def tiny(tmp_path_factory) -> dict:
 # nnUNetv2_predict itself, with torch held to the workers' one thread: on the CPU, nnU-Net's
 # numbers depend on the thread count, and a random-weight model has near-ties that flip voxels.
 PLAIN_NNUNET_ONE_THREAD = (
-    "import sys, torch\n"
+    "import os, sys, torch\n"
     "set_threads = torch.set_num_threads\n"
     "torch.set_num_threads = lambda n: set_threads(1)\n"
     "from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder\n"
@@ -71,12 +75,19 @@ PLAIN_NNUNET_ONE_THREAD = (
 )
 
 
-def plain_nnunet(inputs: Path, out: Path, model: Path, device: str = "cpu") -> None:
-    common = ["-device", device, "--disable_tta", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+# The same, but its export with the torch threads nnU-Net gives it (default_num_processes), as a
+# launcher worker with one torch thread runs the network and its export helper exports.
+PLAIN_NNUNET_EXPORT_THREADS = PLAIN_NNUNET_ONE_THREAD.replace(
+    "set_threads(1)", "set_threads(n if n == int(os.environ['nnUNet_def_n_proc']) else 1)"
+)
+
+
+def plain_nnunet(
+    inputs: Path, out: Path, model: Path, *extra: str, device: str = "cpu", script: str = PLAIN_NNUNET_ONE_THREAD
+) -> None:
+    common = ["-device", device, "--disable_tta", "-npp", "1", "-nps", "1", "--disable_progress_bar", *extra]
     args = ["-i", str(inputs), "-o", str(out), "-m", str(model), "-f", "0", *common]
-    subprocess.run(
-        [sys.executable, "-c", PLAIN_NNUNET_ONE_THREAD, *args], check=True, capture_output=True, env=unmeasured()
-    )
+    subprocess.run([sys.executable, "-c", script, *args], check=True, capture_output=True, env=unmeasured())
 
 
 def unmeasured(env: dict | None = None) -> dict:

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import json
+import pickle
 
-from conftest import NUM_CASES, assert_same_predictions, cli, copy_outputs_mtimes, run_args, status_json
+import numpy as np
+
+from conftest import (
+    NUM_CASES,
+    PLAIN_NNUNET_EXPORT_THREADS,
+    assert_same_predictions,
+    cli,
+    copy_outputs_mtimes,
+    plain_nnunet,
+    run_args,
+    status_json,
+)
 
 
 def test_two_static_cpu_workers_give_outputs_identical_to_plain_nnunet_and_no_extra_files(tiny, reference, tmp_path):
@@ -33,3 +45,26 @@ def test_two_static_cpu_workers_give_outputs_identical_to_plain_nnunet_and_no_ex
     assert copy_outputs_mtimes(out) == before
     assert (out / ".nnunet-launch" / "summary.json").read_text() == report
     assert len(json.loads(report)["runs"]) == 1 and status_json(out)["last_run"]["exit_code"] == 0
+
+
+def test_saved_probabilities_are_bit_identical_to_plain_nnunet_exporting_with_its_own_thread_count(
+    small, tmp_path, monkeypatch
+):
+    """Plain nnU-Net exports with nnU-Net's default_num_processes torch threads (nnUNet_def_n_proc),
+    and the thread count changes the probabilities' last bits: the exact export uses the same count,
+    not the worker's one thread (before, 4-15 values per case differed by 6e-8)."""
+    monkeypatch.setenv("nnUNet_def_n_proc", "3")
+    reference, out = tmp_path / "plain", tmp_path / "launched"
+    plain_nnunet(small["inputs"], reference, small["model"], "--save_probabilities", script=PLAIN_NNUNET_EXPORT_THREADS)
+    result = cli(*run_args(small, out, "--workers", "2", "--save_probabilities"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    log = (out / ".nnunet-launch" / "logs" / "run-1.part-0.attempt-1.log").read_text()
+    assert "threads=1 " in log  # the network on one thread, as plain's above
+    assert_same_predictions(out, reference)
+    for case_id in small["ids"]:
+        ours, theirs = np.load(out / f"{case_id}.npz"), np.load(reference / f"{case_id}.npz")
+        assert ours.files == theirs.files == ["probabilities"]
+        a, b = ours["probabilities"], theirs["probabilities"]
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), case_id
+        with open(out / f"{case_id}.pkl", "rb") as mine, open(reference / f"{case_id}.pkl", "rb") as plain:
+            assert repr(pickle.load(mine)) == repr(pickle.load(plain)), case_id
