@@ -21,4 +21,14 @@ if [ $# -gt 0 ]; then exec .venv/bin/python -m pytest -q "$@"; fi
 rm -f .coverage .coverage.*
 .venv/bin/python -m pytest -q -m accelerator --cov=launcher --cov-report=
 .venv/bin/python scripts/accelerator_coverage.py
-exec .venv/bin/python -m pytest -q -m "not accelerator"
+.venv/bin/python -m pytest -q -m "not accelerator"
+# The oldest supported nnU-Net release (launcher/nnunet_versions.py), over ./.venv's packages: the
+# exact profile identical to its own nnUNetv2_predict (.npz bit for bit), an ensemble and a cascade
+# identical to its own commands' chain, --profile fast refused, the version checks.
+OLDEST=2.5.2
+bash scripts/setup_nnunet_overlay.sh "$OLDEST"
+export PYTHONPATH="$PWD/.nnunet-$OLDEST" NNUNET_LAUNCH_EXPECT_NNUNET="$OLDEST"
+exec .venv/bin/python -m pytest -q \
+  tests/test_run_equivalence.py tests/test_nnunet_versions.py \
+  tests/test_stages.py::test_an_ensemble_with_postprocessing_equals_the_manual_chain_and_a_rerun_does_nothing \
+  tests/test_stages.py::test_a_cascade_predicts_its_lowres_stage_itself_and_equals_the_manual_cascade

@@ -3,13 +3,19 @@ user's own nnU-Net, refuses one outside the range before any work, and adapts to
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import cli, model_args
 from launcher import nnunet_versions
-from launcher.nnunet_versions import refusal, version_tuple
+from launcher.nnunet_versions import FAST_PROFILE_FROM, installed, refusal, version_tuple
+
+# scripts/test.sh runs some tests again on the oldest supported release (PYTHONPATH=.nnunet-2.5.2)
+ASKED_FOR = os.environ.get("NNUNET_LAUNCH_EXPECT_NNUNET")
 
 
 def test_versions_in_the_range_pass_and_the_others_are_named_with_the_range():
@@ -59,3 +65,23 @@ def test_preprocessing_returns_the_properties_on_every_version():
 
     data, seg, properties = nnunet_versions.run_case_npy(Before26(), "d", None, {}, None, None, None)
     assert (data, seg, properties) == ("d", None, {"shape_before_cropping": (1, 2, 3)})
+
+
+@pytest.mark.skipif(ASKED_FOR is None, reason="set by scripts/test.sh's run on the oldest release")
+def test_the_suite_and_the_processes_it_starts_run_the_nnunet_release_asked_for():
+    import nnunetv2
+
+    assert installed("nnunetv2") == ASKED_FOR and f".nnunet-{ASKED_FOR}" in nnunetv2.__file__
+    child = "import nnunetv2; from importlib import metadata; print(metadata.version('nnunetv2'), nnunetv2.__file__)"
+    said = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout
+    assert said.startswith(f"{ASKED_FOR} ") and f".nnunet-{ASKED_FOR}" in said
+
+
+@pytest.mark.skipif(
+    version_tuple(installed("nnunetv2") or "0") >= FAST_PROFILE_FROM, reason="the installed nnunetv2 has 2.7.0's fix"
+)
+def test_an_installed_nnunet_before_2_7_refuses_the_fast_profile_before_any_work(tiny, tmp_path):
+    out = tmp_path / "out"
+    refused = cli("run", *model_args(tiny, out), "-device", "cpu", "--profile", "fast")
+    assert refused.returncode == 2 and refused.stderr.startswith("nnunet-launch: error: --profile fast needs nnunetv2")
+    assert not out.exists()
