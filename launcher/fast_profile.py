@@ -16,6 +16,12 @@ nnU-Net is measured by scripts/bench_export.py and published in the README); the
   until the device runs out of memory for that (then one pass at a time, as nnU-Net does).
 - Ensembles: the members' probabilities averaged where their logits are, chunk by chunk, with no
   member files in between (nnUNetv2_ensemble averages the members' .npz).
+- Preprocessing: the input's resampling, nnU-Net's cubic spline (skimage's resize, order 3, the
+  separate-z rule included), as one matrix product per axis (launcher.spline_resample: the same
+  spline, within 1e-5 of nnU-Net's float64 result). On an accelerator the helper reads, crops and
+  normalizes, and the worker resamples on its device before the network (on the CPU when the device
+  lacks the memory); on a CPU worker the helper resamples with torch. Plans with another resampling
+  function keep nnU-Net's own (logged once).
 
 Imports nnunetv2 and torch: only workers and their helpers load it (through launcher.nnunet).
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,11 +41,85 @@ from nnunetv2.postprocessing.remove_connected_components import apply_postproces
 from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from launcher import spline_resample
 from launcher.device import Device
 from launcher.spec import EXPORT_CHUNK_BYTES
 from launcher.stages import load_postprocessing
 
 CHUNK_BYTES = EXPORT_CHUNK_BYTES  # a module global: tests make chunks small
+
+
+# --- preprocessing: the input's resampling ---------------------------------------------------------
+class Unresampled(NamedTuple):
+    """A case preprocessed but for its resampling, which the worker does on its device."""
+
+    data: np.ndarray
+    new_shape: tuple
+    current_spacing: list
+    new_spacing: list
+    kwargs: dict
+
+    def resample(self, device: torch.device | None = None) -> torch.Tensor:
+        data = torch.from_numpy(self.data).to(device or "cpu")
+        new_shape, current, target = self.new_shape, self.current_spacing, self.new_spacing
+        return spline_resample.resample_image(data, new_shape, current, target, **self.kwargs)
+
+    def memory_bytes(self) -> int:
+        """A bound for the device: the input, the output, and the largest intermediate product's
+        input and output (float32; an axis product holds its input and its result)."""
+        sizes = [math.prod(self.data.shape[1:]), math.prod(self.new_shape)]
+        return 4 * self.data.shape[0] * (2 * max(sizes) + 2 * sum(sizes))
+
+
+class _Resampling:
+    """A configuration manager whose resampling_fn_data is `function` (everything else its own):
+    what nnU-Net's run_case_npy is given in a preprocessing helper."""
+
+    def __init__(self, configuration_manager, function):
+        self._manager, self.resampling_fn_data = configuration_manager, function
+
+    def __getattr__(self, name):
+        return getattr(self._manager, name)
+
+
+def input_resampling(configuration_manager) -> dict | None:
+    """The keyword arguments spline_resample needs for this configuration's input resampling, or
+    None when its plans use a function spline_resample does not reproduce."""
+    function = configuration_manager.resampling_fn_data  # a partial of nnU-Net's function and the plans' kwargs
+    if not spline_resample.reproduces(function.func, function.keywords):
+        return None
+    return {k: v for k, v in function.keywords.items() if k != "is_seg"}
+
+
+def preprocessing_manager(configuration_manager, on_device: bool):
+    """The configuration manager a fast profile's preprocessing helper gives nnU-Net: its input
+    resampling left to the worker's device (on_device) or done here with torch; nnU-Net's own
+    where spline_resample does not reproduce it."""
+    kwargs = input_resampling(configuration_manager)
+    if kwargs is None:
+        return configuration_manager
+
+    def later(data, new_shape, current_spacing, new_spacing):
+        return Unresampled(data, tuple(int(n) for n in new_shape), list(current_spacing), list(new_spacing), kwargs)
+
+    def here(data, new_shape, current_spacing, new_spacing):
+        return later(data, new_shape, current_spacing, new_spacing).resample().numpy()
+
+    return _Resampling(configuration_manager, later if on_device else here)
+
+
+def resample_input(item: Unresampled, device: Device, notes: list[str], choices: list[str]) -> torch.Tensor:
+    """The case's input resampled on the worker's device, or on its CPU when the device has not the
+    memory; a host tensor for nnU-Net's prediction (which moves it where it predicts)."""
+    try:
+        device.reserve(item.memory_bytes(), "the input's resampling")
+        resampled = device.to_host(item.resample(device.torch))
+        choices.append(f"input resampled on {device.describe()}")
+        return resampled
+    except torch.OutOfMemoryError as exc:
+        notes.append(f"input resampled on the CPU: {str(exc).splitlines()[0]}")
+    device.empty_cache()
+    return item.resample()
 
 
 # --- the export: resample, segment, un-crop, write ------------------------------------------------

@@ -44,10 +44,14 @@ CUDA_CONTEXT_ERRORS = (
 _PREP: dict = {}  # per model (None in a single-stage run, else the member's name)
 
 
-def _init_preprocessing(models: dict, verbose: bool, threads: int) -> None:
+def _init_preprocessing(models: dict, verbose: bool, threads: int, input_on_device: bool | None) -> None:
+    """`input_on_device`: None for the exact profile (nnU-Net's preprocessing as it is); for the fast
+    one whether the worker resamples the inputs on its device (else this helper, with torch)."""
     torch.set_num_threads(threads)
     for key, (plans, configuration_manager, dataset_json) in models.items():
         plans_manager = PlansManager(plans)
+        if input_on_device is not None:
+            configuration_manager = fast_profile.preprocessing_manager(configuration_manager, input_on_device)
         _PREP[key] = dict(
             plans_manager=plans_manager,
             configuration_manager=configuration_manager,
@@ -91,6 +95,8 @@ def _preprocess(model: str | None, files: tuple[str, ...], prev_stage_file: str 
         prep["dataset_json"],
     )  # fmt: skip
     if prev_stage_file is not None:
+        if isinstance(data, fast_profile.Unresampled):  # stacked with the previous stage's at the model's shape
+            data = data.resample().numpy()
         seg_onehot = convert_labelmap_to_one_hot(seg[0], prep["label_manager"].foreground_labels, data.dtype)
         data = np.vstack((data, seg_onehot))
     return data, properties
@@ -168,6 +174,13 @@ class NnunetBackend:
                 p, p._internal_maybe_mirror_and_predict, self.fallbacks, device
             )
             p._internal_maybe_mirror_and_predict = self.mirroring
+        if self.fast and fast_profile.input_resampling(self.predictor.configuration_manager) is None:
+            print(
+                f"--profile fast: {os.path.basename(model_folder)}'s plans resample the inputs with "
+                f"{self.predictor.configuration_manager.configuration['resampling_fn_data']}, which the launcher "
+                "does not reproduce on the device: nnU-Net's own resamples them",
+                flush=True,
+            )
         self._count_sliding_window_steps()
 
     @staticmethod
@@ -177,7 +190,9 @@ class NnunetBackend:
             key: (b.predictor.plans_manager.plans, b.predictor.configuration_manager, b.predictor.dataset_json)
             for key, b in backends.items()
         }
-        return _init_preprocessing, (models, next(iter(backends.values())).settings.verbose, 1)
+        first = next(iter(backends.values()))
+        input_on_device = first.device.accelerator if first.fast else None
+        return _init_preprocessing, (models, first.settings.verbose, 1, input_on_device)
 
     def _count_sliding_window_steps(self) -> None:
         """Progress during a prediction: nnU-Net calls _internal_maybe_mirror_and_predict once per
@@ -208,7 +223,11 @@ class NnunetBackend:
         self.steps, self.total_steps, self.on_step = 0, 0, on_step
         self.choices, self.fallbacks[:] = [], []
         try:
-            tensor = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
+            if isinstance(data, fast_profile.Unresampled):
+                data = fast_profile.resample_input(data, self.device, self.fallbacks, self.choices)
+            else:
+                data = torch.from_numpy(data)
+            tensor = data.to(dtype=torch.float32, memory_format=torch.contiguous_format)
             if not self.fast:
                 return self.predictor.predict_logits_from_preprocessed_data(tensor).cpu().detach().numpy()
             logits = fast_profile.predict_logits(self.predictor, tensor, self.fallbacks, self.device)

@@ -228,12 +228,12 @@ def _backend(folder: Path, device, profile="fast", **kwargs):
     return NnunetBackend(_settings(folder, profile, **kwargs), str(folder), device)
 
 
-def _prepared(backend, files: list[Path]):
+def _prepared(backend, files: list[Path], previous_stage: Path | None = None):
     from launcher import nnunet
 
     init, args = backend.preprocess_initializer({None: backend})
     init(*args)
-    return nnunet._preprocess(None, tuple(str(f) for f in files), None)
+    return nnunet._preprocess(None, tuple(str(f) for f in files), previous_stage and str(previous_stage))
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +344,86 @@ def test_an_export_that_runs_out_of_memory_at_a_chunk_goes_to_a_helper_and_frees
         "the export's chunk of channels"
     )
     assert device.used == before
+
+
+@pytest.fixture(scope="module")
+def case_002(tiny):
+    """1.5 x 1 x 1 mm to the model's 1 mm: the input is resampled (cubic spline, order 3)."""
+    return [tiny["inputs"] / "case_002_0000.nii.gz"]
+
+
+def _nnunets_preprocessing(folder: Path, files) -> np.ndarray:
+    data, _ = _prepared(_backend(folder, Device(torch.device("cpu")), profile="exact"), files)
+    return data
+
+
+@simulated_only
+def test_the_fast_profile_resamples_the_input_on_the_device_as_nnunets_preprocessing_does(tiny, case_002):
+    """The helper reads, crops and normalizes; the worker resamples on its device, within 1e-5 of
+    nnU-Net's own cubic spline (skimage, float64), and predicts from there."""
+    device = SimulatedAccelerator(BIG)
+    backend = _backend(tiny["model"], device)
+    item, _ = _prepared(backend, case_002)
+    assert isinstance(item, fast_profile.Unresampled) and item.data.shape[1:] != item.new_shape
+    notes, choices = [], []
+    resampled = fast_profile.resample_input(item, device, notes, choices)
+    expected = _nnunets_preprocessing(tiny["model"], case_002)
+    assert resampled.shape == expected.shape and float(np.abs(resampled.numpy() - expected).max()) < 1e-5
+    assert choices == ["input resampled on a simulated accelerator (1024 MiB)"] and notes == []
+    logits = backend.predict("c", item, None)
+    assert backend.choices[0] == "input resampled on a simulated accelerator (1024 MiB)"
+    assert logits.shape[1:] == expected.shape[1:]
+
+
+@simulated_only
+def test_an_input_whose_resampling_does_not_fit_on_the_device_is_resampled_on_the_cpu(tiny, case_002):
+    device = SimulatedAccelerator(BIG)
+    backend = _backend(tiny["model"], device)
+    item, _ = _prepared(backend, case_002)
+    device.budget = device.used + item.memory_bytes() - 1
+    notes, choices = [], []
+    resampled = fast_profile.resample_input(item, device, notes, choices)
+    assert choices == [] and notes == [
+        f"input resampled on the CPU: simulated accelerator out of memory: the input's resampling needs "
+        f"{item.memory_bytes() / MiB:.1f} MiB, {(item.memory_bytes() - 1) / MiB:.1f} MiB free of "
+        f"{device.budget / MiB:.1f} MiB"
+    ]
+    assert float(np.abs(resampled.numpy() - _nnunets_preprocessing(tiny["model"], case_002)).max()) < 1e-5
+
+
+@simulated_only
+def test_a_cascades_input_is_resampled_in_the_helper_to_meet_the_previous_stage_there(stages, manual):
+    """A cascade's input carries the previous stage's one-hot segmentation at the model's shape, so
+    the fast profile resamples it in the helper, on the CPU, before stacking them (as nnU-Net does)."""
+    folder = (
+        Path(stages["env"]["nnUNet_results"]) / "Dataset998_Stages" / "nnUNetTrainer__nnUNetPlans__3d_cascade_fullres"
+    )
+    image = sorted(stages["inputs"].glob("*_0000.nii.gz"))[0]
+    previous = manual / "lowres" / image.name.replace("_0000.nii.gz", ".nii.gz")
+    exact, _ = _prepared(_backend(folder, Device(torch.device("cpu")), profile="exact"), [image], previous)
+    fast, _ = _prepared(_backend(folder, SimulatedAccelerator(BIG)), [image], previous)
+    assert isinstance(fast, np.ndarray) and fast.shape == exact.shape and exact.shape[0] > 1
+    assert float(np.abs(fast - exact).max()) < 1e-5
+
+
+def test_a_fast_cpu_workers_helper_resamples_the_input_itself_and_other_plans_keep_nnunets_function(
+    tiny, case_002, tmp_path
+):
+    backend = _backend(tiny["model"], Device(torch.device("cpu")))
+    data, _ = _prepared(backend, case_002)
+    expected = _nnunets_preprocessing(tiny["model"], case_002)
+    assert isinstance(data, np.ndarray) and float(np.abs(data - expected).max()) < 1e-5
+
+    folder = tmp_path / "model"
+    tiny_model.make_model(str(folder))
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["resampling_fn_data"] = "resample_torch_fornnunet"
+    plans["configurations"]["3d_fullres"]["resampling_fn_data_kwargs"] = {"is_seg": False, "force_separate_z": False}
+    (folder / "plans.json").write_text(json.dumps(plans))
+    backend = _backend(folder, SimulatedAccelerator(BIG))
+    assert fast_profile.input_resampling(backend.predictor.configuration_manager) is None
+    data, _ = _prepared(backend, case_002)
+    assert isinstance(data, np.ndarray)  # nnU-Net's own function, in the helper
 
 
 @simulated_only

@@ -1,0 +1,245 @@
+"""Preprocessing-bound benchmark: every stage of a case against the network, exact vs `--profile fast`.
+
+Fine CT-like scans at 0.7 x 0.7 x 1.0 mm (one a whole CT, 512 x 512 x 300 voxels; the others a
+quarter of it) for a small network at 1.5 mm with few labels (random weights): nnU-Net's cubic
+input resampling (skimage, order 3, float64, one core) costs more than the network here, as it
+does next to a GPU.
+
+Per case, in this process with one torch thread (as each launcher worker on 2 cores), the seconds
+of each stage: read, crop, normalize, resample (nnU-Net's function; the fast profile's
+launcher.spline_resample on the CPU and, with --device cuda, on the GPU), network, export (plain:
+nnU-Net's export_prediction_from_logits with its write; fast: fast_profile.segment on the CPU or the
+device) and the fast export's write; the preprocessed arrays' max |difference| (normalized units)
+and the fast outputs' agreement with plain's (share of equal voxels, Dice per label of at least
+1,000 voxels). Then the launcher over the same cases with each profile, same workers: wall and
+cases per hour.
+
+    python scripts/bench_preprocess.py [--quarter-cases 3] [--device cpu|cuda] [--workers 1]
+                                       [--json-out FILE] [--work-dir DIR] [--deadline-s 1800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_export  # noqa: E402
+import bench_gpu  # noqa: E402
+import make_tiny_model as tiny  # noqa: E402
+
+NUM_LABELS = 5
+WHOLE_CT = (300, 512, 512)  # z, y, x
+QUARTER_CT = (150, 256, 256)
+CASE_SPACING = (1.0, 0.7, 0.7)  # z, y, x
+MODEL_SPACING = [1.5, 1.5, 1.5]
+
+
+def make_model(folder: Path) -> None:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = bench_gpu.ct_plans()  # CT normalisation and intensity statistics
+    small = tiny.plans_dict(1)["configurations"][tiny.CONFIGURATION]
+    config = plans["configurations"][tiny.CONFIGURATION]
+    config.update(architecture=small["architecture"], patch_size=[64, 64, 64], spacing=MODEL_SPACING)
+    config["median_image_size_in_voxels"] = [200, 239, 239]
+    plans["original_median_spacing_after_transp"] = list(CASE_SPACING)
+    dataset = tiny.dataset_dict(1)
+    dataset["labels"] = {"background": 0, **{f"organ_{i}": i for i in range(1, NUM_LABELS)}}
+    dataset["channel_names"] = {"0": "CT"}
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans, indent=4))
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=4))
+    tiny.save_checkpoints(str(folder), PlansManager(plans), tiny.CONFIGURATION, 1, NUM_LABELS, (0,), seed=0)
+
+
+def make_cases(folder: Path, quarter_cases: int) -> list[str]:
+    """A body (soft tissue) in air, organs of varied intensity, a spine, noise: CT-like HU."""
+    folder.mkdir(parents=True)
+    ids = []
+    for i, shape in enumerate([WHOLE_CT] + [QUARTER_CT] * quarter_cases):
+        rng = np.random.default_rng(i)
+        z, y, x = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij")
+        volume = np.full(shape, -1000.0, dtype=np.float32)
+        volume[(x / 0.9) ** 2 + (y / 0.7) ** 2 < 1] = 40
+        for _ in range(8):
+            cz, cy, cx = rng.uniform(-0.6, 0.6, 3)
+            r = rng.uniform(0.1, 0.3)
+            volume[(z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(-100, 300)
+        volume[((x - 0.1) ** 2 + (y + 0.4) ** 2) < 0.01] = 900
+        volume += rng.normal(0, 20, shape).astype(np.float32)
+        image = sitk.GetImageFromArray(volume.astype(np.int16))
+        image.SetSpacing(CASE_SPACING[::-1])
+        case_id = f"ct_{i:03d}_{'whole' if shape == WHOLE_CT else 'quarter'}"
+        sitk.WriteImage(image, str(folder / f"{case_id}_0000.nii.gz"))
+        ids.append(case_id)
+    return ids
+
+
+def _timed(row: dict, key: str, function, *args, sync: str = "cpu"):
+    started = time.perf_counter()
+    result = function(*args)
+    bench_export._sync(sync)
+    row[key] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def per_case(model: Path, inputs: Path, ids: list[str], work: Path, device: str) -> list[dict]:
+    """Each stage by itself, in the order nnU-Net's run_case_npy and its export run them."""
+    import torch
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    from launcher import fast_profile, spline_resample
+
+    torch.set_num_threads(1)
+    predictor = nnUNetPredictor(
+        use_mirroring=False,
+        perform_everything_on_device=device == "cuda",
+        device=torch.device(device),
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(str(model), (0,), "checkpoint_final.pth")
+    p = predictor
+    plans_manager, configuration_manager = p.plans_manager, p.configuration_manager
+    label_manager = plans_manager.get_label_manager(p.dataset_json)
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    kwargs = fast_profile.input_resampling(configuration_manager)
+    folders = {name: work / name for name in ("plain", "fast")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case_id in ids:
+        row: dict = {"case": case_id}
+        reader = plans_manager.image_reader_writer_class()
+        data, props = _timed(row, "read_s", reader.read_images, [str(inputs / f"{case_id}_0000.nii.gz")])
+        data = data.astype(np.float32).transpose([0, *[i + 1 for i in plans_manager.transpose_forward]])
+        spacing = [props["spacing"][i] for i in plans_manager.transpose_forward]
+        props["shape_before_cropping"] = data.shape[1:]
+        data, seg, bbox = _timed(row, "crop_s", crop_to_nonzero, data, None)
+        props["bbox_used_for_cropping"] = bbox
+        props["shape_after_cropping_and_before_resampling"] = data.shape[1:]
+        new_shape = compute_new_shape(data.shape[1:], spacing, configuration_manager.spacing)
+        intensities = plans_manager.foreground_intensity_properties_per_channel
+        data = _timed(row, "normalize_s", preprocessor._normalize, data, seg, configuration_manager, intensities)
+        resample = configuration_manager.resampling_fn_data
+        plain = _timed(row, "resample_plain_s", resample, data, new_shape, spacing, configuration_manager.spacing)
+        resample_fast = partial(spline_resample.resample_image, new_shape=new_shape, current_spacing=spacing,
+                                new_spacing=configuration_manager.spacing, **kwargs)  # fmt: skip
+        fast = _timed(row, "resample_fast_cpu_s", resample_fast, torch.from_numpy(data))
+        row["resample_fast_cpu_max_abs_diff"] = float(np.abs(fast.numpy() - plain).max())
+        if device == "cuda":  # the matrices built on the CPU included, as for each new shape in a run
+            _timed(row, "resample_fast_cuda_s", resample_fast, torch.from_numpy(data).cuda(), sync="cuda")
+        row["shape"], row["resampled_shape"] = list(data.shape[1:]), [int(n) for n in new_shape]
+        network = p.predict_logits_from_preprocessed_data
+        logits = _timed(row, "network_s", network, torch.from_numpy(plain), sync=device)
+        host = logits.cpu()
+        whole = (configuration_manager, plans_manager, p.dataset_json)
+        _timed(row, "export_plain_s", export_prediction_from_logits, host.numpy(), props, *whole,
+               str(folders["plain"] / case_id), False)  # fmt: skip
+        on_device = logits if device == "cuda" else host
+        segmentation = _timed(row, "export_fast_s", fast_profile.segment, on_device, props, configuration_manager,
+                              plans_manager, label_manager, False, 1, sync=device)  # fmt: skip
+        _timed(row, "write_fast_s", fast_profile.write_segmentation, *segmentation, props, plans_manager,
+               p.dataset_json, str(folders["fast"] / case_id))  # fmt: skip
+        row["agreement"] = bench_export.agreement(
+            folders["plain"] / f"{case_id}.nii.gz", folders["fast"] / f"{case_id}.nii.gz"
+        )
+        row["preprocess_plain_s"] = round(row["crop_s"] + row["normalize_s"] + row["resample_plain_s"], 3)
+        row["preprocess_fast_cpu_s"] = round(row["crop_s"] + row["normalize_s"] + row["resample_fast_cpu_s"], 3)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quarter-cases", type=int, default=3, help="quarter-size cases besides the whole CT")
+    parser.add_argument("-device", "--device", dest="device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--workers", type=int, default=1, help="launcher workers with --device cpu")
+    parser.add_argument("--json-out", help="also write the results here (rewritten as they come)")
+    parser.add_argument("--work-dir", help="model, cases and outputs (default: a temp folder, removed)")
+    parser.add_argument("--deadline-s", type=float, default=1800, help="the launcher runs stop by then")
+    parser.add_argument("--skip-launcher", action="store_true", help="per-case measurements only")
+    args = parser.parse_args()
+    args.cases = 1 + args.quarter_cases  # what bench_export.launcher_run counts
+    start = time.perf_counter()
+    base = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
+    base.mkdir(parents=True, exist_ok=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        dict.fromkeys([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    )
+    results: dict = {
+        "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.machine()})",
+        "date": time.strftime("%Y-%m-%d"),
+        "device": args.device,
+        "model": f"{NUM_LABELS} labels, 4 stages 8-64 features, patch 64^3, 1.5 mm; random weights; --disable_tta",
+        "cases": f"1 x {'x'.join(map(str, WHOLE_CT))} + {args.quarter_cases} x {'x'.join(map(str, QUARTER_CT))} "
+        f"voxels (z, y, x) at {'x'.join(map(str, CASE_SPACING))} mm (CT-like)",
+    }
+
+    def save() -> None:
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=2))
+
+    try:
+        model, inputs = base / "model", base / "inputs"
+        if not model.exists():
+            make_model(model)
+            make_cases(inputs, args.quarter_cases)
+        ids = sorted(p.name[: -len("_0000.nii.gz")] for p in inputs.glob("*_0000.nii.gz"))
+        rows = results["per_case"] = per_case(model, inputs, ids, base / "stages", args.device)
+        totals = {k: round(sum(r[k] for r in rows), 2) for k in rows[0] if k.endswith("_s")}
+        results["summary"] = {
+            "stage_seconds_all_cases": totals,
+            "preprocess_speedup_cpu": round(totals["preprocess_plain_s"] / totals["preprocess_fast_cpu_s"], 1),
+            "resample_speedup_cpu": round(totals["resample_plain_s"] / totals["resample_fast_cpu_s"], 1),
+            "max_abs_diff_preprocessed": max(r["resample_fast_cpu_max_abs_diff"] for r in rows),
+            "min_equal_voxels_pct": min(r["agreement"]["equal_voxels_pct"] for r in rows),
+            "min_dice": min(r["agreement"]["min_dice"] for r in rows if r["agreement"]["min_dice"] is not None),
+        }
+        if args.device == "cuda":
+            results["summary"]["resample_speedup_cuda_vs_one_core"] = round(
+                totals["resample_plain_s"] / totals["resample_fast_cuda_s"], 1
+            )
+        save()
+        if not args.skip_launcher:
+            runs = results["launcher"] = {}
+            for profile in ("exact", "fast"):
+                left = args.deadline_s - (time.perf_counter() - start)
+                runs[profile] = bench_export.launcher_run(
+                    model, inputs, base / f"launcher-{profile}", profile, args, left
+                )
+                save()
+            for key in ("cases_per_hour", "cases_per_hour_after_start"):
+                exact, fast = runs["exact"].get(key), runs["fast"].get(key)
+                results["summary"][f"launcher_fast_vs_exact_{key}"] = round(fast / exact, 2) if exact and fast else None
+            save()
+    finally:
+        results["total_s"] = round(time.perf_counter() - start, 1)
+        save()
+        if not args.work_dir:
+            shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps(results.get("summary", results), indent=2))
+    for name, run in results.get("launcher", {}).items():
+        print(name, json.dumps({k: v for k, v in run.items() if k != "output_tail"}))
+
+
+if __name__ == "__main__":
+    main()
