@@ -567,6 +567,18 @@ def gpus(as_json):
     Console().print(table)
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="the same as one JSON object (checks: name, status, detail, fix)")
+def doctor(as_json):
+    """The environment as the launcher sees it, one line a check (ok, warning or problem, with the
+    fix): Python, torch and CUDA, torchvision, nnunetv2 (version, where, editable, supported),
+    nnUNet_extTrainer's trainers, the nnUNet_* folders, the NVIDIA driver and GPUs. Exit 0 when
+    nothing is a problem (warnings allowed), 1 when anything is."""
+    from launcher.doctor import main as diagnose
+
+    sys.exit(diagnose(as_json))
+
+
 def main(argv: list[str] | None = None) -> None:
     make_output_best_effort()  # a run outlives its terminal (launcher/terminal.py)
     args = normalize_args(list(sys.argv[1:] if argv is None else argv))
