@@ -340,7 +340,10 @@ def slurm(
     jobs.refuse_local_only(None if config.gpus == "all" else config.gpus, config.skip_busy)
     out = os.path.abspath(config.output_folder)
     jobs.refuse_line_breaks("output folder", out)
-    cases = discover(config.input_folder, config.model.file_ending, config.model.num_channels, config.skip_bad_inputs)
+    model = config.model
+    cases = discover(
+        config.input_folder, model.file_ending, model.num_channels, config.skip_bad_inputs, model.reader_writer
+    )
     job = jobs.make_job(
         device=config.device,
         workers=config.workers,
@@ -362,14 +365,14 @@ def slurm(
     job = jobs.with_default_memory(job, config, cases)
     ids = [c.id for c in cases]
     if not fresh:
-        jobs.check_foreign_outputs(out, ids, config.model.file_ending, job, config.continue_prediction)
+        jobs.check_foreign_outputs(out, ids, model.file_ending, job, config.continue_prediction)
     array_text, verify_text = jobs.array_script(forwarded, job), jobs.verify_script(forwarded, job)
     if submit:
         jobs.check_with_sbatch(array_text, verify_text, job)
     for warning in [*jobs.warnings(len(ids), job), *jobs.node_local_warnings(out, job)]:
         click.echo(f"nnunet-launch: warning: {warning}", err=True)
     if fresh:
-        removed = jobs.discard_previous(out, ids, config.model.file_ending, config.save_probabilities)
+        removed = jobs.discard_previous(out, ids, model.file_ending, config.save_probabilities, model.reader_writer)
         if removed is not None:
             click.echo(
                 f"nnunet-launch: --fresh: discarded the previous run's state and {removed} output file(s) in {out}"

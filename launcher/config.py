@@ -17,6 +17,7 @@ from launcher import nnunet_versions
 from launcher.cases import missing_folder
 from launcher.errors import LauncherError
 from launcher.outputs import stages_dir, state_dir
+from launcher.readers_writers import of_plans
 from launcher.stages import Member, StagePlan, member_names, read_postprocessing
 
 try:
@@ -89,6 +90,7 @@ class ModelInfo:
     folds: tuple[str, ...]
     patch_size: tuple[int, ...] | None = None
     labels: str = ""  # dataset.json's labels, as JSON (members of an ensemble must agree)
+    reader_writer: str | None = None  # plans.json's image_reader_writer (readers_writers.py)
 
 
 # `fresh` discards outputs: a flag for one command line, never a setting a file applies every time
@@ -313,7 +315,8 @@ def _stage_plan(config: RunConfig, specs: list[tuple[str, str, str]]) -> tuple[M
     for spec in order:
         previous = models[spec].previous_stage
         previous_name = name_of[(spec[0], spec[1], previous)] if previous else None
-        members.append(Member(name_of[spec], models[spec].folder, spec[2], previous_name))
+        model = models[spec]
+        members.append(Member(name_of[spec], model.folder, spec[2], previous_name, model.reader_writer))
     names = [name_of[spec] for spec in specs]
     by_name = {name_of[spec]: model for spec, model in models.items()}
     _check_members_agree(by_name)
@@ -520,6 +523,7 @@ def read_model(config: RunConfig) -> ModelInfo:
         folds=tuple(config.folds),
         patch_size=tuple(patch) if patch else None,
         labels=json.dumps(dataset.get("labels", {}), sort_keys=True),
+        reader_writer=of_plans(plans),
     )
 
 

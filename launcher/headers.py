@@ -4,8 +4,11 @@ case's work, and a cheap integrity check of gzip-compressed NIfTI inputs.
 SimpleITK's ReadImageInformation decompresses a whole .nii.gz to read its header (11 ms for a
 300 kB file; 35 minutes for 100,000 two-channel cases). A NIfTI header is the first 348 bytes
 (NIfTI-2: 540) of the stream, so inflating the first compressed kilobytes is enough. MetaImage
-(.mha/.mhd) and NRRD have text headers. Anything else: SimpleITK for uncompressed formats, else
-None (the caller falls back to the file size).
+(.mha/.mhd) and NRRD have text headers. TIFF (Tiff3DIO's 3D stacks, NaturalImage2DIO's 2D
+images): tifffile reads the shape from the IFDs, not the pixels; PNG and BMP (NaturalImage2DIO):
+Pillow reads the size from the file's first bytes. Anything else: SimpleITK for uncompressed
+formats, else None (the caller falls back to the file size). The voxels are spatial: an RGB
+image's colour samples are its channels, not voxels.
 
 The gzip trailer's last 4 bytes hold the uncompressed size mod 2^32 (ISIZE). A NIfTI file's
 uncompressed size is vox_offset + voxels x bytes per voxel, so a file cut short (a failed copy)
@@ -48,9 +51,39 @@ def read_header(path: str) -> Header | None:
             return _text_dims(path, _DIMS_MHA)
         if name.endswith((".nrrd", ".nhdr")):
             return _text_dims(path, _DIMS_NRRD)
+        if name.endswith((".tif", ".tiff")):
+            return _tiff(path)
+        if name.endswith((".png", ".bmp")):
+            return _pillow(path)
     except (OSError, zlib.error, struct.error, ValueError, OverflowError):
         return None
     return _simpleitk(path)
+
+
+def _tiff(path: str) -> Header | None:
+    import tifffile  # nnU-Net's own dependency (Tiff3DIO)
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, axes = series.shape, series.axes
+    except (IndexError, tifffile.TiffFileError):
+        return None
+    voxels = 1
+    for size, axis in zip(shape, axes, strict=True):
+        voxels *= 1 if axis == "S" else size  # S: the samples of a pixel (RGB)
+    return Header(voxels) if voxels > 0 else None
+
+
+def _pillow(path: str) -> Header | None:
+    from PIL import Image, UnidentifiedImageError  # scikit-image's dependency (NaturalImage2DIO)
+
+    try:
+        with Image.open(path) as image:  # reads the header only
+            width, height = image.size
+    except UnidentifiedImageError:
+        return None
+    return Header(width * height) if width * height > 0 else None
 
 
 def _nifti(head: bytes) -> Header | None:

@@ -13,6 +13,7 @@ import os
 import shutil
 
 from launcher.headers import gzip_stream_intact
+from launcher.readers_writers import SIDECAR_ENDINGS, output_sidecar_candidates, reader_writer
 
 STATE_DIR = ".nnunet-launch"
 
@@ -67,11 +68,20 @@ def lock_path(state: str) -> str:
     return os.path.join(state, "lock")
 
 
-def case_outputs(case_id: str, file_ending: str, save_probabilities: bool) -> list[str]:
-    """The file names nnU-Net writes for one case. The segmentation comes last: it is what
-    nnU-Net's --continue_prediction looks for, so it is moved into place last."""
+def case_outputs(case_id: str, file_ending: str, save_probabilities: bool, writer: str | None = None) -> list[str]:
+    """The file names nnU-Net writes for one case with the model's reader/writer (`writer`, plans.json's
+    image_reader_writer: Tiff3DIO adds CASE.json; None: the segmentation alone). The segmentation
+    comes last: it is what nnU-Net's --continue_prediction looks for, so it is moved into place last."""
     names = [case_id + ".npz", case_id + ".pkl"] if save_probabilities else []
-    return names + [case_id + file_ending]
+    return names + reader_writer(writer).output_files(case_id, file_ending)
+
+
+def case_of_output(name: str, file_ending: str) -> str:
+    """The case a file of case_outputs() belongs to."""
+    for ending in (file_ending, ".npz", ".pkl", *SIDECAR_ENDINGS):
+        if name.endswith(ending):
+            return name[: -len(ending)]
+    return os.path.splitext(name)[0]
 
 
 def output_complete(path: str) -> bool:
@@ -86,15 +96,22 @@ def output_complete(path: str) -> bool:
     return not path.endswith(".gz") or gzip_stream_intact(path) is None
 
 
-def outputs_present(names_in_out: set[str], case_id: str, file_ending: str, save_probabilities: bool) -> bool:
+def outputs_present(
+    names_in_out: set[str], case_id: str, file_ending: str, save_probabilities: bool, writer: str | None = None
+) -> bool:
     """Every file of the case is in OUT, by name (`names_in_out`: one listing of OUT, so that a
     check of thousands of cases costs one directory read)."""
-    return all(name in names_in_out for name in case_outputs(case_id, file_ending, save_probabilities))
+    return all(name in names_in_out for name in case_outputs(case_id, file_ending, save_probabilities, writer))
 
 
 def move_into_place(src_dir: str, out: str, names: list[str]) -> None:
+    """Move a case's files from its export folder into OUT, in order, each with the sidecars its
+    writer left beside it there (Tiff3DIO's CASE.json, before CASE.tif): one case's files are
+    placed together, the segmentation last, whether or not `names` lists the sidecars."""
     for name in names:
-        os.replace(os.path.join(src_dir, name), os.path.join(out, name))
+        sidecars = [s for s in output_sidecar_candidates(name) if s not in names]
+        for moved in [*(s for s in sidecars if os.path.isfile(os.path.join(src_dir, s))), name]:
+            os.replace(os.path.join(src_dir, moved), os.path.join(out, moved))
 
 
 def write_json_atomically(path: str, content: dict, scratch_dir: str) -> None:

@@ -118,7 +118,7 @@ def available_cores() -> int:
 def make_plan(config: RunConfig) -> Plan:
     model = config.model
     cases, skipped, bad = discover_with_skipped(
-        config.input_folder, model.file_ending, model.num_channels, config.skip_bad_inputs
+        config.input_folder, model.file_ending, model.num_channels, config.skip_bad_inputs, model.reader_writer
     )
     warnings = [_skipped_warning(skipped, model.file_ending)] if skipped else []
     warnings += [f"--skip-bad-inputs: not predicted: {problem}" for problem in bad]

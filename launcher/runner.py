@@ -181,7 +181,8 @@ def resume_book(plan: Plan, rows: dict[str, JournalRow], strays: list[str], comp
     CaseBook.resume)."""
     journaled_done = {c for c, row in rows.items() if row.state == DONE}
     facts = OutFacts(
-        present=frozenset(strays),
+        # an output with a file missing (a .npz, Tiff3DIO's .json) is predicted again, not verified
+        present=frozenset(c for c in strays if c in complete),
         vanished=frozenset(_vanished(plan, journaled_done, complete)),
         broken={u: why for c, why in plan.broken.items() for u in _units_of(plan, c)},
     )
@@ -429,21 +430,22 @@ def resume_argv(argv: list[str]) -> list[str]:
 def _existing_outputs(config: RunConfig, plan: Plan) -> tuple[list[str], set[str]]:
     """The cases whose segmentation is already in OUT (journaled or not), and of those the ones
     whose every output is (a deleted .npz or .pkl makes a finished case unfinished)."""
-    ending = config.model.file_ending
+    ending, writer = config.model.file_ending, config.model.reader_writer
     out = config.output_folder
     if not os.path.isdir(out):
         return [], set()
     present = set(os.listdir(out))
     strays = sorted(c for c in plan.cases if c + ending in present)
-    return strays, {c for c in strays if outputs_present(present, c, ending, config.save_probabilities)}
+    return strays, {c for c in strays if outputs_present(present, c, ending, config.save_probabilities, writer)}
 
 
 def _fresh_targets(config: RunConfig, plan: Plan, journaled_done: set[str]) -> list[str]:
     """The output files --fresh removes: this plan's cases' outputs and those of every case the
     previous run finished (with probabilities, whatever it was asked)."""
-    ending, out = config.model.file_ending, config.output_folder
-    names = {n for c in plan.cases for n in case_outputs(c, ending, config.save_probabilities)}
-    names |= {n for c in journaled_done if "/" not in c for n in case_outputs(c, ending, True)}  # no member units
+    ending, out, writer = config.model.file_ending, config.output_folder, config.model.reader_writer
+    names = {n for c in plan.cases for n in case_outputs(c, ending, config.save_probabilities, writer)}
+    # no member units
+    names |= {n for c in journaled_done if "/" not in c for n in case_outputs(c, ending, True, writer)}
     return sorted(n for n in names if os.path.isfile(os.path.join(out, n)))
 
 

@@ -157,7 +157,7 @@ class Flight:
 class OutFacts:
     """What OUT holds at the start of a run, read by runner.py (the book reads no files)."""
 
-    present: frozenset[str] = frozenset()  # units whose segmentation is in OUT (complete or not)
+    present: frozenset[str] = frozenset()  # units whose every output is in OUT (verified, kept if whole)
     vanished: frozenset[str] = frozenset()  # journaled done, but an output is gone since
     broken: dict[str, str] = field(default_factory=dict)  # units whose input is cut or corrupt: why
 

@@ -55,6 +55,7 @@ from launcher.outputs import (
     write_text_atomically,
 )
 from launcher.planning import checkpoint_bytes, helper_processes, worker_host_bytes
+from launcher.readers_writers import previous_reader_writer
 from launcher.scheduler import static_parts
 
 ARRAY_SCRIPT = "array.sbatch"
@@ -574,13 +575,17 @@ def check_foreign_outputs(
             )
 
 
-def discard_previous(out: str, case_ids: list[str], file_ending: str, save_probabilities: bool) -> int | None:
+def discard_previous(
+    out: str, case_ids: list[str], file_ending: str, save_probabilities: bool, writer: str | None = None
+) -> int | None:
     """--fresh, once, at submit time: what `run --fresh` discards (the launcher's state and the
     outputs it wrote), for a plain run's state and every node's, each under its lock (refused
     while a launcher runs there). The nodes' folders go entirely, so a smaller array leaves no
-    stale node behind. Returns the number of output files removed, None when there was nothing."""
+    stale node behind. Returns the number of output files removed, None when there was nothing.
+    `writer`: the image reader/writer whose files go (None: the one of the run that wrote OUT)."""
     states = [s for s in (state_dir(out), *node_state_dirs(out)) if os.path.isfile(journal_path(s))]
-    names = {n for c in case_ids for n in case_outputs(c, file_ending, save_probabilities)}
+    writer = writer or previous_reader_writer(out)
+    names = {n for c in case_ids for n in case_outputs(c, file_ending, save_probabilities, writer)}
     present = set(os.listdir(out)) if os.path.isdir(out) else set()
     if not states and not names & present:
         return None
@@ -593,7 +598,7 @@ def discard_previous(out: str, case_ids: list[str], file_ending: str, save_proba
         for state in states:
             journal = Journal.open(journal_path(state))
             try:
-                names |= {n for c in journal.cases_in_state(DONE) for n in case_outputs(c, file_ending, True)}
+                names |= {n for c in journal.cases_in_state(DONE) for n in case_outputs(c, file_ending, True, writer)}
                 journal.clear()
             finally:
                 journal.close()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from launcher import safe_pickle
 from launcher.errors import LauncherError
+from launcher.outputs import case_of_output, case_outputs
 from launcher.spec import Combine, WorkCase
 
 FINAL = "final"  # the stage name of a combination unit in status and reports
@@ -33,6 +34,7 @@ class Member:
     folder: str
     configuration: str
     previous: str | None = None  # the member whose output it needs per case (cascade)
+    reader_writer: str | None = None  # its plans' image_reader_writer: what its outputs are
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ class StagePlan:
     def member_outputs(self, name: str, case_id: str) -> list[str]:
         """The files a member's unit leaves in its stage folder for one case."""
         probabilities = self.member_saves_probabilities(name)
-        names = [case_id + ".npz", case_id + ".pkl"] if probabilities else []
-        return [os.path.join(self.member_dir(name), n) for n in names + [case_id + self.file_ending]]
+        names = case_outputs(case_id, self.file_ending, probabilities, self.member(name).reader_writer)
+        return [os.path.join(self.member_dir(name), n) for n in names]
 
     def member_saves_probabilities(self, name: str) -> bool:
         """nnUNetv2_ensemble averages the members' .npz; a single postprocessed member's are the
@@ -283,7 +285,7 @@ class IntermediateFiles:
             folder = plan.member_dir(member.name)
             os.makedirs(folder, exist_ok=True)
             for name in os.listdir(folder):  # what a stopped run left: removed, or counted
-                case_id = name[: -len(plan.file_ending)] if name.endswith(plan.file_ending) else name[:-4]
+                case_id = case_of_output(name, plan.file_ending)
                 path = os.path.join(folder, name)
                 if case_id in done and not plan.keep:
                     _remove(path)

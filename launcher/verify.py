@@ -34,8 +34,13 @@ def _incomplete(out: str, ids: list[str], names_of) -> list[str]:
 def verify(config: RunConfig, nodes: int, parts_per_node: int) -> tuple[int, list[str]]:
     """(exit code, lines to print)."""
     out, model = config.output_folder, config.model
-    ids = [c.id for c in discover(config.input_folder, model.file_ending, model.num_channels, config.skip_bad_inputs)]
-    missing = _incomplete(out, ids, lambda c: case_outputs(c, model.file_ending, config.save_probabilities))
+    found = discover(
+        config.input_folder, model.file_ending, model.num_channels, config.skip_bad_inputs, model.reader_writer
+    )
+    ids = [c.id for c in found]
+    missing = _incomplete(
+        out, ids, lambda c: case_outputs(c, model.file_ending, config.save_probabilities, model.reader_writer)
+    )
     if node_state_dirs(out):
         merged, rows = status_and_cases(out)
         write_report_files(state_dir(out), merged, rows, 0 if not missing else 1, None)
