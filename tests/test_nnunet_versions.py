@@ -3,6 +3,7 @@ user's own nnU-Net, refuses one outside the range before any work, and adapts to
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +76,11 @@ def test_the_suite_and_the_processes_it_starts_run_the_nnunet_release_asked_for(
     child = "import nnunetv2; from importlib import metadata; print(metadata.version('nnunetv2'), nnunetv2.__file__)"
     said = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout
     assert said.startswith(f"{ASKED_FOR} ") and f".nnunet-{ASKED_FOR}" in said
+    doctor = json.loads(cli("doctor", "--json").stdout)
+    nnunet = next(c for c in doctor["checks"] if c["name"] == "nnunetv2")
+    assert nnunet["status"] == "ok" and nnunet["detail"].startswith(f"{ASKED_FOR}, ")
+    fast = next(c for c in doctor["checks"] if c["name"] == "--profile fast")
+    assert (fast["status"] == "ok") == (version_tuple(ASKED_FOR) >= FAST_PROFILE_FROM)
 
 
 @pytest.mark.skipif(
