@@ -250,6 +250,22 @@ def agreement(plain: Path, fast: Path) -> dict:
     }
 
 
+def runs_agreement(exact_out: Path, fast_out: Path) -> dict | None:
+    """End to end (input resampling and export): the fast run's outputs against the exact run's,
+    over the cases both wrote; the worst case's figures."""
+    pairs = [(p, fast_out / p.name) for p in sorted(exact_out.glob("*.nii.gz"))]
+    found = [agreement(exact, fast) for exact, fast in pairs if fast.exists()]
+    if not found:
+        return None
+    dice = [a["min_dice"] for a in found if a["min_dice"] is not None]
+    return {
+        "cases": len(found),
+        "min_equal_voxels_pct": min(a["equal_voxels_pct"] for a in found),
+        "min_dice": min(dice) if dice else None,
+        "max_volume_diff_pct": max(a["max_volume_diff_pct"] or 0 for a in found),
+    }
+
+
 # --- through the launcher ------------------------------------------------------------------------
 def launcher_run(model: Path, inputs: Path, out: Path, profile: str, args, timeout: float) -> dict:
     device = ["-device", args.device] + (["--workers", str(args.workers)] if args.device == "cpu" else [])
@@ -364,6 +380,9 @@ def main() -> None:
                 exact, fast = runs["exact"].get(key), runs["fast"].get(key)
                 ratio = round(fast / exact, 2) if exact and fast else None
                 results["summary"][f"launcher_fast_vs_exact_{key}"] = ratio
+            results["summary"]["launcher_fast_vs_exact_agreement"] = runs_agreement(
+                base / "launcher-exact", base / "launcher-fast"
+            )
             if "plain_nnunet" in runs:  # the GPU goal: cases per hour per GPU against plain nnU-Net
                 plain, fast = runs["plain_nnunet"].get("cases_per_hour"), runs["fast"].get("cases_per_hour")
                 results["summary"]["launcher_fast_vs_plain_cases_per_hour"] = (

@@ -25,6 +25,11 @@ Steps, each with its own timeout; a step that fails is recorded and the next one
              --profile fast's export on the GPU (seconds, device memory, agreement with plain), then
              the launcher with the exact and the fast profile and plain nnUNetv2_predict: cases per
              hour, GPU busy %; fails when the fast profile's agreement is below the README's floor
+  preprocess scripts/bench_preprocess.py: a whole fine CT and a quarter one, every stage's seconds
+             (the input's cubic resampling by nnU-Net on one core and by --profile fast on the GPU,
+             the network, the exports), then the launcher with each profile; fails when the GPU's
+             resampling differs from nnU-Net's by more than 1e-3 or the outputs' agreement is below
+             the README's floor
   bench      scripts/bench_gpu.py: plain nnU-Net vs the launcher with K = 1, 2, 3 on a CT-sized
              model: cases/min, GPU busy % from NVML
 Results: OUT/gpu_check.json (rewritten after every step; OUT is $OUT, else gpu-check-results/),
@@ -68,6 +73,7 @@ STEPS = (
     "stages",
     "accelerator",
     "export",
+    "preprocess",
     "bench",
 )
 # the fast profile's agreement with plain nnU-Net that the README publishes as its floor
@@ -544,6 +550,25 @@ class Check:
             raise StepFailed("; ".join(low + [f"launcher run not done: {name}" for name in failed]), **detail)
         return detail
 
+    def preprocess(self, timeout: float) -> dict:
+        detail = self._benchmark("bench_preprocess", "preprocess", timeout - 20, ["--quarter-cases", "1"])
+        summary = detail.get("summary", {})
+        agreement = summary.get("launcher_fast_vs_exact_agreement") or {}
+        difference = summary.get("max_abs_diff_preprocessed")
+        equal, dice = agreement.get("min_equal_voxels_pct"), agreement.get("min_dice")
+        low = [
+            what
+            for what, ok in (
+                (f"preprocessed input differs by {difference} > 1e-3", difference is not None and difference <= 1e-3),
+                (f"equal voxels {equal} < {FAST_MIN_EQUAL_VOXELS_PCT}", (equal or 0) >= FAST_MIN_EQUAL_VOXELS_PCT),
+                (f"min Dice {dice} < {FAST_MIN_DICE}", (dice or 0) >= FAST_MIN_DICE),
+            )
+            if not ok
+        ]
+        if low:
+            raise StepFailed("; ".join(low), **detail)
+        return detail
+
     def bench(self, timeout: float) -> dict:
         detail = self._benchmark("bench_gpu", "bench", timeout - 10, ["--cases", str(self.args.bench_cases)])
         failed = [name for name, v in detail.get("runs", {}).items() if v.get("status") != "done"]
@@ -736,6 +761,7 @@ class Check:
             self.step("stages", 240, self.stages, reserve, needs=("imports",))
             self.step("accelerator", 300, self.accelerator, reserve, needs=("imports",))
             self.step("export", 240, self.export, reserve, needs=("imports",))
+            self.step("preprocess", 300, self.preprocess, reserve, needs=("imports",))
             self.step("bench", 600, self.bench, needs=("imports",))
             states = [s["status"] for s in self.summary["steps"].values()]
             self.summary["result"] = "passed" if all(s == "passed" for s in states) else "failed"
