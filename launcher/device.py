@@ -28,6 +28,21 @@ import torch
 SIMULATED_ACCELERATOR_ENV = "NNUNET_LAUNCH_TEST_ACCELERATOR"
 SIMULATED_ACCELERATOR_DIR_ENV = "NNUNET_LAUNCH_TEST_ACCELERATOR_DIR"
 
+
+def cuda_status() -> dict:
+    """What torch says of CUDA in this process (nnunet-launch doctor asks in a child process):
+    its build's CUDA version, whether a device is usable, and how many, or why not."""
+    status = {"cuda": torch.version.cuda, "available": torch.cuda.is_available()}
+    if status["available"]:
+        status["devices"] = torch.cuda.device_count()
+        return status
+    try:
+        torch.cuda.init()  # raises with torch's reason (no driver, a CPU-only build, no device)
+    except Exception as exc:
+        status["why"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return status
+
+
 _threads_set: int | None = None
 
 

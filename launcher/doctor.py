@@ -91,15 +91,8 @@ def _once(function):
 PROBE = """
 import json
 import torch
-info = {"version": torch.__version__, "cuda": torch.version.cuda, "available": torch.cuda.is_available()}
-if info["available"]:
-    info["devices"] = torch.cuda.device_count()
-else:
-    try:
-        torch.cuda.init()
-    except Exception as exc:
-        info["why"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-print(json.dumps({"torch": info}), flush=True)
+from launcher.device import cuda_status
+print(json.dumps({"torch": {"version": torch.__version__, **cuda_status()}}), flush=True)
 import torchvision
 print(json.dumps({"torchvision": {"version": torchvision.__version__}}), flush=True)
 """

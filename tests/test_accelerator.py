@@ -505,6 +505,30 @@ def test_the_cuda_device_counts_what_the_allocator_caches_as_free_and_knows_only
     assert not device.holds("results as a numpy array")
 
 
+def test_cuda_status_counts_usable_devices_or_gives_torchs_reason(monkeypatch):
+    """launcher.device.cuda_status, what doctor reports of CUDA: torch.cuda's answers recorded by
+    stand-ins here, the real ones on the GPU check."""
+    from launcher.device import cuda_status
+
+    if REAL:
+        assert cuda_status()["available"] and cuda_status()["devices"] >= 1
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cuda_status() == {"cuda": torch.version.cuda, "available": True, "devices": 2}
+
+    def no_driver():
+        raise RuntimeError("Found no NVIDIA driver on your system.\nPlease check ...")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "init", no_driver)
+    assert cuda_status() == {
+        "cuda": torch.version.cuda,
+        "available": False,
+        "why": "Found no NVIDIA driver on your system.",
+    }
+
+
 def test_the_simulated_device_accounts_results_while_any_view_of_them_lives():
     device = SimulatedAccelerator(10 * MiB)
     kept = device._keep(torch.zeros(MiB // 4))  # 1 MiB
