@@ -99,13 +99,14 @@ def preprocessing_manager(configuration_manager, on_device: bool):
     if kwargs is None:
         return configuration_manager
 
-    def later(data, new_shape, current_spacing, new_spacing):
-        return Unresampled(data, tuple(int(n) for n in new_shape), list(current_spacing), list(new_spacing), kwargs)
+    def resampling(data, new_shape, current_spacing, new_spacing):
+        new_shape = tuple(int(n) for n in new_shape)
+        if tuple(data.shape[1:]) == new_shape:
+            return data  # nothing to resample (nnU-Net returns the data as they are): nothing for the device
+        item = Unresampled(data, new_shape, list(current_spacing), list(new_spacing), kwargs)
+        return item if on_device else item.resample().numpy()
 
-    def here(data, new_shape, current_spacing, new_spacing):
-        return later(data, new_shape, current_spacing, new_spacing).resample().numpy()
-
-    return _Resampling(configuration_manager, later if on_device else here)
+    return _Resampling(configuration_manager, resampling)
 
 
 def resample_input(item: Unresampled, device: Device, notes: list[str], choices: list[str]) -> torch.Tensor:
