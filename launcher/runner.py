@@ -493,6 +493,7 @@ def _predict_args(config: RunConfig, plan: Plan) -> dict:
         "num_processes_preprocessing": plan.npp,
         "num_processes_segmentation_export": plan.nps,
         "folder_with_segs_from_prev_stage": config.prev_stage_predictions,
-        "num_parts": plan.num_parts,
-        "part_id": None,  # every part ran under nnunet-launch
+        # nnU-Net's split as the user asked for it (a whole run: 1 part, part 0), not the launcher's workers
+        "num_parts": config.num_parts,
+        "part_id": config.part_id,
     }

@@ -103,14 +103,16 @@ def test_a_tiff_case_without_its_spacing_file_is_predicted_again_on_resume(tiff,
     out = tmp_path / "out"
     shutil.copytree(tiff["reference"], out)  # plain nnU-Net's outputs, one of them missing its .json
     (out / "tif_b.json").unlink()
+    (out / "tif_a.json").write_text('{"spacing": [1.5, 1.0')  # cut: the reader of tif_a.tif fails on it
     before = copy_outputs_mtimes(out)
-    # not the launcher's: kept where whole with --continue_prediction, the one without its .json predicted again
+    # not the launcher's: kept where whole with --continue_prediction; the one without its .json and the one
+    # whose .json is cut predicted again
     result = launcher_run(tiff, out, "--continue_prediction")
-    assert result.stdout.count("kept (existing output verified)") == len(TIFF_CASES) - 1
+    assert result.stdout.count("kept (existing output verified)") == len(TIFF_CASES) - 2
     assert_same_tiff_outputs(out, tiff["reference"])
     after = copy_outputs_mtimes(out)
-    assert after["tif_b.tif"] > before["tif_b.tif"]
-    assert all(after[n] == before[n] for n in ("tif_a.tif", "tif_a.json", "tif_c.tif", "tif_c.json"))
+    assert after["tif_a.tif"] > before["tif_a.tif"] and after["tif_b.tif"] > before["tif_b.tif"]
+    assert all(after[n] == before[n] for n in ("tif_c.tif", "tif_c.json"))
 
     # the launcher's own finished run: a case journaled done whose .json vanished is predicted again
     (out / "tif_c.json").unlink()

@@ -25,6 +25,14 @@ def test_two_static_cpu_workers_give_outputs_identical_to_plain_nnunet_and_no_ex
     assert result.returncode == 0, result.stderr
     assert_same_predictions(out, reference)
     assert sorted(p.name for p in (out / ".nnunet-launch" / "tmp").iterdir()) == []
+    # the call's record says what plain's says (a whole run: nnU-Net's 1 part), but for the paths and helpers
+    args = [json.loads((o / "predict_from_raw_data_args.json").read_text()) for o in (out, reference)]
+    paths_and_helpers = {"list_of_lists_or_source_folder", "output_folder_or_list_of_truncated_output_files"}
+    paths_and_helpers |= {"num_processes_preprocessing", "num_processes_segmentation_export"}
+    assert [{k: v for k, v in a.items() if k not in paths_and_helpers} for a in args] == [
+        {k: v for k, v in args[1].items() if k not in paths_and_helpers}
+    ] * 2
+    assert args[0]["num_parts"] == 1 and args[0]["output_folder_or_list_of_truncated_output_files"] == str(out)
     summary = json.loads((out / ".nnunet-launch" / "summary.json").read_text())
     assert summary["done"] == NUM_CASES and summary["failed"] == 0
     assert [p["done"] for p in summary["parts"]] == [NUM_CASES // 2, NUM_CASES // 2]
