@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from launcher.errors import LauncherError
-from launcher.spec import EXPORT_CHUNK_BYTES
+from launcher.spec import EXPORT_ARGMAX_BYTES_PER_VOXEL, EXPORT_CHUNK_BYTES
 
 FAKE_INVENTORY_ENV = "NNUNET_LAUNCH_FAKE_GPUS"
 CPU_HINT = "use -device cpu --workers N to run on the CPU"
@@ -233,7 +233,7 @@ def estimated_bytes_per_worker(
     need = 1.5 * 2**30 + 2048 * patch + logits
     if fast:
         need += 2048 * patch * (2 ** len(patch_size) - 1) + (logits if folds > 1 else 0)
-        need += EXPORT_CHUNK_BYTES + 24 * largest_voxels
+        need += EXPORT_CHUNK_BYTES + EXPORT_ARGMAX_BYTES_PER_VOXEL * largest_voxels
     return int(need)
 
 

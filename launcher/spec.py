@@ -28,6 +28,9 @@ STAGES = ("preprocess", "predict", "export")
 # --profile fast: bytes of float32 resampled logits per chunk of channels, bounding the export's
 # memory whatever the number of labels (nnU-Net's export holds every channel in float64 at once)
 EXPORT_CHUNK_BYTES = 64 * 2**20
+# beside the chunk, per voxel of the case: the running argmax's maximum (float32), channel (int16)
+# and comparison mask (bool), and the segmentation's copy in its output type (uint8)
+EXPORT_ARGMAX_BYTES_PER_VOXEL = 8
 
 
 @dataclass(frozen=True)

@@ -246,7 +246,7 @@ def two_folds(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def case_001(tiny):
-    """61x49x57 voxels, no resampling: results 1.9 MiB on the device, export 7.8 MiB."""
+    """61x49x57 voxels, no resampling: results 1.9 MiB on the device, export 5.2 MiB."""
     return [tiny["inputs"] / "case_001_0000.nii.gz"]
 
 

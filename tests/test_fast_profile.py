@@ -221,6 +221,14 @@ def test_chunked_export_equals_one_argmax_over_nnunets_torch_resampling(monkeypa
     assert np.array_equal(segmentation, whole.float().argmax(0).numpy())
 
 
+@pytest.mark.accelerator  # the export code an accelerator runs
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7])
+def test_the_running_argmax_over_chunks_of_channels_equals_one_argmax_ties_going_to_the_first(chunk):
+    values = torch.randint(0, 3, (7, 5, 6, 4), generator=torch.Generator().manual_seed(2)).float()  # ties galore
+    chunks = ((start, values[start : start + chunk]) for start in range(0, 7, chunk))
+    assert torch.equal(fast_profile._argmax(chunks).long(), values.argmax(0))
+
+
 @pytest.mark.accelerator  # the export and prediction code an accelerator runs
 def test_chunked_export_of_regions_equals_nnunets_region_handling(monkeypatch):
     from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet

@@ -232,7 +232,7 @@ def test_plan_counts_what_the_fast_profile_keeps_on_the_gpu_when_checking_worker
 
     exact = gpus.estimated_bytes_per_worker((32, 32, 32), 3, 64**3)
     fast = gpus.estimated_bytes_per_worker((32, 32, 32), 3, 64**3, fast=True, folds=2)
-    assert fast - exact == 2048 * 32**3 * 7 + 2 * 3 * 64**3 + gpus.EXPORT_CHUNK_BYTES + 24 * 64**3
+    assert fast - exact == 2048 * 32**3 * 7 + 2 * 3 * 64**3 + gpus.EXPORT_CHUNK_BYTES + 8 * 64**3
     fake = tmp_path / "gpus.json"
     env = {gpus.FAKE_INVENTORY_ENV: str(fake)}
     args = ("plan", *model_args(tiny, tmp_path / "out"), "--workers-per-gpu", "2")
