@@ -63,21 +63,26 @@ MIN_DICE_VOXELS = 1000  # random weights make many labels a few voxels big: Dice
 
 # --- the model and the cases -------------------------------------------------------------------
 def make_model(folder: Path) -> None:
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     plans = bench_gpu.ct_plans()  # CT normalisation and intensity statistics
     small = tiny.plans_dict(1)["configurations"][tiny.CONFIGURATION]
     config = plans["configurations"][tiny.CONFIGURATION]
     config.update(architecture=small["architecture"], patch_size=small["patch_size"], spacing=MODEL_SPACING)
     config["median_image_size_in_voxels"] = [54, 64, 64]
-    plans["original_median_spacing_after_transp"] = list(CASE_SPACING)
+    save_ct_model(folder, plans, CASE_SPACING, NUM_LABELS)
+
+
+def save_ct_model(folder: Path, plans: dict, case_spacing, num_labels: int) -> None:
+    """A one-channel CT model with these plans: its dataset.json, plans.json and random weights (fold 0)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans["original_median_spacing_after_transp"] = list(case_spacing)
     dataset = tiny.dataset_dict(1)
-    dataset["labels"] = {"background": 0, **{f"organ_{i}": i for i in range(1, NUM_LABELS)}}
+    dataset["labels"] = {"background": 0, **{f"organ_{i}": i for i in range(1, num_labels)}}
     dataset["channel_names"] = {"0": "CT"}
     folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans, indent=4))
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=4))
-    tiny.save_checkpoints(str(folder), PlansManager(plans), tiny.CONFIGURATION, 1, NUM_LABELS, (0,), seed=0)
+    tiny.save_checkpoints(str(folder), PlansManager(plans), tiny.CONFIGURATION, 1, num_labels, (0,), seed=0)
 
 
 def make_cases(folder: Path, count: int) -> list[str]:
@@ -145,20 +150,55 @@ def measure_export(kind: str, model: Path, logits_file: Path, properties_file: P
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# --- what both benchmarks share ----------------------------------------------------------------
+def launcher_arguments(parser: argparse.ArgumentParser, deadline_s: float) -> None:
+    parser.add_argument("-device", "--device", dest="device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--workers", type=int, default=1, help="launcher workers with --device cpu")
+    parser.add_argument("--json-out", help="also write the results here (rewritten as they come)")
+    parser.add_argument("--work-dir", help="model, cases and outputs (default: a temp folder, removed)")
+    parser.add_argument("--deadline-s", type=float, default=deadline_s, help="the launcher runs stop by then")
+    parser.add_argument("--skip-launcher", action="store_true", help="per-case measurements only")
+
+
+def work_folder(args, prefix: str) -> Path:
+    """--work-dir or a temp folder; the launcher's processes import this checkout."""
+    base = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix=prefix))
+    base.mkdir(parents=True, exist_ok=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        dict.fromkeys([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    )
+    return base
+
+
+def where_and_when(args) -> dict:
+    return {
+        "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.machine()})",
+        "date": time.strftime("%Y-%m-%d"),
+        "device": args.device,
+    }
+
+
 # --- per case, in this process -----------------------------------------------------------------
-def per_case(model: Path, inputs: Path, ids: list[str], work: Path, device: str) -> list[dict]:
+def predictor(model: Path, device: str):
+    """nnU-Net's predictor for the benchmark's model (fold 0, no mirroring) on one torch thread."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     torch.set_num_threads(1)
-    predictor = nnUNetPredictor(
+    p = nnUNetPredictor(
         use_mirroring=False,
         perform_everything_on_device=device == "cuda",
         device=torch.device(device),
         allow_tqdm=False,
     )
-    predictor.initialize_from_trained_model_folder(str(model), (0,), "checkpoint_final.pth")
-    p = predictor
+    p.initialize_from_trained_model_folder(str(model), (0,), "checkpoint_final.pth")
+    return p
+
+
+def per_case(model: Path, inputs: Path, ids: list[str], work: Path, device: str) -> list[dict]:
+    import torch
+
+    p = predictor(model, device)
     label_manager = p.plans_manager.get_label_manager(p.dataset_json)
     preprocessor = p.configuration_manager.preprocessor_class(verbose=False)
     exports = {"plain": work / "plain", "fast_cpu": work / "fast_cpu", "fast_cuda": work / "fast_cuda"}
@@ -327,27 +367,16 @@ def summarize(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=6)
-    parser.add_argument("-device", "--device", dest="device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--workers", type=int, default=1, help="launcher workers with --device cpu")
-    parser.add_argument("--json-out", help="also write the results here (rewritten as they come)")
-    parser.add_argument("--work-dir", help="models, cases and outputs (default: a temp folder, removed)")
-    parser.add_argument("--deadline-s", type=float, default=900, help="the launcher runs stop by then")
-    parser.add_argument("--skip-launcher", action="store_true", help="per-case measurements only")
+    launcher_arguments(parser, deadline_s=900)
     parser.add_argument("--export-child", nargs=5, help=argparse.SUPPRESS)  # see export_child
     args = parser.parse_args()
     if args.export_child:
         export_child(*args.export_child)
         return
     start = time.perf_counter()
-    base = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-export-"))
-    base.mkdir(parents=True, exist_ok=True)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        dict.fromkeys([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    )
+    base = work_folder(args, "bench-export-")
     results: dict = {
-        "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.machine()})",
-        "date": time.strftime("%Y-%m-%d"),
-        "device": args.device,
+        **where_and_when(args),
         "cases": args.cases,
         "model": f"{NUM_LABELS} labels, 4 stages 8-64 features, patch 32^3, 2 mm; random weights; --disable_tta",
         "case": f"{'x'.join(map(str, CASE_SHAPE))} voxels at {'x'.join(map(str, CASE_SPACING))} mm (CT-like)",

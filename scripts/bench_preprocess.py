@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -52,8 +49,6 @@ MODEL_SPACING = [1.5, 1.5, 1.5]
 
 
 def make_model(folder: Path) -> None:
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     plans = bench_gpu.ct_plans()  # CT normalisation and intensity statistics
     small = tiny.plans_dict(1)["configurations"][tiny.CONFIGURATION]
     config = plans["configurations"][tiny.CONFIGURATION]
@@ -70,14 +65,7 @@ def make_model(folder: Path) -> None:
     )
     config.update(architecture=architecture, patch_size=[96, 160, 160], spacing=MODEL_SPACING)
     config["median_image_size_in_voxels"] = [200, 239, 239]
-    plans["original_median_spacing_after_transp"] = list(CASE_SPACING)
-    dataset = tiny.dataset_dict(1)
-    dataset["labels"] = {"background": 0, **{f"organ_{i}": i for i in range(1, NUM_LABELS)}}
-    dataset["channel_names"] = {"0": "CT"}
-    folder.mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps(plans, indent=4))
-    (folder / "dataset.json").write_text(json.dumps(dataset, indent=4))
-    tiny.save_checkpoints(str(folder), PlansManager(plans), tiny.CONFIGURATION, 1, NUM_LABELS, (0,), seed=0)
+    bench_export.save_ct_model(folder, plans, CASE_SPACING, NUM_LABELS)
 
 
 def make_cases(folder: Path, quarter_cases: int) -> list[str]:
@@ -115,21 +103,12 @@ def per_case(model: Path, inputs: Path, ids: list[str], work: Path, device: str)
     """Each stage by itself, in the order nnU-Net's run_case_npy and its export run them."""
     import torch
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
     from launcher import fast_profile, spline_resample
 
-    torch.set_num_threads(1)
-    predictor = nnUNetPredictor(
-        use_mirroring=False,
-        perform_everything_on_device=device == "cuda",
-        device=torch.device(device),
-        allow_tqdm=False,
-    )
-    predictor.initialize_from_trained_model_folder(str(model), (0,), "checkpoint_final.pth")
-    p = predictor
+    p = bench_export.predictor(model, device)
     plans_manager, configuration_manager = p.plans_manager, p.configuration_manager
     label_manager = plans_manager.get_label_manager(p.dataset_json)
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
@@ -194,24 +173,13 @@ def per_case(model: Path, inputs: Path, ids: list[str], work: Path, device: str)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quarter-cases", type=int, default=3, help="quarter-size cases besides the whole CT")
-    parser.add_argument("-device", "--device", dest="device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--workers", type=int, default=1, help="launcher workers with --device cpu")
-    parser.add_argument("--json-out", help="also write the results here (rewritten as they come)")
-    parser.add_argument("--work-dir", help="model, cases and outputs (default: a temp folder, removed)")
-    parser.add_argument("--deadline-s", type=float, default=1800, help="the launcher runs stop by then")
-    parser.add_argument("--skip-launcher", action="store_true", help="per-case measurements only")
+    bench_export.launcher_arguments(parser, deadline_s=1800)
     args = parser.parse_args()
     args.cases = 1 + args.quarter_cases  # what bench_export.launcher_run counts
     start = time.perf_counter()
-    base = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
-    base.mkdir(parents=True, exist_ok=True)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        dict.fromkeys([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    )
+    base = bench_export.work_folder(args, "bench-preprocess-")
     results: dict = {
-        "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.machine()})",
-        "date": time.strftime("%Y-%m-%d"),
-        "device": args.device,
+        **bench_export.where_and_when(args),
         "model": f"{NUM_LABELS} labels, 5 stages 2-16 features, patch 96x160x160, 1.5 mm; random weights; no TTA",
         "cases": f"1 x {'x'.join(map(str, WHOLE_CT))} + {args.quarter_cases} x {'x'.join(map(str, QUARTER_CT))} "
         f"voxels (z, y, x) at {'x'.join(map(str, CASE_SPACING))} mm (CT-like)",
