@@ -65,10 +65,12 @@ class Unresampled(NamedTuple):
         return spline_resample.resample_image(data, new_shape, current, target, **self.kwargs)
 
     def memory_bytes(self) -> int:
-        """A bound for the device: the input, the output, and the largest intermediate product's
-        input and output (float32; an axis product holds its input and its result)."""
+        """A bound for the device: the input, the output, and an axis product's input and result at
+        the largest any intermediate can be, each axis at its larger size (float32). With a
+        separate z the in-plane result can exceed both the input and the output."""
         sizes = [math.prod(self.data.shape[1:]), math.prod(self.new_shape)]
-        return 4 * self.data.shape[0] * (2 * max(sizes) + 2 * sum(sizes))
+        largest = math.prod(max(old, new) for old, new in zip(self.data.shape[1:], self.new_shape, strict=True))
+        return 4 * self.data.shape[0] * (2 * largest + 2 * sum(sizes))
 
 
 class _Resampling:
@@ -98,11 +100,14 @@ def preprocessing_manager(configuration_manager, on_device: bool):
     kwargs = input_resampling(configuration_manager)
     if kwargs is None:
         return configuration_manager
+    nnunets = configuration_manager.resampling_fn_data
 
     def resampling(data, new_shape, current_spacing, new_spacing):
         new_shape = tuple(int(n) for n in new_shape)
         if tuple(data.shape[1:]) == new_shape:
             return data  # nothing to resample (nnU-Net returns the data as they are): nothing for the device
+        if not np.isfinite(data).all():  # a matrix product spreads a NaN over whole lines; skimage keeps it local
+            return nnunets(data, new_shape, current_spacing, new_spacing)
         item = Unresampled(data, new_shape, list(current_spacing), list(new_spacing), kwargs)
         return item if on_device else item.resample().numpy()
 
@@ -259,7 +264,8 @@ def _segment_probabilities(probabilities: torch.Tensor, label_manager) -> tuple[
 def _argmax(chunks) -> torch.Tensor:
     """One argmax over every channel, from (first channel, values) chunks of them in order, a
     channel at a time in place: a later channel wins a voxel only when strictly greater, so a tie
-    keeps the earlier channel, as one argmax over all would. (A chunk's max(0) and torch.where over
+    keeps the earlier channel, as one argmax over all would (over the softmax, as nnU-Net's: a
+    voxel with a NaN or +inf is channel 0). (A chunk's max(0) and torch.where over
     int64 indices cost several times the resampling on the CPU: 10x this on a whole CT.)"""
     best = segmentation = better = None
     for start, part in chunks:
@@ -272,6 +278,9 @@ def _argmax(chunks) -> torch.Tensor:
             torch.gt(channel, best, out=better)
             torch.maximum(best, channel, out=best)
             segmentation.masked_fill_(better, index)
+    # nnU-Net's argmax is of the softmax, all NaN where a value is NaN or +inf: channel 0 there
+    segmentation.masked_fill_(torch.ne(best, best, out=better), 0)
+    segmentation.masked_fill_(torch.eq(best, math.inf, out=better), 0)
     return segmentation
 
 

@@ -19,9 +19,9 @@ if [ $# -gt 0 ]; then exec .venv/bin/python -m pytest -q "$@"; fi
 # of the launcher (tests/test_accelerator.py, README "The accelerator path without a GPU"); then
 # everything else.
 rm -f .coverage .coverage.*
-.venv/bin/python -m pytest -q -m accelerator --cov=launcher --cov-report=
+.venv/bin/python -m pytest -q --durations=10 -m accelerator --cov=launcher --cov-report=
 .venv/bin/python scripts/accelerator_coverage.py
-.venv/bin/python -m pytest -q -m "not accelerator"
+.venv/bin/python -m pytest -q --durations=25 -m "not accelerator"
 # The oldest supported nnU-Net release (launcher/nnunet_versions.py), over ./.venv's packages: the
 # exact profile identical to its own nnUNetv2_predict (.npz bit for bit), an ensemble and a cascade
 # identical to its own commands' chain, --profile fast refused, the version checks.

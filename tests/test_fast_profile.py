@@ -5,6 +5,7 @@ identity; the default profile's identity is what the equivalence tests guard."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -223,10 +224,16 @@ def test_chunked_export_equals_one_argmax_over_nnunets_torch_resampling(monkeypa
 
 @pytest.mark.accelerator  # the export code an accelerator runs
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7])
-def test_the_running_argmax_over_chunks_of_channels_equals_one_argmax_ties_going_to_the_first(chunk):
+def test_the_running_argmax_over_chunks_of_channels_equals_nnunets_argmax_of_the_softmax(chunk):
+    """Ties go to the first channel; a voxel with a NaN or +inf value has an all-NaN softmax: 0."""
     values = torch.randint(0, 3, (7, 5, 6, 4), generator=torch.Generator().manual_seed(2)).float()  # ties galore
+    values[3, 0, 0, :2], values[6, 1, 1, :2], values[2, 2, 2, :2] = math.nan, math.nan, math.inf
+    values[4, 3, 3, :2] = -math.inf
     chunks = ((start, values[start : start + chunk]) for start in range(0, 7, chunk))
-    assert torch.equal(fast_profile._argmax(chunks).long(), values.argmax(0))
+    expected = torch.softmax(values, 0).argmax(0)
+    assert all((expected[i, i, :2] == 0).all() for i in range(3))
+    assert torch.equal(expected[3:, 3:], values[:, 3:, 3:].argmax(0))  # -inf is a probability of 0
+    assert torch.equal(fast_profile._argmax(chunks).long(), expected)
 
 
 @pytest.mark.accelerator  # the export and prediction code an accelerator runs

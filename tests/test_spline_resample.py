@@ -199,3 +199,31 @@ def test_the_axis_matrix_cache_returns_the_same_matrix_for_the_same_key():
     assert axis_matrix(37, 61, "resize", 3) is first
     assert axis_matrix(37, 61, "map_coordinates", 3) is not first
     assert first.shape == (61, 37) and first.dtype == torch.float64
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["cpu worker's helper", "accelerator worker's helper"])
+def test_an_input_with_a_nan_is_resampled_by_nnunets_own_function_which_keeps_the_nan_local(on_device):
+    """A matrix product spreads one NaN over every line through it (skimage's spline keeps it near its voxel), so
+    a fast profile's preprocessing helper leaves such an input to nnU-Net's function, on the CPU."""
+    from launcher import fast_profile
+
+    case = CASES["separate_z_on_axis_2_mr"]
+    data = volume(case)
+    data[0, 3, 4, 2] = np.nan
+    new_shape = compute_new_shape(data.shape[1:], case.spacing, case.target_spacing)
+    configuration = ConfigurationManager(
+        {
+            "architecture": {},
+            "resampling_fn_data": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": DATA_KWARGS,
+        }
+    )
+    expected = configuration.resampling_fn_data(data, new_shape, case.spacing, case.target_spacing)
+    assert 0 < np.isnan(expected).mean() <= 0.1  # the spline's prefilter spreads it over its slices (2 of 20)
+    helper = fast_profile.preprocessing_manager(configuration, on_device)
+    result = helper.resampling_fn_data(data, new_shape, case.spacing, case.target_spacing)
+    assert isinstance(result, np.ndarray) and np.array_equal(result, expected, equal_nan=True)
+    spread = resample_image(
+        torch.from_numpy(data), new_shape, case.spacing, case.target_spacing, **image_kwargs(DATA_KWARGS)
+    )
+    assert torch.isnan(spread).all()  # what the matrix products would have given
