@@ -92,6 +92,15 @@ PREDICT_OPTIONS = [
         ),
     ),
     (
+        ("--deterministic", "deterministic"),
+        dict(
+            is_flag=True,
+            default=None,
+            help="on a GPU, cuDNN's deterministic kernels instead of its autotuning: the same voxels run after run "
+            "(nnU-Net autotunes, so two of its runs can differ in a few voxels); slower convolutions",
+        ),
+    ),
+    (
         ("--max-restarts", "max_restarts"),
         dict(
             type=int,

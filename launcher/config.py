@@ -56,6 +56,7 @@ class RunConfig:
     workers_per_gpu: int = 1
     schedule: str = "dynamic"
     profile: str = "exact"  # "fast": opt-in, changes voxels (see fast_profile.py and the README)
+    deterministic: bool = False  # GPU: deterministic cuDNN kernels instead of autotuning (device.py)
     max_restarts: int = 3
     case_retries: int = 2
     hang_timeout: float | None = None

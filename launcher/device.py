@@ -65,14 +65,25 @@ class Device:
     accelerator = False
     slack_bytes = 0  # free memory kept aside when deciding what stays on the device
 
-    def __init__(self, torch_device: torch.device):
+    def __init__(self, torch_device: torch.device, deterministic: bool = False):
         self.torch = torch_device
+        self.deterministic = deterministic
 
     def describe(self) -> str:
         return self.torch.type
 
     def configure_predictor(self, predictor) -> None:
-        """After nnU-Net built its predictor for this device."""
+        """After nnU-Net built its predictor for this device (which, on a GPU, turns on cuDNN's
+        autotuning: each process times the convolution kernels and keeps the fastest, so two runs
+        can add up a tile's sums in different orders and flip near-ties). --deterministic: cuDNN's
+        heuristics choose the kernels, deterministic ones; every process of the same GPU, software
+        and shapes then computes the same numbers. Flags only: they hold on any device."""
+        if self.deterministic:
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+            if not torch.are_deterministic_algorithms_enabled():  # the worker's log says it once
+                torch.use_deterministic_algorithms(True, warn_only=True)
+                print("--deterministic: cuDNN autotuning off, deterministic algorithms only", flush=True)
 
     def holds(self, tensor) -> bool:
         return False
@@ -136,8 +147,8 @@ class SimulatedAccelerator(Device):
     accelerator = True
     ACTIVATION_BYTES = 16
 
-    def __init__(self, budget: int):
-        super().__init__(torch.device("cpu"))
+    def __init__(self, budget: int, deterministic: bool = False):
+        super().__init__(torch.device("cpu"), deterministic)
         self.budget, self.used = budget, 0
         self._results: set[int] = set()  # storages of results on the device (data pointers)
         self._results_to_host = False
@@ -187,6 +198,7 @@ class SimulatedAccelerator(Device):
         """What nnU-Net does on a GPU, with this budget: results on the device, its fallback to
         results on the host, the network's weights and activations in the device's memory.
         Wrapped on this predictor instance only."""
+        super().configure_predictor(predictor)
         predictor.perform_everything_on_device = True  # nnU-Net turns it off for a CPU device
         weights = sum(p.numel() * p.element_size() for p in predictor.network.parameters())
         self._weights = self._keep(torch.empty(max(1, weights), dtype=torch.uint8))
@@ -234,15 +246,17 @@ class SimulatedAccelerator(Device):
         self.reserve(inputs[0].numel() * self.ACTIVATION_BYTES, "a forward pass", partial=True)
 
 
-def for_worker(device: str) -> Device:
+def for_worker(device: str, deterministic: bool = False) -> Device:
     """The worker's device for `-device cuda|cpu`; a CPU run becomes a simulated accelerator when
     a test sets SIMULATED_ACCELERATOR_ENV."""
+    if deterministic:  # cuBLAS reads it when it starts, after this: its reproducible workspaces
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if device == "cuda":
-        return CudaDevice(torch.device("cuda"))
+        return CudaDevice(torch.device("cuda"), deterministic)
     budgets = os.environ.get(SIMULATED_ACCELERATOR_ENV)
     if budgets:
-        return SimulatedAccelerator(_claim_budget([int(b) for b in budgets.split(",")]))
-    return Device(torch.device("cpu"))
+        return SimulatedAccelerator(_claim_budget([int(b) for b in budgets.split(",")]), deterministic)
+    return Device(torch.device("cpu"), deterministic)
 
 
 def _claim_budget(budgets: list[int]) -> int:

@@ -133,7 +133,7 @@ def _combine(combine: Combine, output_base: str, file_ending: str, save_probabil
 def load_backends(settings: PredictSettings) -> dict:
     """One backend per model the worker serves, each loaded once for the worker's life, all on
     the worker's one device."""
-    device = for_worker(settings.device)
+    device = for_worker(settings.device, settings.deterministic)
     configure_process(settings.threads, device.accelerator)
     if not settings.members:
         return {None: NnunetBackend(settings, settings.model_folder, device)}

@@ -304,6 +304,7 @@ def predict_settings(config: RunConfig, plan: Plan) -> PredictSettings:
         nps=plan.nps,
         members=tuple((m.name, m.folder) for m in plan.stages.members) if plan.stages else (),
         profile=config.profile,
+        deterministic=config.deterministic,
     )
 
 

@@ -303,6 +303,11 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, a
             + (" on each GPU" if config.device == "cuda" else " in the export helpers")
             + "; outputs differ from plain nnU-Net in a few voxels (agreement: README)"
         )
+    if config.deterministic:
+        reporter.log(
+            "nnunet-launch: --deterministic: "
+            + ("cuDNN's deterministic kernels, no autotuning" if config.device == "cuda" else "a CPU run is already")
+        )
     if plan.stages is not None:
         reporter.log(f"nnunet-launch: stages per case: {describe_stages(plan.stages)}")
     if config.num_parts > 1:
@@ -417,6 +422,7 @@ def _run_facts(config: RunConfig, argv: list[str]) -> dict:
         "folds": list(config.model.folds),
         "checkpoint": config.checkpoint,
         "profile": config.profile,
+        "deterministic": config.deterministic,
         "versions": versions,
     }
 

@@ -154,6 +154,7 @@ class PredictSettings:
     nps: int
     members: tuple[tuple[str, str], ...] = ()  # multi-stage: (member name, model folder) each
     profile: str = "exact"  # "fast": see fast_profile.py
+    deterministic: bool = False  # see device.Device.configure_predictor
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ Steps, each with its own timeout; a step that fails is recorded and the next one
   tiny       scripts/make_tiny_model.py: the tiny model and its cases (one large case, so that a
              kill lands while a worker predicts)
   reference  plain nnUNetv2_predict_from_modelfolder (its own entry point) on the same GPU
-  k1, k2     the launcher with --workers-per-gpu 1 and 2, compared voxel by voxel with it
+  k1, k2     the launcher with --workers-per-gpu 1 and 2, compared voxel by voxel with it (on a GPU
+             both with deterministic kernels: nnU-Net's autotuning alone changes a few voxels)
   kill       SIGKILL of a worker while it predicts: restart, identical outputs, no process of the
              run left, no process holding GPU memory (nvidia-smi --query-compute-apps)
   accelerator  pytest -m accelerator (tests/test_accelerator.py) with -device cuda: the tests CI runs
@@ -106,6 +107,22 @@ NNUNET_ENTRY = (
     "module, function, sys.argv[0] = sys.argv[1], sys.argv[2], sys.argv[2]\n"
     "del sys.argv[1:3]\n"
     "getattr(importlib.import_module(module), function)()\n"
+)
+# On a GPU nnU-Net turns on cuDNN's autotuning, so two of its own runs differ in a few voxels (seen
+# on an H200: 3,799 of the tiny model's voxels, a random network's near-ties). For a comparison voxel
+# by voxel nnU-Net runs with deterministic kernels, as the launcher does with --deterministic
+# (launcher/device.py): the flags set right after nnU-Net's predictor set its own.
+DETERMINISTIC_NNUNET = (
+    "import os, torch\n"
+    "os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')\n"
+    "from nnunetv2.inference import predict_from_raw_data as _predict\n"
+    "_init = _predict.nnUNetPredictor.__init__\n"
+    "def _deterministic_init(self, *args, **kwargs):\n"
+    "    _init(self, *args, **kwargs)\n"
+    "    torch.backends.cudnn.benchmark = False\n"
+    "    torch.backends.cudnn.deterministic = True\n"
+    "    torch.use_deterministic_algorithms(True, warn_only=True)\n"
+    "_predict.nnUNetPredictor.__init__ = _deterministic_init\n"
 )
 ONE_THREAD = "import torch\nset_threads = torch.set_num_threads\ntorch.set_num_threads = lambda n: set_threads(1)\n"
 
@@ -496,7 +513,7 @@ class Check:
             + ("-plans_json", world["plans_json"], "-np", "1"),
         ]
         detail: dict = {"cases": cases, "manual_seconds": {}}
-        code = NNUNET_ENTRY if self.cuda else ONE_THREAD + NNUNET_ENTRY
+        code = DETERMINISTIC_NNUNET + NNUNET_ENTRY if self.cuda else ONE_THREAD + NNUNET_ENTRY
         labels = ("predict 2d", "predict 3d_fullres", "ensemble", "postprocessing")
         for label, command in zip(labels, chain, strict=True):
             r = self.run(self.python("-c", code, *command), max(MIN_STEP_S, deadline - time.monotonic()), "stages")
@@ -506,7 +523,7 @@ class Check:
         out = base / "launcher"
         cmd = self.python("-m", "launcher", "run", "-i", world["inputs"], "-o", str(out), "-d", "998", "--best")
         cmd += ["-device", self.args.device, "--disable_tta", "-npp", "1", "-nps", "1"]
-        cmd += ["--workers-per-gpu", "1"] if self.cuda else ["--workers", "2"]
+        cmd += ["--workers-per-gpu", "1", "--deterministic"] if self.cuda else ["--workers", "2"]
         r = self.run(cmd, max(MIN_STEP_S, deadline - time.monotonic()), "stages", **self._cpu_cores(2))
         detail["launcher"] = summarize_run(r)
         if r["rc"] != 0:
@@ -599,7 +616,7 @@ class Check:
             raise StepFailed("no reference (the reference step did not pass)")
 
     def _plain_cmd(self, out: Path) -> list[str]:
-        code = PLAIN_NNUNET if self.cuda else PLAIN_NNUNET_ONE_THREAD
+        code = DETERMINISTIC_NNUNET + PLAIN_NNUNET if self.cuda else PLAIN_NNUNET_ONE_THREAD
         cmd = self.python("-c", code, "-i", str(self.tiny["inputs"]), "-o", str(out), "-m", str(self.tiny["model"]))
         cmd += ["-f", "0", "-device", self.args.device, "--disable_tta", "-npp", "1", "-nps", "1"]
         return cmd + ["--disable_progress_bar"]
@@ -607,7 +624,7 @@ class Check:
     def _launch_cmd(self, out: Path, k: int) -> list[str]:
         cmd = self.python("-m", "launcher", "run", "-i", str(self.tiny["inputs"]), "-o", str(out))
         cmd += ["-m", str(self.tiny["model"]), "-f", "0", "-device", self.args.device, "--disable_tta"]
-        cmd += ["--workers-per-gpu", str(k)] if self.cuda else ["--workers", str(k)]
+        cmd += ["--workers-per-gpu", str(k), "--deterministic"] if self.cuda else ["--workers", str(k)]
         return cmd
 
     def _cpu_cores(self, k: int) -> dict:
@@ -680,8 +697,8 @@ class Check:
         return problems
 
     def _nnunet_noise(self, cmp: dict) -> dict:
-        """When the launcher's outputs differ: does plain nnU-Net differ from itself on this GPU
-        (cuDNN autotuning picks kernels per process; random weights leave near-ties)?"""
+        """When the launcher's outputs differ: does plain nnU-Net differ from itself on this device
+        (it should not, with deterministic kernels)?"""
         if self.left_s() < 120:
             return {"note": "no time to rerun plain nnU-Net"}
         out = self.tiny["base"] / f"reference-again-{time.monotonic_ns()}"

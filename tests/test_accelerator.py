@@ -23,6 +23,7 @@ from conftest import ROOT, PickledCall, assert_same_predictions, cli, model_args
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_tiny_model as tiny_model  # noqa: E402
+from gpu_check import DETERMINISTIC_NNUNET, PLAIN_NNUNET  # noqa: E402
 
 from launcher import fast_profile, safe_pickle  # noqa: E402
 from launcher.device import (  # noqa: E402
@@ -44,6 +45,9 @@ REAL = os.environ.get("NNUNET_LAUNCH_TEST_REAL_ACCELERATOR") == "1"
 simulated_only = pytest.mark.skipif(REAL, reason="limits the device's memory: the simulated accelerator's")
 
 
+DETERMINISTIC_PLAIN_NNUNET = DETERMINISTIC_NNUNET + PLAIN_NNUNET
+
+
 def accelerator_args(data: dict, out: Path, *extra: str) -> list[str]:
     """A run on the accelerator: the real GPU in the GPU check, else CPU workers on a simulated one."""
     if REAL:
@@ -61,16 +65,20 @@ def worker_logs(out: Path) -> str:
 
 # --- whole runs --------------------------------------------------------------------------------
 def test_exact_profile_on_the_accelerator_is_identical_to_plain_nnunet(small, tmp_path):
-    """Results kept on the device (nnU-Net's perform_everything_on_device), two workers."""
+    """Results kept on the device (nnU-Net's perform_everything_on_device), two workers. On a GPU
+    both with deterministic kernels (nnU-Net's autotuning alone changes a few voxels run to run);
+    the workers say they took --deterministic, and the summary records it."""
     reference = small["reference"]
     if REAL:  # plain nnU-Net on the same GPU
         reference = tmp_path / "reference"
-        plain_nnunet(small["inputs"], reference, small["model"], device="cuda")
+        plain_nnunet(small["inputs"], reference, small["model"], device="cuda", script=DETERMINISTIC_PLAIN_NNUNET)
     out = tmp_path / "out"
     workers = ["--workers-per-gpu", "2"] if REAL else ["--workers", "2"]
-    result = cli(*accelerator_args(small, out, *workers), env=simulated(BIG), timeout=300)
+    result = cli(*accelerator_args(small, out, *workers, "--deterministic"), env=simulated(BIG), timeout=300)
     assert result.returncode == 0, result.stderr
     assert_same_predictions(out, reference)
+    assert worker_logs(out).count("--deterministic: cuDNN autotuning off") == 2
+    assert json.loads((out / ".nnunet-launch" / "summary.json").read_text())["deterministic"] is True
 
 
 @simulated_only
