@@ -4,7 +4,8 @@ here, not by `device == "cuda"` tests spread over the worker's code.
 - `accelerator`: the worker keeps results on the device (nnU-Net's `perform_everything_on_device`),
   and the fast profile exports there, batches the mirrored passes and sums the folds there.
 - `holds(tensor)`: whether a tensor is in the device's memory (nnU-Net may leave results on the host).
-- `free_bytes()`, `slack_bytes`, `reserve()`: what fits; `empty_cache()`: after an out-of-memory error.
+- `free_bytes()`, `slack_bytes`, `reserve()`: what fits; `empty_cache()`: after an out-of-memory error;
+  `out_of_memory(exc)`: whether an error is one (torch's, or cuBLAS/cuDNN failing to allocate).
 - `configure_process()`: torch's process-wide thread settings, once per process (torch refuses a
   second `set_num_interop_threads`: a worker serving several models died at start-up on CUDA).
 
@@ -41,6 +42,20 @@ def cuda_status() -> dict:
     except Exception as exc:
         status["why"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return status
+
+
+# Out of device memory as CUDA's libraries report it besides torch.OutOfMemoryError: a cuBLAS or
+# cuDNN handle or workspace that cannot be allocated raises a plain RuntimeError ("CUDA error:
+# CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", "cuDNN error:
+# CUDNN_STATUS_ALLOC_FAILED"). Unlike an illegal access, it leaves the CUDA context usable.
+OUT_OF_MEMORY_MARKERS = ("out of memory", "alloc_failed")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether an error means the device lacked the memory (a fallback or a fresh worker helps)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc).lower() for marker in OUT_OF_MEMORY_MARKERS)
 
 
 _threads_set: int | None = None

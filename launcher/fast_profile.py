@@ -42,7 +42,7 @@ from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_forn
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from launcher import spline_resample
-from launcher.device import Device
+from launcher.device import Device, out_of_memory
 from launcher.spec import EXPORT_ARGMAX_BYTES_PER_VOXEL, EXPORT_CHUNK_BYTES
 from launcher.stages import load_postprocessing
 
@@ -122,7 +122,9 @@ def resample_input(item: Unresampled, device: Device, notes: list[str], choices:
         resampled = device.to_host(item.resample(device.torch))
         choices.append(f"input resampled on {device.describe()}")
         return resampled
-    except torch.OutOfMemoryError as exc:
+    except RuntimeError as exc:
+        if not out_of_memory(exc):
+            raise
         notes.append(f"input resampled on the CPU: {str(exc).splitlines()[0]}")
     device.empty_cache()
     return item.resample()
@@ -468,7 +470,9 @@ class BatchedMirroring:
         combinations = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
         try:
             out = p.network(torch.cat([x, *(torch.flip(x, c) for c in combinations)]))
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:
+            if not out_of_memory(exc):
+                raise
             out = None
         if out is None:  # out of the except block: the failed batch's activations are freed first
             self.device.empty_cache()

@@ -22,7 +22,7 @@ from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from launcher import fast_profile, nnunet_versions, safe_pickle
-from launcher.device import Device, configure_process, for_worker
+from launcher.device import Device, configure_process, for_worker, out_of_memory
 from launcher.headers import gzip_stream_intact
 from launcher.spec import Combine, Failure, PredictSettings, UnreadableInput
 from launcher.stages import load_postprocessing
@@ -247,7 +247,7 @@ class NnunetBackend:
         that reaches us happened on that fallback too: retrying in this process would repeat it.
         A fresh worker (OOM) starts with all of its GPU memory free. Any other CUDA error leaves
         the context unusable (DEVICE)."""
-        if isinstance(exc, torch.OutOfMemoryError):
+        if out_of_memory(exc):  # before the markers below: cuBLAS's reads "CUDA error: ..._ALLOC_FAILED"
             return Failure.OOM
         text = str(exc).lower()
         if isinstance(exc, RuntimeError) and any(marker in text for marker in CUDA_CONTEXT_ERRORS):
@@ -335,7 +335,9 @@ class NnunetBackend:
         else:
             try:
                 done = segment()
-            except torch.OutOfMemoryError as exc:
+            except RuntimeError as exc:
+                if not out_of_memory(exc):
+                    raise
                 short = f"the device ran out of memory ({str(exc).splitlines()[0]})"
         if short is not None:  # out of the except block: the failed attempt's tensors are freed first
             self.device.empty_cache()

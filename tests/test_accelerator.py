@@ -41,6 +41,8 @@ pytestmark = pytest.mark.accelerator
 MiB = 2**20
 BIG = 2**30  # everything fits
 REAL = os.environ.get("NNUNET_LAUNCH_TEST_REAL_ACCELERATOR") == "1"
+# out of memory as cuBLAS says it on a GPU: a plain RuntimeError
+CUBLAS_ALLOC_FAILED = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
 # a budget set by the test: only the simulated device has one (the GPU check runs on the real one)
 simulated_only = pytest.mark.skipif(REAL, reason="limits the device's memory: the simulated accelerator's")
 
@@ -354,6 +356,34 @@ def test_an_export_that_runs_out_of_memory_at_a_chunk_goes_to_a_helper_and_frees
     assert device.used == before
 
 
+@simulated_only
+@pytest.mark.parametrize(
+    "error, helper",
+    [(RuntimeError(CUBLAS_ALLOC_FAILED), True), (RuntimeError("CUDA error: an illegal memory access"), False)],
+    ids=["cuBLAS out of memory: a helper exports", "a broken CUDA context: raised"],
+)
+def test_an_export_chunk_that_cublas_cannot_allocate_goes_to_a_helper_and_other_cuda_errors_are_raised(
+    tiny, case_001, tmp_path, monkeypatch, error, helper
+):
+    """On a GPU a cuBLAS or cuDNN allocation failure is a plain RuntimeError, not torch's
+    OutOfMemoryError: it is out of memory all the same (the helper exports); any other error of
+    the device is not swallowed by the fallback."""
+    device = SimulatedAccelerator(6 * MiB)
+    backend = _backend(tiny["model"], device)
+    data, properties = _prepared(backend, case_001)
+    logits = backend.predict("c", data, None)
+    monkeypatch.setattr(fast_profile, "export_memory_bytes", lambda *args: 0)
+    monkeypatch.setattr(device, "_out_of_memory", lambda *args: error)
+    if not helper:
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            backend.export_job(logits, properties, str(tmp_path / "c"), False)
+        return
+    function, _ = backend.export_job(logits, properties, str(tmp_path / "c"), False)
+    assert function is fast_profile.export_from_logits
+    fallback = f"exported on the CPU in a helper: the device ran out of memory ({CUBLAS_ALLOC_FAILED})"
+    assert backend.fallbacks[-1] == fallback
+
+
 @pytest.fixture(scope="module")
 def case_002(tiny):
     """1.5 x 1 x 1 mm to the model's 1 mm: the input is resampled (cubic spline, order 3)."""
@@ -384,7 +414,7 @@ def test_the_fast_profile_resamples_the_input_on_the_device_as_nnunets_preproces
 
 
 @simulated_only
-def test_an_input_whose_resampling_does_not_fit_on_the_device_is_resampled_on_the_cpu(tiny, case_002):
+def test_an_input_whose_resampling_does_not_fit_on_the_device_is_resampled_on_the_cpu(tiny, case_002, monkeypatch):
     device = SimulatedAccelerator(BIG)
     backend = _backend(tiny["model"], device)
     item, _ = _prepared(backend, case_002)
@@ -397,6 +427,11 @@ def test_an_input_whose_resampling_does_not_fit_on_the_device_is_resampled_on_th
         f"{device.budget / MiB:.1f} MiB"
     ]
     assert float(np.abs(resampled.numpy() - _nnunets_preprocessing(tiny["model"], case_002)).max()) < 1e-5
+    # cuDNN's way of saying it: the same fallback
+    monkeypatch.setattr(device, "_out_of_memory", lambda *args: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    notes = []
+    fast_profile.resample_input(item, device, notes, choices)
+    assert notes == ["input resampled on the CPU: cuDNN error: CUDNN_STATUS_ALLOC_FAILED"]
 
 
 @simulated_only
@@ -561,10 +596,13 @@ def test_the_simulated_device_accounts_results_while_any_view_of_them_lives():
     "error, kind",
     [
         (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), Failure.OOM),
+        (RuntimeError(CUBLAS_ALLOC_FAILED), Failure.OOM),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), Failure.OOM),
         (RuntimeError("CUDA error: an illegal memory access was encountered"), Failure.DEVICE),
         (RuntimeError("Encountered inf in predicted array. Aborting..."), Failure.RETRY),
+        (ValueError("the case ran out of memory? no: a ValueError"), Failure.RETRY),
     ],
-    ids=["out of memory", "a broken CUDA context", "anything else"],
+    ids=["out of memory", "cuBLAS", "cuDNN", "a broken CUDA context", "anything else", "not a RuntimeError"],
 )
 def test_a_prediction_error_is_told_apart_by_what_it_leaves_of_the_device(error, kind):
     from launcher.nnunet import NnunetBackend
