@@ -304,10 +304,8 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, a
             + "; outputs differ from plain nnU-Net in a few voxels (agreement: README)"
         )
     if config.deterministic:
-        reporter.log(
-            "nnunet-launch: --deterministic: "
-            + ("cuDNN's deterministic kernels, no autotuning" if config.device == "cuda" else "a CPU run is already")
-        )
+        how = "cuDNN's deterministic kernels, no autotuning" if config.device == "cuda" else "a CPU run is so already"
+        reporter.log(f"nnunet-launch: --deterministic: {how}")
     if plan.stages is not None:
         reporter.log(f"nnunet-launch: stages per case: {describe_stages(plan.stages)}")
     if config.num_parts > 1:
