@@ -58,6 +58,20 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(marker in str(exc).lower() for marker in OUT_OF_MEMORY_MARKERS)
 
 
+def make_deterministic() -> bool:
+    """cuDNN's heuristics choose deterministic kernels instead of its autotuning, for this process
+    (after nnU-Net's predictor turned autotuning on); cuBLAS's reproducible workspaces (read when
+    its first handle is made, at the first matrix product). Flags only: they hold on any device.
+    The GPU check sets the same in plain nnU-Net. Whether this call turned them on."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    if torch.are_deterministic_algorithms_enabled():
+        return False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return True
+
+
 _threads_set: int | None = None
 
 
@@ -93,12 +107,8 @@ class Device:
         can add up a tile's sums in different orders and flip near-ties). --deterministic: cuDNN's
         heuristics choose the kernels, deterministic ones; every process of the same GPU, software
         and shapes then computes the same numbers. Flags only: they hold on any device."""
-        if self.deterministic:
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-            if not torch.are_deterministic_algorithms_enabled():  # the worker's log says it once
-                torch.use_deterministic_algorithms(True, warn_only=True)
-                print("--deterministic: cuDNN autotuning off, deterministic algorithms only", flush=True)
+        if self.deterministic and make_deterministic():  # the worker's log says it once
+            print("--deterministic: cuDNN autotuning off, deterministic algorithms only", flush=True)
 
     def holds(self, tensor) -> bool:
         return False
@@ -264,8 +274,6 @@ class SimulatedAccelerator(Device):
 def for_worker(device: str, deterministic: bool = False) -> Device:
     """The worker's device for `-device cuda|cpu`; a CPU run becomes a simulated accelerator when
     a test sets SIMULATED_ACCELERATOR_ENV."""
-    if deterministic:  # cuBLAS reads it when it starts, after this: its reproducible workspaces
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if device == "cuda":
         return CudaDevice(torch.device("cuda"), deterministic)
     budgets = os.environ.get(SIMULATED_ACCELERATOR_ENV)

@@ -304,8 +304,9 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, a
             + "; outputs differ from plain nnU-Net in a few voxels (agreement: README)"
         )
     if config.deterministic:
-        how = "cuDNN's deterministic kernels, no autotuning" if config.device == "cuda" else "a CPU run is so already"
-        reporter.log(f"nnunet-launch: --deterministic: {how}")
+        reporter.log(
+            "nnunet-launch: --deterministic: cuDNN's deterministic kernels, no autotuning (a CPU run is so already)"
+        )
     if plan.stages is not None:
         reporter.log(f"nnunet-launch: stages per case: {describe_stages(plan.stages)}")
     if config.num_parts > 1:

@@ -111,17 +111,14 @@ NNUNET_ENTRY = (
 # On a GPU nnU-Net turns on cuDNN's autotuning, so two of its own runs differ in a few voxels (seen
 # on an H200: 3,799 of the tiny model's voxels, a random network's near-ties). For a comparison voxel
 # by voxel nnU-Net runs with deterministic kernels, as the launcher does with --deterministic
-# (launcher/device.py): the flags set right after nnU-Net's predictor set its own.
+# (launcher/device.make_deterministic, called right after nnU-Net's predictor set its own flags).
 DETERMINISTIC_NNUNET = (
-    "import os, torch\n"
-    "os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')\n"
+    "from launcher.device import make_deterministic\n"
     "from nnunetv2.inference import predict_from_raw_data as _predict\n"
     "_init = _predict.nnUNetPredictor.__init__\n"
     "def _deterministic_init(self, *args, **kwargs):\n"
     "    _init(self, *args, **kwargs)\n"
-    "    torch.backends.cudnn.benchmark = False\n"
-    "    torch.backends.cudnn.deterministic = True\n"
-    "    torch.use_deterministic_algorithms(True, warn_only=True)\n"
+    "    make_deterministic()\n"
     "_predict.nnUNetPredictor.__init__ = _deterministic_init\n"
 )
 ONE_THREAD = "import torch\nset_threads = torch.set_num_threads\ntorch.set_num_threads = lambda n: set_threads(1)\n"

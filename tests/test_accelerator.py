@@ -47,9 +47,6 @@ CUBLAS_ALLOC_FAILED = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cubl
 simulated_only = pytest.mark.skipif(REAL, reason="limits the device's memory: the simulated accelerator's")
 
 
-DETERMINISTIC_PLAIN_NNUNET = DETERMINISTIC_NNUNET + PLAIN_NNUNET
-
-
 def accelerator_args(data: dict, out: Path, *extra: str) -> list[str]:
     """A run on the accelerator: the real GPU in the GPU check, else CPU workers on a simulated one."""
     if REAL:
@@ -73,7 +70,9 @@ def test_exact_profile_on_the_accelerator_is_identical_to_plain_nnunet(small, tm
     reference = small["reference"]
     if REAL:  # plain nnU-Net on the same GPU
         reference = tmp_path / "reference"
-        plain_nnunet(small["inputs"], reference, small["model"], device="cuda", script=DETERMINISTIC_PLAIN_NNUNET)
+        plain_nnunet(
+            small["inputs"], reference, small["model"], device="cuda", script=DETERMINISTIC_NNUNET + PLAIN_NNUNET
+        )
     out = tmp_path / "out"
     workers = ["--workers-per-gpu", "2"] if REAL else ["--workers", "2"]
     result = cli(*accelerator_args(small, out, *workers, "--deterministic"), env=simulated(BIG), timeout=300)
