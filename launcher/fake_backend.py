@@ -8,7 +8,7 @@ is complete and belongs to its case.
 
 NNUNET_LAUNCH_TEST_FAULTS is a JSON object {case id: fault}; a fault "name" fires every time,
 "name:N" only the first N times (counted in files under NNUNET_LAUNCH_TEST_FAULT_DIR), and
-"slow:S" makes the prediction take S seconds, reporting progress. Faults:
+"slow:S" makes the prediction take S seconds, reporting progress, "slow_prep:S" the preprocessing. Faults:
   crash         the worker's main process dies (SIGSEGV) while predicting the case
   hang          the prediction blocks, reporting no progress
   helper_hang   the preprocessing helper blocks on the case
@@ -55,7 +55,7 @@ def _fault(case_id: str, here: tuple[str, ...]) -> tuple[str, float]:
     name, _, number = spec.partition(":")
     if name not in here:
         return "", 0.0
-    if name == "slow":
+    if name in ("slow", "slow_prep"):
         return name, float(number)
     if number:
         counter = os.path.join(os.environ[FAULT_DIR_ENV], f"{case_id}.{name}")
@@ -79,7 +79,8 @@ def expected_output(files: tuple[str, ...] | list[str]) -> bytes:
 
 def _preprocess(model: str | None, files: tuple[str, ...], prev_stage_file: str | None):
     case_id = os.path.basename(files[0]).split("_0000")[0]
-    fault, _ = _fault(case_id, ("helper_hang", "helper_crash", "unreadable", "prep_error"))
+    fault, seconds = _fault(case_id, ("helper_hang", "helper_crash", "unreadable", "prep_error", "slow_prep"))
+    time.sleep(seconds)
     if fault == "helper_hang":
         time.sleep(10**6)
     if fault == "helper_crash":

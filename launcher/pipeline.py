@@ -94,8 +94,11 @@ class CasePipeline:
                     break
                 self._wait(lambda: feed.has_cases() or feed.exhausted())
                 continue
-            case, pending = preparing.popleft()
-            self._wait(pending.ready)
+            # the first case whose preprocessing is done, not the first started: a large case's
+            # preprocessing does not keep the device idle while smaller ones are ready
+            self._wait(lambda: any(pending.ready() for _, pending in preparing))
+            case, pending = next((c, p) for c, p in preparing if p.ready())
+            preparing.remove((case, pending))
             # its helper is free: the next case is preprocessed while this one is predicted, and no
             # more cases are started than there are helpers (a case "in preprocessing" is in one)
             self._start_preprocessing(preparing)

@@ -29,6 +29,7 @@ from conftest import (
     status_json,
     wait_gone,
 )
+from launcher.headers import read_header
 from launcher.worker import FAULTY_DEVICES_ENV
 
 
@@ -435,3 +436,24 @@ def test_a_slot_that_took_over_a_part_logs_its_own_deaths_under_its_own_part(cas
     assert result.returncode == 0, result.stdout + result.stderr
     assert_fake_outputs(out, cases["inputs"], cases["ids"])
     assert "[part 1, on part 0's cases] worker died (killed by SIGSEGV)" in result.stdout, result.stdout
+
+
+def test_the_worker_predicts_a_small_case_whose_preprocessing_is_done_while_the_large_one_still_preprocesses(
+    tiny, tmp_path
+):
+    """Largest first: the large case's preprocessing starts first and takes longest. The device
+    must not wait for it while a smaller case is ready (predicted in the order they are ready)."""
+    sources = sorted(tiny["inputs"].glob("*_0000.nii.gz"), key=lambda p: read_header(str(p)).voxels)
+    inputs = tmp_path / "sizes"
+    inputs.mkdir()
+    for case_id, source in (("case_000", sources[-1]), ("case_001", sources[0]), ("case_002", sources[1])):
+        os.link(source, inputs / f"{case_id}_0000.nii.gz")
+    out = tmp_path / "out"
+    env = fake_env(tmp_path, {"case_000": "slow_prep:4"})
+    result = _run({"inputs": inputs, "model": tiny["model"]}, out, env, "--workers", "1", "-npp", "2")
+    assert result.returncode == 0, result.stderr
+    rows = case_rows(out)
+    assert rows["case_000"]["started"] <= rows["case_001"]["started"], "the largest case is handed out first"
+    done = re.findall(r"\] done (case_\d+)", result.stdout)
+    assert done.index("case_001") < done.index("case_000"), result.stdout
+    assert float(rows["case_001"]["wait_s"]) < 2, "predicted once ready, not after the large case"
