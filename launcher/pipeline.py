@@ -18,6 +18,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 
+from launcher import host_memory
 from launcher.exits import STOP_SIGNALS, is_disk_full
 from launcher.outputs import case_outputs, move_into_place, output_complete
 from launcher.spec import CaseTimes, Failure, PredictSettings, UnreadableInput, WorkCase, WorkerEnds, describe_signal
@@ -35,8 +36,16 @@ def describe(exc: BaseException) -> str:
 def _timed(preprocess, model: str | None, files: tuple[str, ...], prev_stage_file: str | None):
     """Run in a preprocessing helper: the result, and when it was ready (the case's time from
     then to its prediction is waiting for the device)."""
-    result = preprocess(model, files, prev_stage_file)
+    result = _released(preprocess, model, files, prev_stage_file)
     return time.time(), result
+
+
+def _released(job, *args):
+    """Run in a helper: the job, then what it freed goes back to the kernel (see host_memory)."""
+    try:
+        return job(*args)
+    finally:
+        host_memory.release_freed_memory()
 
 
 class _Preprocessing:
@@ -154,7 +163,7 @@ class CasePipeline:
         args = (case.combine, output_base, self.backend.file_ending, self._saves_probabilities(case))
         now = time.time()
         clock = {"started": now, "prepared": None, "predicting": None, "exporting": now}
-        self.exporting.append((case, self.export_pool.apply_async(self.backend.combine, args), clock))
+        self.exporting.append((case, self.export_pool.apply_async(_released, (self.backend.combine, *args)), clock))
 
     def _kept(self, case: WorkCase) -> bool:
         """An output in place but not journaled (a run stopped right after it): kept if it decodes."""
@@ -218,7 +227,8 @@ class CasePipeline:
         used = list(dict.fromkeys(b for b, _, _ in predictions))
         del predictions  # a GPU's memory is free for the next case once its export has what it needs
         self._report_choices(case, used)
-        self.exporting.append((case, self.export_pool.apply_async(*export), clock))
+        function, args = export
+        self.exporting.append((case, self.export_pool.apply_async(_released, (function, *args)), clock))
 
     def _report_choices(self, case: WorkCase, backends: list) -> None:
         """How the fast profile did this case goes to the worker's log; what it could not do as

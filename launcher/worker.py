@@ -14,6 +14,7 @@ import time
 import traceback
 from collections import deque
 
+from launcher import host_memory
 from launcher.exits import WORKER_EXIT_INTERRUPTED
 from launcher.spec import Failure, WorkCase, WorkerEnds, WorkerSpec
 
@@ -77,6 +78,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     _name_process(f"nnunet-launch part {spec.part_id} {spec.device_label}".rstrip())
     _start_group_reaper()
     _pin_device(spec)
+    host_memory.reuse_freed_memory()  # before the helpers start: they inherit its environment
     conn.send(("hello", os.getpid()))
     if spec.device_key in os.environ.get(FAULTY_DEVICES_ENV, "").split(","):
         os.kill(os.getpid(), signal.SIGSEGV)  # pragma: no cover - dies before coverage can save (tests/GPU_ONLY.md)
