@@ -6,9 +6,10 @@ benchmarks/RESULTS.md):
 - glibc hands every block over 32 MiB back to the kernel when it is freed, so each sliding-window
   tile's activations were new pages: 2.9 M page faults per case, as much kernel time as the
   network's own. Kept in the process, the network ran 1.7x faster on the CPU (9.4 -> 5.5 s).
-- numpy asks for transparent huge pages for every array over 4 MiB. Where the kernel compacts
-  memory to find them (THP defrag "madvise", common), each fault may stall: nnU-Net's
-  preprocessing of the whole CT took 35 s, 26 of them in the kernel; 6 s without.
+- numpy asks for transparent huge pages for every array over 4 MiB. On our VM a huge page of
+  fresh memory cost milliseconds to fault in: nnU-Net's preprocessing of the whole CT took 35 s,
+  26 of them in the kernel; 6 s without. Kernels that compact memory to find huge pages (THP
+  defrag "madvise") can stall likewise.
 
 A helper gives its freed memory back after each job (release_freed_memory): a machine runs many
 helpers, and the memory one held at its peak must not stay held. The worker keeps its own: it
