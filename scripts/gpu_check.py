@@ -565,7 +565,9 @@ class Check:
         return detail
 
     def preprocess(self, timeout: float) -> dict:
-        detail = self._benchmark("bench_preprocess", "preprocess", timeout - 20, ["--quarter-cases", "1"])
+        detail = self._benchmark(
+            "bench_preprocess", "preprocess", timeout - 20, ["--quarter-cases", "1", "--launcher-repeats", "1"]
+        )
         summary = detail.get("summary", {})
         agreement = summary.get("launcher_fast_vs_exact_agreement") or {}
         difference = summary.get("max_abs_diff_preprocessed")
