@@ -22,7 +22,7 @@ environment is kept.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import sys
 
@@ -36,11 +36,9 @@ _ENVIRONMENT = {  # read at a process's start: a helper spawned after this has t
 }
 
 
+@functools.cache  # looked up once per process, not at every helper job
 def _glibc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-    except OSError:  # pragma: no cover - every supported system has a C library
-        return None
+    libc = ctypes.CDLL(None)  # the process's own symbols: its C library's among them
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
