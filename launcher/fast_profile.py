@@ -16,9 +16,10 @@ nnU-Net is measured by scripts/bench_export.py and published in the README); the
   until the device runs out of memory for that (then one pass at a time, as nnU-Net does).
 - Ensembles: the members' probabilities averaged where their logits are, chunk by chunk, with no
   member files in between (nnUNetv2_ensemble averages the members' .npz).
-- Preprocessing: the input's resampling, nnU-Net's cubic spline (skimage's resize, order 3, the
-  separate-z rule included), as one matrix product per axis (launcher.spline_resample: the same
-  spline, within 1e-5 of nnU-Net's float64 result). On an accelerator the helper reads, crops and
+- Preprocessing: the crop's hole filling gives the same mask, faster (launcher.hole_filling); the
+  input's resampling, nnU-Net's cubic spline (skimage's resize, order 3, the separate-z rule
+  included), as one matrix product per axis (launcher.spline_resample: the same spline, within
+  1e-5 of nnU-Net's float64 result). On an accelerator the helper reads, crops and
   normalizes, and the worker resamples on its device before the network (on the CPU when the device
   lacks the memory); on a CPU worker the helper resamples with torch. Plans with another resampling
   function keep nnU-Net's own (logged once).
@@ -40,8 +41,9 @@ from batchgenerators.utilities.file_and_folder_operations import save_pickle
 from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing
 from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from scipy import ndimage
 
-from launcher import spline_resample
+from launcher import hole_filling, spline_resample
 from launcher.device import Device, out_of_memory
 from launcher.spec import EXPORT_ARGMAX_BYTES_PER_VOXEL, EXPORT_CHUNK_BYTES
 from launcher.stages import load_postprocessing
@@ -112,6 +114,16 @@ def preprocessing_manager(configuration_manager, on_device: bool):
         return item if on_device else item.resample().numpy()
 
     return _Resampling(configuration_manager, resampling)
+
+
+def use_fast_hole_filling() -> None:
+    """In this process nnU-Net's crop (crop_to_nonzero) fills its mask's holes with
+    launcher.hole_filling: the same mask, so the same cropped case, 10-20x faster on a CT. Called
+    in a fast profile's preprocessing helpers only: the exact profile runs nnU-Net's code as it is."""
+    from nnunetv2.preprocessing.cropping import cropping
+
+    if cropping.binary_fill_holes is ndimage.binary_fill_holes:  # a fork that fills otherwise keeps its own
+        cropping.binary_fill_holes = hole_filling.fill_holes
 
 
 def resample_input(item: Unresampled, device: Device, notes: list[str], choices: list[str]) -> torch.Tensor:

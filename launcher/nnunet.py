@@ -48,6 +48,8 @@ def _init_preprocessing(models: dict, verbose: bool, threads: int, input_on_devi
     """`input_on_device`: None for the exact profile (nnU-Net's preprocessing as it is); for the fast
     one whether the worker resamples the inputs on its device (else this helper, with torch)."""
     torch.set_num_threads(threads)
+    if input_on_device is not None:
+        fast_profile.use_fast_hole_filling()
     for key, (plans, configuration_manager, dataset_json) in models.items():
         plans_manager = PlansManager(plans)
         if input_on_device is not None:

@@ -7,7 +7,8 @@ does next to a GPU.
 
 Per case, in this process with one torch thread and the launcher's host memory settings
 (launcher/host_memory.py, as in its worker and helpers), the seconds
-of each stage: read, crop, normalize, resample (nnU-Net's function; the fast profile's
+of each stage: read, crop (nnU-Net's; the fast profile's, the same crop with launcher.hole_filling, and
+whether it is identical), normalize, resample (nnU-Net's function; the fast profile's
 launcher.spline_resample on the CPU and, with --device cuda, on the GPU), network, export (plain:
 nnU-Net's export_prediction_from_logits with its write; fast: fast_profile.segment on the CPU or the
 device) and the fast export's write; the preprocessed arrays' max |difference| (normalized units);
@@ -101,6 +102,21 @@ def _timed(row: dict, key: str, function, *args, sync: str = "cpu"):
     return result
 
 
+def crop_as_fast_helpers_do(data: np.ndarray):
+    """nnU-Net's crop_to_nonzero with the hole filling a fast profile's helper gives it, in this process for
+    this call only (the plain crop keeps scipy's)."""
+    from nnunetv2.preprocessing.cropping import cropping
+
+    from launcher import fast_profile
+
+    plain = cropping.binary_fill_holes
+    fast_profile.use_fast_hole_filling()
+    try:
+        return cropping.crop_to_nonzero(data, None)
+    finally:
+        cropping.binary_fill_holes = plain
+
+
 def per_case(model: Path, inputs: Path, ids: list[str], work: Path, device: str) -> list[dict]:
     """Each stage by itself, in the order nnU-Net's run_case_npy and its export run them."""
     import torch
@@ -127,7 +143,11 @@ def per_case(model: Path, inputs: Path, ids: list[str], work: Path, device: str)
         data = data.astype(np.float32).transpose([0, *[i + 1 for i in plans_manager.transpose_forward]])
         spacing = [props["spacing"][i] for i in plans_manager.transpose_forward]
         props["shape_before_cropping"] = data.shape[1:]
-        data, seg, bbox = _timed(row, "crop_s", crop_to_nonzero, data, None)
+        read = data
+        data, seg, bbox = _timed(row, "crop_s", crop_to_nonzero, read, None)
+        fast_crop = _timed(row, "crop_fast_s", crop_as_fast_helpers_do, read)
+        same = [np.array_equal(a, b) for a, b in zip(fast_crop, (data, seg, bbox), strict=True)]
+        row["crop_fast_identical"] = all(same)
         props["bbox_used_for_cropping"] = bbox
         props["shape_after_cropping_and_before_resampling"] = data.shape[1:]
         new_shape = compute_new_shape(data.shape[1:], spacing, configuration_manager.spacing)
@@ -167,7 +187,7 @@ def per_case(model: Path, inputs: Path, ids: list[str], work: Path, device: str)
             folders["fast"] / f"{case_id}.nii.gz", folders["fast_input"] / f"{case_id}.nii.gz"
         )
         row["preprocess_plain_s"] = round(row["crop_s"] + row["normalize_s"] + row["resample_plain_s"], 3)
-        row["preprocess_fast_cpu_s"] = round(row["crop_s"] + row["normalize_s"] + row["resample_fast_cpu_s"], 3)
+        row["preprocess_fast_cpu_s"] = round(row["crop_fast_s"] + row["normalize_s"] + row["resample_fast_cpu_s"], 3)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -205,6 +225,8 @@ def main() -> None:
             "stage_seconds_all_cases": totals,
             "preprocess_speedup_cpu": round(totals["preprocess_plain_s"] / totals["preprocess_fast_cpu_s"], 1),
             "resample_speedup_cpu": round(totals["resample_plain_s"] / totals["resample_fast_cpu_s"], 1),
+            "crop_speedup": round(totals["crop_s"] / totals["crop_fast_s"], 1),
+            "crop_fast_identical": all(r["crop_fast_identical"] for r in rows),
             "max_abs_diff_preprocessed": max(v for r in rows for k, v in r.items() if k.endswith("_max_abs_diff")),
             **{
                 f"{what}_{key}": worst(r[what][key] for r in rows if r[what][key] is not None)
