@@ -7,6 +7,7 @@ This module must not import torch at the top: CUDA_VISIBLE_DEVICES has to be set
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import signal
 import sys
@@ -79,15 +80,16 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     _start_group_reaper()
     _pin_device(spec)
     host_memory.reuse_freed_memory()  # before the helpers start: they inherit its environment
+    # the helpers print into this worker's log and end by SIGTERM: unbuffered, nothing is lost
+    os.environ["PYTHONUNBUFFERED"] = "1"
     conn.send(("hello", os.getpid()))
     if spec.device_key in os.environ.get(FAULTY_DEVICES_ENV, "").split(","):
         os.kill(os.getpid(), signal.SIGSEGV)  # pragma: no cover - dies before coverage can save (tests/GPU_ONLY.md)
     try:
-        from launcher.pipeline import CasePipeline
+        from launcher.pipeline import CasePipeline, start_helper_server
 
         os.makedirs(spec.tmp_dir, exist_ok=True)
-        # the helpers print into this worker's log and end by SIGTERM: unbuffered, nothing is lost
-        os.environ["PYTHONUNBUFFERED"] = "1"
+        start_helper_server([_backend_module()])
         pipeline = CasePipeline(_backends(spec), spec.settings, spec.out_dir, spec.tmp_dir)
         conn.send(("ready",))
         pipeline.run(CaseFeed(conn, spec.cases), conn.send)
@@ -115,18 +117,18 @@ def _end(exc: BaseException, conn) -> None:
         os._exit(1)  # pragma: no cover - see tests/GPU_ONLY.md: coverage saves inside it
 
 
+def _backend_module() -> str:
+    from launcher.fake_backend import BACKEND_ENV
+
+    return "launcher.fake_backend" if os.environ.get(BACKEND_ENV) == "fake" else "launcher.nnunet"
+
+
 def _backends(spec: WorkerSpec) -> dict:
     """nnU-Net, or in tests (and only when a test asks for it) the fault-injecting stand-in: one
     backend per model the worker serves (every member of a multi-stage run, loaded once). A load
     that fails on the CPU too is the model's fault, not this device's (Failure.MODEL)."""
-    from launcher.fake_backend import BACKEND_ENV
-
     try:
-        if os.environ.get(BACKEND_ENV) == "fake":
-            from launcher.fake_backend import load_backends
-        else:
-            from launcher.nnunet import load_backends
-        return load_backends(spec.settings)
+        return importlib.import_module(_backend_module()).load_backends(spec.settings)
     except Exception as exc:
         from launcher.model_check import Models, load_error
 

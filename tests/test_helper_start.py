@@ -1,0 +1,50 @@
+"""How a worker's helpers start (pipeline.start_helper_server): forked from a server that imported
+the backend once, so a helper does not import torch and nnU-Net itself, with the environment the
+worker had set when it started the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import ROOT
+
+PROBE = """
+import json, multiprocessing, os, sys
+sys.path.insert(0, sys.argv[1])
+from launcher import pipeline
+os.environ["NNUNET_LAUNCH_PROBE"] = "set before the server"  # as the worker pins its device, threads, memory
+pipeline.start_helper_server(["launcher.fake_backend"])
+os.environ["NNUNET_LAUNCH_PROBE"] = "set after"
+from multiprocessing import forkserver
+with multiprocessing.get_context(pipeline.HELPER_START).Pool(2) as pool:
+    print(json.dumps({
+        "imported": pool.apply(eval, ("'launcher.fake_backend' in __import__('sys').modules",)),
+        "environment": pool.apply(os.getenv, ("NNUNET_LAUNCH_PROBE",)),
+        "parent": pool.apply(os.getppid),
+        "server": forkserver._forkserver._forkserver_pid,
+        "this": os.getpid(),
+        "imported_here": "launcher.fake_backend" in sys.modules,
+    }))
+"""
+
+
+def test_helpers_are_forked_from_a_server_that_imported_the_backend_with_the_workers_environment():
+    probe = subprocess.Popen(
+        [sys.executable, "-c", PROBE, str(ROOT)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, _ = probe.communicate(timeout=120)
+    finally:  # the probe, its server and the helpers: one process group
+        try:
+            os.killpg(probe.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        probe.wait()
+    seen = json.loads(out)
+    assert seen["imported"] and not seen["imported_here"]  # the server imported it, not the helper nor the worker
+    assert seen["parent"] == seen["server"] != seen["this"]
+    assert seen["environment"] == "set before the server"
