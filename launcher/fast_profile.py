@@ -118,7 +118,7 @@ def preprocessing_manager(configuration_manager, on_device: bool):
 
 def use_fast_hole_filling() -> None:
     """In this process nnU-Net's crop (crop_to_nonzero) fills its mask's holes with
-    launcher.hole_filling: the same mask, so the same cropped case, 10-20x faster on a CT. Called
+    launcher.hole_filling: the same mask, so the same cropped case; the crop 7x faster on CTs. Called
     in a fast profile's preprocessing helpers only: the exact profile runs nnU-Net's code as it is."""
     from nnunetv2.preprocessing.cropping import cropping
 
