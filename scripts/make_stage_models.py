@@ -194,14 +194,18 @@ def make_stage_world(base: str, cases: int) -> dict:
     paths = make_stage_models(os.path.join(base, "results"))
     inputs = os.path.join(base, "inputs")
     tiny.make_inputs(inputs, cases)
-    env = {
+    return {**paths, "inputs": inputs, "env": stage_env(base)}
+
+
+def stage_env(base: str) -> dict:
+    """This process's environment with the nnUNet_* folders of make_stage_world(`base`)."""
+    return {
         **os.environ,
         "nnUNet_results": os.path.join(base, "results"),
         "nnUNet_raw": base,
         "nnUNet_preprocessed": base,
         "CUDA_VISIBLE_DEVICES": "",
     }
-    return {**paths, "inputs": inputs, "env": env}
 
 
 def write_json(content: dict, folder: str, name: str) -> str:

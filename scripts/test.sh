@@ -15,20 +15,29 @@ if [ "${NNUNET_LAUNCH_NO_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt
     || echo "warning: could not install SLURM; its tests will be skipped" >&2
 fi
 if [ $# -gt 0 ]; then exec .venv/bin/python -m pytest -q "$@"; fi
+# Two pytest processes (pytest-xdist): most tests wait on the processes they started, so two keep
+# a 2-core machine busy. A group (xdist_group) runs on one of them: a module whose fixture builds
+# a model or starts the SLURM cluster. NNUNET_LAUNCH_TEST_PROCESSES=N for another count.
+PARALLEL=(-n "${NNUNET_LAUNCH_TEST_PROCESSES:-2}" --dist loadgroup)
+# The tiny models and plain nnU-Net's predictions of them are built once for the three sessions
+# below (tests/conftest.py, shared_folder).
+NNUNET_LAUNCH_TEST_SHARED="$(mktemp -d -t nnunet-launch-tests.XXXXXX)"
+export NNUNET_LAUNCH_TEST_SHARED
+trap 'rm -rf "$NNUNET_LAUNCH_TEST_SHARED"' EXIT
 # The accelerator path first (on a simulated accelerator), its coverage measured in every process
 # of the launcher (tests/test_accelerator.py, README "The accelerator path without a GPU"); then
 # everything else.
 rm -f .coverage .coverage.*
-.venv/bin/python -m pytest -q --durations=10 -m accelerator --cov=launcher --cov-report=
+.venv/bin/python -m pytest -q "${PARALLEL[@]}" --durations=10 -m accelerator --cov=launcher --cov-report=
 .venv/bin/python scripts/accelerator_coverage.py
-.venv/bin/python -m pytest -q --durations=25 -m "not accelerator"
+.venv/bin/python -m pytest -q "${PARALLEL[@]}" --durations=25 -m "not accelerator"
 # The oldest supported nnU-Net release (launcher/nnunet_versions.py), over ./.venv's packages: the
 # exact profile identical to its own nnUNetv2_predict (.npz bit for bit), an ensemble and a cascade
 # identical to its own commands' chain, --profile fast refused, the version checks.
 OLDEST=2.5.2
 bash scripts/setup_nnunet_overlay.sh "$OLDEST"
 export PYTHONPATH="$PWD/.nnunet-$OLDEST" NNUNET_LAUNCH_EXPECT_NNUNET="$OLDEST"
-exec .venv/bin/python -m pytest -q \
+.venv/bin/python -m pytest -q "${PARALLEL[@]}" \
   tests/test_run_equivalence.py tests/test_nnunet_versions.py \
   tests/test_stages.py::test_an_ensemble_with_postprocessing_equals_the_manual_chain_and_a_rerun_does_nothing \
   tests/test_stages.py::test_a_cascade_predicts_its_lowres_stage_itself_and_equals_the_manual_cascade

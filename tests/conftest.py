@@ -42,25 +42,49 @@ def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
     )
 
 
+# Session fixtures built by nnU-Net (a model, its plain predictions) take minutes on a 2-core
+# machine. They are built once per test run and shared by its pytest processes (the xdist workers,
+# and the sessions scripts/test.sh runs one after another): under NNUNET_LAUNCH_TEST_SHARED, which
+# test.sh makes fresh for each run, else under this session's temporary folder. One folder per
+# nnU-Net version (test.sh's last session runs the oldest supported one). Tests only read them.
+SHARED_ENV = "NNUNET_LAUNCH_TEST_SHARED"
+
+
+def shared_folder(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, which `build(folder)` fills: built by the first process that asks (the
+    others wait on its lock), kept only once complete."""
+    import fcntl
+    from importlib.metadata import version
+
+    root = os.environ.get(SHARED_ENV)
+    if not root:
+        base = tmp_path_factory.getbasetemp()
+        root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # pytest-N/popen-gwK
+    root = Path(root) / f"nnunetv2-{version('nnunetv2')}"
+    root.mkdir(parents=True, exist_ok=True)
+    folder, complete = root / name, root / f"{name}.complete"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not complete.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that did not finish
+            folder.mkdir()
+            build(folder)
+            complete.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
     """A 1-channel tiny model and 12 cases of varied sizes, in folders whose names need quoting."""
-    base = tmp_path_factory.mktemp("tiny")
-    model, inputs = base / "model dir 'ü'", base / 'in put "ß"'
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "make_tiny_model.py"),
-            "--model",
-            str(model),
-            "--inputs",
-            str(inputs),
-            "--cases",
-            str(NUM_CASES),
-        ],
-        check=True,
-    )
-    return {"model": model, "inputs": inputs, "base": base}
+    MODEL, INPUTS = "model dir 'ü'", 'in put "ß"'
+
+    def build(base: Path) -> None:
+        script = str(ROOT / "scripts" / "make_tiny_model.py")
+        args = ["--model", str(base / MODEL), "--inputs", str(base / INPUTS), "--cases", str(NUM_CASES)]
+        subprocess.run([sys.executable, script, *args], check=True)
+
+    base = shared_folder(tmp_path_factory, "tiny", build)
+    return {"model": base / MODEL, "inputs": base / INPUTS}
 
 
 # nnUNetv2_predict itself, with torch held to the workers' one thread: on the CPU, nnU-Net's
@@ -97,27 +121,28 @@ def unmeasured(env: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="session")
-def reference(tiny) -> Path:
+def reference(tiny, tmp_path_factory) -> Path:
     """One plain nnUNetv2_predict run over all cases: what the launcher must reproduce."""
-    out = tiny["base"] / "reference"
-    plain_nnunet(tiny["inputs"], out, tiny["model"])
-    return out
+    return shared_folder(tmp_path_factory, "reference", lambda out: plain_nnunet(tiny["inputs"], out, tiny["model"]))
 
 
 @pytest.fixture(scope="session")
-def small(tiny, reference) -> dict:
+def small(tiny, reference, tmp_path_factory) -> dict:
     """The first 6 cases and their reference outputs, for the slower fault tests."""
-    base = tiny["base"] / "small"
-    inputs, ref = base / "inputs", base / "reference"
-    inputs.mkdir(parents=True)
-    ref.mkdir()
     ids = [f"case_{i:03d}" for i in range(6)]
-    for case_id in ids:
-        shutil.copy(tiny["inputs"] / f"{case_id}_0000.nii.gz", inputs)
-        shutil.copy(reference / f"{case_id}.nii.gz", ref)
-    for name in ("dataset.json", "plans.json", "predict_from_raw_data_args.json"):
-        shutil.copy(reference / name, ref)
-    return {"inputs": inputs, "model": tiny["model"], "reference": ref, "ids": ids}
+
+    def build(base: Path) -> None:
+        inputs, ref = base / "inputs", base / "reference"
+        inputs.mkdir()
+        ref.mkdir()
+        for case_id in ids:
+            shutil.copy(tiny["inputs"] / f"{case_id}_0000.nii.gz", inputs)
+            shutil.copy(reference / f"{case_id}.nii.gz", ref)
+        for name in ("dataset.json", "plans.json", "predict_from_raw_data_args.json"):
+            shutil.copy(reference / name, ref)
+
+    base = shared_folder(tmp_path_factory, "small", build)
+    return {"inputs": base / "inputs", "model": tiny["model"], "reference": base / "reference", "ids": ids}
 
 
 def model_args(data: dict, out: Path, *extra: str) -> list[str]:
@@ -315,9 +340,14 @@ def stages(tmp_path_factory) -> dict:
     commands and `-d 998` need."""
     import make_stage_models
 
-    base = tmp_path_factory.mktemp("stages")
-    world = make_stage_models.make_stage_world(str(base), STAGE_CASES)
-    return {**world, "base": base, "inputs": Path(world["inputs"])}
+    def build(base: Path) -> None:
+        world = make_stage_models.make_stage_world(str(base), STAGE_CASES)
+        (base / "world.json").write_text(json.dumps({k: v for k, v in world.items() if k != "env"}))
+
+    base = shared_folder(tmp_path_factory, "stages", build)
+    world = json.loads((base / "world.json").read_text())
+    env = make_stage_models.stage_env(str(base))
+    return {**world, "env": env, "base": base, "inputs": Path(world["inputs"])}
 
 
 def fake_final(inputs: Path, case_id: str) -> bytes:
@@ -328,57 +358,50 @@ def fake_final(inputs: Path, case_id: str) -> bytes:
     return combined_output([prediction + f"@{m}".encode() for m in MEMBERS], postprocessed=True)
 
 
-def nnunet(env: dict, *args: str) -> None:
-    """One of nnU-Net's commands; nnUNetv2_predict with torch held to the workers' one thread."""
+def nnunet(env: dict, *commands: tuple[str, ...]) -> None:
+    """nnU-Net's commands, each a tuple of its name and arguments, side by side (none reads what
+    another writes); nnUNetv2_predict with torch held to the workers' one thread."""
     import make_stage_models
 
-    if args[0] == "nnUNetv2_predict":
-        command = [sys.executable, "-c", make_stage_models.ONE_THREAD_PREDICT, *args[1:], "--disable_progress_bar"]
-    else:
-        command = [str(BIN / args[0]), *args[1:]]
-    result = subprocess.run(command, capture_output=True, text=True, env=unmeasured(env), timeout=600)
-    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    running = []
+    try:
+        for name, *args in commands:
+            if name == "nnUNetv2_predict":
+                command = [sys.executable, "-c", make_stage_models.ONE_THREAD_PREDICT, *args, "--disable_progress_bar"]
+            else:
+                command = [str(BIN / name), *args]
+            pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+            running.append((name, subprocess.Popen(command, text=True, env=unmeasured(env), **pipes)))
+        for name, process in running:
+            stdout, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, f"{name} failed:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    finally:
+        for _, process in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture(scope="session")
-def manual(stages) -> Path:
+def manual(stages, tmp_path_factory) -> Path:
     """What nnU-Net's own commands make of the stage inputs, run by hand as its instructions say:
-    the 2d + 3d_fullres ensemble postprocessed, and the cascade."""
+    the 2d + 3d_fullres ensemble postprocessed, and the cascade (the steps that need none of the
+    others' outputs side by side)."""
     inputs, env, paths = stages["inputs"], stages["env"], stages
-    manual = stages["base"] / "manual"
     common = ("-i", str(inputs), "-d", "998", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
-    for member in MEMBERS:
-        nnunet(env, "nnUNetv2_predict", *common, "-c", member, "--save_probabilities", "-o", str(manual / member))
-    nnunet(
-        env, "nnUNetv2_ensemble", "-i", *(str(manual / m) for m in MEMBERS), "-o", str(manual / "ensemble"), "-np", "1"
-    )
-    nnunet(
-        env,
-        "nnUNetv2_apply_postprocessing",
-        "-i",
-        str(manual / "ensemble"),
-        "-o",
-        str(manual / "postprocessed"),
-        "-pp_pkl_file",
-        paths["postprocessing_pkl"],
-        "-plans_json",
-        paths["plans_json"],
-        "-np",
-        "1",
-    )
-    nnunet(env, "nnUNetv2_predict", *common, "-c", "3d_lowres", "-o", str(manual / "lowres"))
-    nnunet(
-        env,
-        "nnUNetv2_predict",
-        *common,
-        "-c",
-        "3d_cascade_fullres",
-        "-prev_stage_predictions",
-        str(manual / "lowres"),
-        "-o",
-        str(manual / "cascade"),
-    )
-    return manual
+
+    def build(manual: Path) -> None:
+        members = (("-c", m, "--save_probabilities", "-o", str(manual / m)) for m in MEMBERS)
+        lowres = ("-c", "3d_lowres", "-o", str(manual / "lowres"))
+        nnunet(env, *(("nnUNetv2_predict", *common, *args) for args in (*members, lowres)))
+        ensemble = ("nnUNetv2_ensemble", "-i", *(str(manual / m) for m in MEMBERS), "-o", str(manual / "ensemble"))
+        cascade = ("-c", "3d_cascade_fullres", "-prev_stage_predictions", str(manual / "lowres"))
+        nnunet(env, (*ensemble, "-np", "1"), ("nnUNetv2_predict", *common, *cascade, "-o", str(manual / "cascade")))
+        postprocess = ("-i", str(manual / "ensemble"), "-o", str(manual / "postprocessed"), "-np", "1")
+        pp_files = ("-pp_pkl_file", paths["postprocessing_pkl"], "-plans_json", paths["plans_json"])
+        nnunet(env, ("nnUNetv2_apply_postprocessing", *postprocess, *pp_files))
+
+    return shared_folder(tmp_path_factory, "manual", build)
 
 
 class PickledCall:

@@ -21,6 +21,9 @@ from launcher import doctor
 from launcher.gpus import Gpu
 from launcher.nnunet_versions import installed
 
+# xdist: doctor runs once, on one xdist worker
+pytestmark = pytest.mark.xdist_group("doctor")
+
 # what the user's shell may set and these tests set themselves
 OWN_VARIABLES = ("nnUNet_extTrainer", "NNUNET_LAUNCH_FAKE_GPUS", *doctor.NNUNET_PATHS)
 

@@ -22,6 +22,9 @@ import make_tiny_model as tiny  # noqa: E402
 from launcher import fast_profile  # noqa: E402
 from launcher.device import Device  # noqa: E402
 
+# xdist: fast_out and the two-fold predictor are built once, on one xdist worker
+pytestmark = pytest.mark.xdist_group("fast_profile")
+
 CPU = Device(torch.device("cpu"))
 
 MIN_EQUAL_VOXELS = 0.998  # the README's published floor for the fast profile

@@ -49,9 +49,9 @@ def launcher(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cuda_reference(tiny) -> Path:
+def cuda_reference(tiny, tmp_path_factory) -> Path:
     """Plain nnUNetv2_predict on the GPU (one torch thread, as nnU-Net and the workers use there)."""
-    out = tiny["base"] / "cuda-reference"
+    out = tmp_path_factory.mktemp("cuda-reference")
     plain_nnunet(tiny["inputs"], out, tiny["model"], device="cuda")
     return out
 

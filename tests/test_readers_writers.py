@@ -19,6 +19,9 @@ import tifffile
 from conftest import cli, copy_outputs_mtimes, plain_nnunet, run_args
 from launcher.readers_writers import TABLE, reader_writer
 
+# xdist: the tiff model and its reference are built once, on one xdist worker
+pytestmark = pytest.mark.xdist_group("readers_writers")
+
 # Small volumes (z, y, x), one anisotropic so that the export resamples along the .json's spacing;
 # the last case has no spacing file (nnU-Net reads it as 1, 1, 1 and still writes one).
 TIFF_CASES = {

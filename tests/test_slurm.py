@@ -37,6 +37,9 @@ from launcher.journal import lock_holder
 from launcher.planning import Plan, memory_warning
 from launcher.scheduler import Slot
 
+# xdist: the module's test cluster runs once, on one xdist worker
+pytestmark = pytest.mark.xdist_group("slurm")
+
 GOLDEN = ROOT / "tests" / "golden"
 # every character a shell or an #SBATCH line could trip on, but a line break
 WEIRD_NAME = "-out \"dq\" 'sq' $HOME `id` ü 50%"
