@@ -16,7 +16,8 @@ nnU-Net is measured by scripts/bench_export.py and published in the README); the
   until the device runs out of memory for that (then one pass at a time, as nnU-Net does).
 - Ensembles: the members' probabilities averaged where their logits are, chunk by chunk, with no
   member files in between (nnUNetv2_ensemble averages the members' .npz).
-- Preprocessing: the crop's hole filling gives the same mask, faster (launcher.hole_filling); the
+- Preprocessing: the crop's hole filling gives the same mask, faster (launcher.hole_filling);
+  the crop's mask, which nnU-Net resamples and inference then drops, is not resampled; the
   input's resampling, nnU-Net's cubic spline (skimage's resize, order 3, the separate-z rule
   included), as one matrix product per axis (launcher.spline_resample: the same spline, within
   1e-5 of nnU-Net's float64 result). On an accelerator the helper reads, crops and
@@ -76,11 +77,12 @@ class Unresampled(NamedTuple):
 
 
 class _Resampling:
-    """A configuration manager whose resampling_fn_data is `function` (everything else its own):
+    """A configuration manager with the resampling functions given (everything else its own):
     what nnU-Net's run_case_npy is given in a preprocessing helper."""
 
-    def __init__(self, configuration_manager, function):
-        self._manager, self.resampling_fn_data = configuration_manager, function
+    def __init__(self, configuration_manager, **functions):
+        self._manager = configuration_manager
+        self.__dict__.update(functions)
 
     def __getattr__(self, name):
         return getattr(self._manager, name)
@@ -113,7 +115,21 @@ def preprocessing_manager(configuration_manager, on_device: bool):
         item = Unresampled(data, new_shape, list(current_spacing), list(new_spacing), kwargs)
         return item if on_device else item.resample().numpy()
 
-    return _Resampling(configuration_manager, resampling)
+    return _Resampling(configuration_manager, resampling_fn_data=resampling)
+
+
+def without_mask_resampling(configuration_manager):
+    """The configuration manager for a case without a previous stage. nnU-Net's run_case_npy then
+    makes a segmentation of the crop's mask (-1 outside the non-zero region), normalizes with it,
+    resamples it with the data (resize_segmentation: an order-1 spline per value) and returns it,
+    and inference drops it (preprocess_fromfiles_save_to_queue keeps the seg only from a previous
+    stage). On a whole CT that resampling took 2.3 s of the helper's 4.9 s. Here it is zeros of
+    the new shape: the same data and properties."""
+
+    def unused(seg, new_shape, current_spacing, new_spacing):
+        return np.zeros((seg.shape[0], *(int(n) for n in new_shape)), dtype=np.int8)
+
+    return _Resampling(configuration_manager, resampling_fn_seg=unused)
 
 
 def use_fast_hole_filling() -> None:

@@ -52,11 +52,14 @@ def _init_preprocessing(models: dict, verbose: bool, threads: int, input_on_devi
         fast_profile.use_fast_hole_filling()
     for key, (plans, configuration_manager, dataset_json) in models.items():
         plans_manager = PlansManager(plans)
+        first_stage_manager = configuration_manager
         if input_on_device is not None:
             configuration_manager = fast_profile.preprocessing_manager(configuration_manager, input_on_device)
+            first_stage_manager = fast_profile.without_mask_resampling(configuration_manager)
         _PREP[key] = dict(
             plans_manager=plans_manager,
             configuration_manager=configuration_manager,
+            first_stage_manager=first_stage_manager,  # for a case without a previous stage
             dataset_json=dataset_json,
             preprocessor=configuration_manager.preprocessor_class(verbose=verbose),
             label_manager=plans_manager.get_label_manager(dataset_json),
@@ -92,10 +95,10 @@ def _preprocess(model: str | None, files: tuple[str, ...], prev_stage_file: str 
     that reading is told apart from preprocessing)."""
     prep = _PREP[model]
     data, seg, properties = _read(prep, files, prev_stage_file)
+    manager = prep["configuration_manager" if prev_stage_file is not None else "first_stage_manager"]
     data, seg, properties = nnunet_versions.run_case_npy(
-        prep["preprocessor"], data, seg, properties, prep["plans_manager"], prep["configuration_manager"],
-        prep["dataset_json"],
-    )  # fmt: skip
+        prep["preprocessor"], data, seg, properties, prep["plans_manager"], manager, prep["dataset_json"]
+    )
     if prev_stage_file is not None:
         if isinstance(data, fast_profile.Unresampled):  # stacked with the previous stage's at the model's shape
             data = data.resample().numpy()

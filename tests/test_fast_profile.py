@@ -178,6 +178,49 @@ def test_a_fused_ensemble_is_one_unit_per_case_with_the_combinations_result(stag
     assert len(MEMBERS) == 2 and _stage_files(out) == []
 
 
+def test_a_helper_does_not_resample_the_crops_mask_nnunet_drops_and_gives_nnunets_properties(tiny, monkeypatch):
+    """nnU-Net's run_case_npy resamples the crop's mask with the data, and inference drops it for
+    a case without a previous stage: the fast profile's helpers skip that resampling (2.3 s of a
+    whole CT's 4.9 s), the exact profile's run nnU-Net's code as it is. The same properties, and
+    with nnU-Net's own data resampling the same data."""
+    from nnunetv2.preprocessing.cropping import cropping
+    from nnunetv2.preprocessing.resampling import default_resampling
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from launcher import nnunet, nnunet_versions
+
+    model = tiny["model"]
+    plans, dataset_json = (json.loads((model / name).read_text()) for name in ("plans.json", "dataset.json"))
+    configuration = PlansManager(plans).get_configuration("3d_fullres")  # make_tiny_model's
+    models = {None: (plans, configuration, dataset_json)}
+    files = (str(tiny["inputs"] / f"{RESAMPLED[0]}_0000.nii.gz"),)
+    monkeypatch.setattr(cropping, "binary_fill_holes", cropping.binary_fill_holes)  # a fast helper's crop patches it
+    masks = []
+    resize_segmentation = default_resampling.resize_segmentation
+    monkeypatch.setattr(
+        default_resampling, "resize_segmentation", lambda *a, **k: masks.append(1) or resize_segmentation(*a, **k)
+    )
+
+    nnunet._init_preprocessing(models, False, 1, input_on_device=None)
+    exact_data, exact_properties = nnunet._preprocess(None, files, None)
+    assert masks, "nnU-Net's preprocessing resamples the crop's mask"
+    nnunet._init_preprocessing(models, False, 1, input_on_device=False)
+    masks.clear()
+    fast_data, fast_properties = nnunet._preprocess(None, files, None)
+    assert not masks
+    assert fast_data.shape == exact_data.shape and exact_data.shape[1:] != _seg(Path(files[0])).shape  # resampled
+    assert np.abs(fast_data - exact_data).max() < 1e-4  # the spline's matrices (tests/test_spline_resample.py)
+    assert repr(fast_properties) == repr(exact_properties)
+
+    # nnU-Net's data resampling with the mask's skipped: nnU-Net's data, bit for bit
+    preprocessor = configuration.preprocessor_class(verbose=False)
+    data, _, properties = nnunet._read(nnunet._PREP[None], files, None)
+    skipped = fast_profile.without_mask_resampling(configuration)
+    for manager in (configuration, skipped):
+        arguments = (data, None, dict(properties), PlansManager(plans), manager, dataset_json)
+        assert np.array_equal(nnunet_versions.run_case_npy(preprocessor, *arguments)[0], exact_data)
+
+
 def test_a_run_of_one_profile_is_not_resumed_with_the_other(cases, tmp_path):
     out = tmp_path / "out"
     env = fake_env(tmp_path)
