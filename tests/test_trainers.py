@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PLAIN_NNUNET_ONE_THREAD, ROOT, assert_same_predictions, cli, shared_folder
+from conftest import PLAIN_NNUNET_ONE_THREAD, ROOT, assert_same_predictions, cli
 
 # xdist: the mirroring models and their references are built once, on one xdist worker
 pytestmark = pytest.mark.xdist_group("trainers")
@@ -115,26 +115,18 @@ def _plain_nnunet_with_tta(inputs: Path, out: Path, model: Path) -> None:
 def mirroring(tmp_path_factory) -> dict:
     """A tiny model per trainer of MIRRORING (the same seeded weights: only the checkpoints'
     trainer name and mirroring axes differ), 3 cases (one anisotropic), and plain nnU-Net's
-    prediction of each with test-time mirroring. Built once (shared_folder): xdist may run this
-    module's tests apart, which sets the fixture up again."""
-    models = {trainer: f"{trainer}__nnUNetPlans__3d_fullres" for trainer in MIRRORING}
-    references = {trainer: f"reference-{trainer}" for trainer in MIRRORING}
-
-    def build(base: Path) -> None:
-        inputs = base / "inputs"
-        for index, (trainer, axes) in enumerate(MIRRORING.items()):
-            _make_model(base / models[trainer], trainer, axes, inputs if index == 0 else None)
-        for path in inputs.glob("case_001_*"):
-            path.unlink()
-        for trainer in MIRRORING:
-            _plain_nnunet_with_tta(inputs, base / references[trainer], base / models[trainer])
-
-    base = shared_folder(tmp_path_factory, "mirroring", build)
-    return {
-        "inputs": base / "inputs",
-        "models": {trainer: base / name for trainer, name in models.items()},
-        "references": {trainer: base / name for trainer, name in references.items()},
-    }
+    prediction of each with test-time mirroring."""
+    base = tmp_path_factory.mktemp("mirroring")
+    inputs = base / "inputs"
+    models = {trainer: base / f"{trainer}__nnUNetPlans__3d_fullres" for trainer in MIRRORING}
+    for index, (trainer, axes) in enumerate(MIRRORING.items()):
+        _make_model(models[trainer], trainer, axes, inputs if index == 0 else None)
+    for path in inputs.glob("case_001_*"):
+        path.unlink()
+    references = {trainer: base / f"reference-{trainer}" for trainer in MIRRORING}
+    for trainer in MIRRORING:
+        _plain_nnunet_with_tta(inputs, references[trainer], models[trainer])
+    return {"inputs": inputs, "models": models, "references": references}
 
 
 def test_the_tiny_models_checkpoints_name_the_trainer_and_its_mirroring_axes(mirroring):
