@@ -200,20 +200,23 @@ def export_memory_bytes(num_channels: int, in_shape, out_shape, save_probabiliti
     """What segment() allocates besides the logits it is given (a bound, for the device's free memory)."""
     out_voxels = math.prod(out_shape)
     if save_probabilities:  # every channel's probabilities at once, then their softmax
-        return int(_bytes_per_channel(in_shape, out_shape) + 2 * 4 * out_voxels * num_channels)
+        return int(_chunk_bytes(num_channels, in_shape, out_shape) + 4 * out_voxels * num_channels)
     chunk = _channels_per_chunk(num_channels, in_shape, out_shape)
-    return int(_bytes_per_channel(in_shape, out_shape) * chunk + EXPORT_ARGMAX_BYTES_PER_VOXEL * out_voxels)
+    return int(_chunk_bytes(chunk, in_shape, out_shape) + EXPORT_ARGMAX_BYTES_PER_VOXEL * out_voxels)
 
 
-def _bytes_per_channel(in_shape, out_shape) -> int:
-    """A channel resampled in float32, and with separate z the in-plane step before it (its own
-    slices, the output's plane: larger than the output when the resampling reduces slices)."""
+def _chunk_bytes(channels: int, in_shape, out_shape) -> int:
+    """A chunk of channels resampled in float32, and the one channel being resampled: its input in
+    float32, with separate z the in-plane step (its own slices, the output's plane: larger than the
+    output when the resampling reduces slices), its result and that result in half precision."""
+    out_voxels = math.prod(out_shape)
     shrink = max(1.0, max(i / o for i, o in zip(in_shape, out_shape, strict=True)))
-    return int(4 * math.prod(out_shape) * (1 + shrink))
+    return int(4 * out_voxels * channels + 4 * math.prod(in_shape) + out_voxels * (4 * shrink + 4 + 2))
 
 
 def _channels_per_chunk(num_channels: int, in_shape, out_shape) -> int:
-    return max(1, min(num_channels, CHUNK_BYTES // _bytes_per_channel(in_shape, out_shape)))
+    spare = CHUNK_BYTES - _chunk_bytes(0, in_shape, out_shape)
+    return max(1, min(num_channels, spare // (4 * math.prod(out_shape))))
 
 
 @torch.inference_mode()
@@ -350,19 +353,23 @@ def _resampler(properties: dict, configuration_manager, plans_manager, threads: 
     out_shape = _out_shape(properties)
     current, target = _spacings(properties, configuration_manager, plans_manager)
     settings = resampling_settings(configuration_manager)
-    per_channel = _bytes_per_channel(logits.shape[1:], out_shape)
     rounded = _rounded_to_the_logits_dtype(configuration_manager)
 
     def resample(channels: torch.Tensor) -> torch.Tensor:
         if device is not None:
-            device.reserve(per_channel * channels.shape[0], "the export's chunk of channels")
-        result = resample_torch_fornnunet(
-            channels, out_shape, current, target, is_seg=False, num_threads=threads, device=logits.device, **settings
-        )
-        if rounded and result.element_size() > channels.element_size():
-            for channel in result:  # in place, a channel at a time: no second chunk in memory
-                channel.copy_(channel.to(channels.dtype))
-        return result.float()  # unchanged (a shape that needs no resampling) stays in half otherwise
+            device.reserve(_chunk_bytes(len(channels), logits.shape[1:], out_shape), "the export's chunk of channels")
+        result = torch.empty((len(channels), *out_shape), dtype=torch.float32, device=logits.device)
+        # One channel a call: torch interpolates a batch of channels (with separate z, the chunk's
+        # slices) by other code paths than one channel, a float32 step apart now and then, which the
+        # rounding can turn into another label. So a channel's values do not depend on its chunk:
+        # with or without probabilities saved, in a chunk of any size, the same segmentation.
+        for channel, into in zip(channels, result, strict=True):
+            resampled = resample_torch_fornnunet(
+                channel[None], out_shape, current, target, is_seg=False, num_threads=threads, device=logits.device,
+                **settings,
+            )[0]  # fmt: skip
+            into.copy_(resampled.to(channels.dtype) if rounded else resampled)
+        return result
 
     return resample
 

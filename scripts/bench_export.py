@@ -62,13 +62,13 @@ MIN_DICE_VOXELS = 1000  # random weights make many labels a few voxels big: Dice
 
 
 # --- the model and the cases -------------------------------------------------------------------
-def make_model(folder: Path) -> None:
+def make_model(folder: Path, num_labels: int = NUM_LABELS) -> None:
     plans = bench_gpu.ct_plans()  # CT normalisation and intensity statistics
     small = tiny.plans_dict(1)["configurations"][tiny.CONFIGURATION]
     config = plans["configurations"][tiny.CONFIGURATION]
     config.update(architecture=small["architecture"], patch_size=small["patch_size"], spacing=MODEL_SPACING)
     config["median_image_size_in_voxels"] = [54, 64, 64]
-    save_ct_model(folder, plans, CASE_SPACING, NUM_LABELS)
+    save_ct_model(folder, plans, CASE_SPACING, num_labels)
 
 
 def save_ct_model(folder: Path, plans: dict, case_spacing, num_labels: int) -> None:
@@ -367,6 +367,7 @@ def summarize(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=6)
+    parser.add_argument("--labels", type=int, default=NUM_LABELS, help="the model's labels, background included")
     launcher_arguments(parser, deadline_s=900)
     parser.add_argument("--export-child", nargs=5, help=argparse.SUPPRESS)  # see export_child
     args = parser.parse_args()
@@ -378,7 +379,7 @@ def main() -> None:
     results: dict = {
         **where_and_when(args),
         "cases": args.cases,
-        "model": f"{NUM_LABELS} labels, 4 stages 8-64 features, patch 32^3, 2 mm; random weights; --disable_tta",
+        "model": f"{args.labels} labels, 4 stages 8-64 features, patch 32^3, 2 mm; random weights; --disable_tta",
         "case": f"{'x'.join(map(str, CASE_SHAPE))} voxels at {'x'.join(map(str, CASE_SPACING))} mm (CT-like)",
     }
 
@@ -389,7 +390,7 @@ def main() -> None:
     try:
         model, inputs = base / "model", base / "inputs"
         if not model.exists():
-            make_model(model)
+            make_model(model, args.labels)
             make_cases(inputs, args.cases)
         ids = sorted(p.name[: -len("_0000.nii.gz")] for p in inputs.glob("*_0000.nii.gz"))[: args.cases]
         results["per_case"] = per_case(model, inputs, ids, base / "exports", args.device)

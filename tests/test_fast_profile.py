@@ -97,7 +97,9 @@ def test_the_workers_own_export_and_its_out_of_memory_fallback_give_the_fast_out
     # 5.2 and 3.7 MiB at 8 bytes a voxel for the running argmax, beside 1.3 MiB of weights and the
     # case's half-precision logits) do not
     budget = str(int(5.5 * 2**20))
-    result = cli(*run_args(small, fallback, "--profile", "fast"), env={SIMULATED_ACCELERATOR_ENV: budget})
+    # two workers, as fast_out's: the network's sums, and so a nearly tied voxel, follow the threads a worker has
+    fast = run_args(small, fallback, "--profile", "fast", "--workers", "2")
+    result = cli(*fast, env={SIMULATED_ACCELERATOR_ENV: budget})
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("exported on the CPU in a helper: it needs about") == 2
     for case_id in small["ids"]:
@@ -291,25 +293,34 @@ def test_the_export_rounds_the_resampled_logits_to_half_as_nnunets_default_expor
     ids=["separate z", "isotropic resampling", "no resampling"],
 )
 def test_chunked_export_equals_one_argmax_over_nnunets_torch_resampling(monkeypatch, target_spacing):
+    """Each channel resampled by itself (torch's interpolation of a batch of channels may differ by
+    a float32 step, which the rounding could turn into another label), rounded as nnU-Net's export
+    rounds, one argmax: whatever the chunks, and with probabilities saved."""
     from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
 
     configuration, plans, labels = _managers((2.0, 2.0, 2.0), {"background": 0, **{f"l{i}": i for i in range(1, 12)}})
-    # float32, which the export does not round: resampled half logits often sit on a midpoint of half's
-    # steps, where torch's interpolation of another batch of channels may differ by a float32 step and
-    # round the other way (the rounding itself: the test above)
-    logits = torch.randn(12, 10, 12, 14, generator=torch.Generator().manual_seed(0))
+    # a few half steps apart (half's step at 8 is 1/128): ties after the rounding are common
+    logits = (8 + 0.05 * torch.rand(12, 10, 12, 14, generator=torch.Generator().manual_seed(0))).half()
     logits[5] = logits[3]  # exact ties across chunks: the first channel wins, as in one argmax
     out_shape = [round(s * 2.0 / t) for s, t in zip(logits.shape[1:], target_spacing, strict=True)]
     properties = {"spacing": list(target_spacing), "shape_after_cropping_and_before_resampling": out_shape}
-    monkeypatch.setattr(fast_profile, "CHUNK_BYTES", 4 * np.prod(out_shape) * 5)  # a few channels a chunk
-    assert fast_profile._channels_per_chunk(12, logits.shape[1:], out_shape) < 12
-    segmentation, _ = fast_profile.segment(logits, properties, configuration, plans, labels, False, 1)
     settings = fast_profile.resampling_settings(configuration)
-    whole = resample_torch_fornnunet(
-        logits, out_shape, [2.0, 2.0, 2.0], list(target_spacing), is_seg=False, num_threads=1, **settings
-    )
-    assert segmentation.dtype == np.uint8 and list(segmentation.shape) == out_shape
-    assert np.array_equal(segmentation, whole.argmax(0).numpy())
+    each = [
+        resample_torch_fornnunet(channel[None], out_shape, [2.0] * 3, list(target_spacing), is_seg=False,
+                                 num_threads=1, **settings)
+        for channel in logits
+    ]  # fmt: skip
+    expected = _rounded(torch.cat(each)).argmax(0).numpy()
+    resample = fast_profile._resampler(properties, configuration, plans, 1, logits, None)
+    assert torch.equal(resample(logits), torch.cat([resample(channel[None]) for channel in logits]))
+    for chunk in (1, 5, 12):
+        monkeypatch.setattr(fast_profile, "CHUNK_BYTES", fast_profile._chunk_bytes(chunk, logits.shape[1:], out_shape))
+        assert fast_profile._channels_per_chunk(12, logits.shape[1:], out_shape) == chunk
+        segmentation, _ = fast_profile.segment(logits, properties, configuration, plans, labels, False, 1)
+        assert segmentation.dtype == np.uint8 and list(segmentation.shape) == out_shape
+        assert np.array_equal(segmentation, expected), chunk
+    with_probabilities, _ = fast_profile.segment(logits, properties, configuration, plans, labels, True, 1)
+    assert np.array_equal(with_probabilities, expected)
 
 
 @pytest.mark.accelerator  # the export code an accelerator runs
