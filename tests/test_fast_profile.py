@@ -93,9 +93,9 @@ def test_the_workers_own_export_and_its_out_of_memory_fallback_give_the_fast_out
     result = cli(*args, env={SIMULATED_ACCELERATOR_ENV: str(2**30)}, timeout=300)
     assert result.returncode == 0, result.stderr
     fallback = tmp_path / "fallback"
-    # 5.5 MiB: every case's prediction fits on the device, the exports of the two largest (about
-    # 5.2 and 3.7 MiB at 8 bytes a voxel for the running argmax, beside 1.3 MiB of weights and the
-    # case's half-precision logits) do not
+    # 5.5 MiB: every case's prediction fits on the device, the exports of the two largest (about 6
+    # and 4 MiB: the running argmax's 8 bytes a voxel, the chunk of channels and the one being
+    # resampled, beside 1.3 MiB of weights and the case's half-precision logits) do not
     budget = str(int(5.5 * 2**20))
     # two workers, as fast_out's: the network's sums, and so a nearly tied voxel, follow the threads a worker has
     fast = run_args(small, fallback, "--profile", "fast", "--workers", "2")
@@ -346,7 +346,8 @@ def test_chunked_export_of_regions_equals_nnunets_region_handling(monkeypatch):
     logits = torch.randn(3, 9, 10, 11, generator=torch.Generator().manual_seed(1)).half()
     out_shape = [14, 10, 11]
     properties = {"spacing": [9 / 14, 1.0, 1.0], "shape_after_cropping_and_before_resampling": out_shape}
-    monkeypatch.setattr(fast_profile, "CHUNK_BYTES", 4 * np.prod(out_shape) * 3)  # one channel a chunk
+    monkeypatch.setattr(fast_profile, "CHUNK_BYTES", fast_profile._chunk_bytes(1, logits.shape[1:], out_shape))
+    assert fast_profile._channels_per_chunk(3, logits.shape[1:], out_shape) == 1
     segmentation, _ = fast_profile.segment(logits, properties, configuration, plans, label_manager, False, 1)
     whole = resample_torch_fornnunet(logits, out_shape, [1.0] * 3, properties["spacing"], is_seg=False, num_threads=1)
     expected = label_manager.convert_logits_to_segmentation(_rounded(whole))
@@ -375,7 +376,11 @@ def _two_members(chunk_channels: int, monkeypatch, labels=None, regions_order=No
         logits = torch.randn(num_channels, *shape, generator=torch.Generator().manual_seed(seed)).half()
         properties = {"spacing": [2.2, 1.4, 1.4], "shape_after_cropping_and_before_resampling": [9, 17, 20]}
         members.append((logits, properties, configuration, plans))
-    monkeypatch.setattr(fast_profile, "CHUNK_BYTES", 4 * 9 * 17 * 20 * 2 * chunk_channels)
+    chunk_bytes = max(fast_profile._chunk_bytes(chunk_channels, m[0].shape[1:], [9, 17, 20]) for m in members)
+    monkeypatch.setattr(fast_profile, "CHUNK_BYTES", chunk_bytes)
+    assert min(fast_profile._channels_per_chunk(num_channels, m[0].shape[1:], [9, 17, 20]) for m in members) == (
+        chunk_channels
+    )
     return members, label_manager
 
 
