@@ -48,3 +48,21 @@ def test_helpers_are_forked_from_a_server_that_imported_the_backend_with_the_wor
     assert seen["imported"] and not seen["imported_here"]  # the server imported it, not the helper nor the worker
     assert seen["parent"] == seen["server"] != seen["this"]
     assert seen["environment"] == "set before the server"
+
+
+def test_a_workers_idle_torch_threads_sleep_unless_the_user_chose_their_wait_policy(monkeypatch):
+    """The worker sets it before torch starts, and its helper server takes the worker's environment
+    (above): spinning OpenMP threads took the cores the helpers share (benchmarks/RESULTS.md)."""
+    from types import SimpleNamespace
+
+    from launcher import worker
+
+    settings = SimpleNamespace(threads=2, npp=1, nps=1)
+    spec = SimpleNamespace(part_id=0, attempt=1, gpu_uuid=None, settings=settings, cases=())
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    worker._pin_device(spec)
+    assert (os.environ["OMP_WAIT_POLICY"], os.environ["OMP_NUM_THREADS"]) == ("PASSIVE", "2")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    worker._pin_device(spec)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
