@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -99,6 +100,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     # Ending fast (the run's exit waits for it): the helpers have no work left, and torch's
     # interpreter teardown takes seconds that buy nothing.
     pipeline.terminate()
+    _remove_helper_server_socket()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # pragma: no cover - see tests/GPU_ONLY.md: coverage saves inside it
@@ -114,6 +116,7 @@ def _end(exc: BaseException, conn) -> None:
     try:
         conn.send(("fatal", str(ends), ends.kind.value, ends.stage, ends.code))
     finally:
+        _remove_helper_server_socket()
         os._exit(1)  # pragma: no cover - see tests/GPU_ONLY.md: coverage saves inside it
 
 
@@ -138,12 +141,22 @@ def _backends(spec: WorkerSpec) -> dict:
         raise WorkerEnds(error, Failure.MODEL) from exc
 
 
+def _remove_helper_server_socket() -> None:
+    """multiprocessing keeps the helper server's socket in a pymp-* folder of the system's temp
+    folder and removes it when the interpreter exits, which os._exit skips: every worker left
+    one behind. (A SIGKILLed worker still does.)"""
+    from multiprocessing import util
+
+    shutil.rmtree(util.get_temp_dir(), ignore_errors=True)
+
+
 def _exit_on_stop_signals() -> None:
     """SLURM (scancel, time limit, preemption) and systemd signal every process of the job at
     once. A worker that gets SIGTERM ends with a code that tells the supervisor it was
     interrupted, not crashed, so nothing is charged."""
 
     def stop(signum, frame):
+        _remove_helper_server_socket()
         os._exit(WORKER_EXIT_INTERRUPTED)  # pragma: no cover - see tests/GPU_ONLY.md: coverage saves inside it
 
     signal.signal(signal.SIGTERM, stop)

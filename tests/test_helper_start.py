@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, cli, fake_env, run_args
 
 PROBE = """
 import json, multiprocessing, os, sys
@@ -66,3 +66,16 @@ def test_a_workers_idle_torch_threads_sleep_unless_the_user_chose_their_wait_pol
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     worker._pin_device(spec)
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_workers_that_end_or_fail_leave_no_socket_folder_in_the_temp_folder(cases, tmp_path):
+    """A worker's helper server listens on a socket in a pymp-* folder of TMPDIR; a worker exits by
+    os._exit, which skips multiprocessing's own removal: each one left a folder behind."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    first = cases["ids"][0]
+    env = {**fake_env(tmp_path, {first: "cuda_error:1"}), "TMPDIR": str(temp)}  # one worker ends on it
+    result = cli(*run_args(cases, tmp_path / "out", "--workers", "2"), env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "restart" in (tmp_path / "out" / ".nnunet-launch" / "logs" / "supervisor.log").read_text()
+    assert sorted(p.name for p in temp.iterdir()) == []
