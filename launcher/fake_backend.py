@@ -41,6 +41,7 @@ FAULTS_ENV = "NNUNET_LAUNCH_TEST_FAULTS"
 FAULT_DIR_ENV = "NNUNET_LAUNCH_TEST_FAULT_DIR"
 CASE_SECONDS_ENV = "NNUNET_LAUNCH_TEST_CASE_S"
 MODEL_LOADS_ENV = "NNUNET_LAUNCH_TEST_MODEL_LOADS"
+MODEL_LOAD_S_ENV = "NNUNET_LAUNCH_TEST_MODEL_LOAD_S"  # seconds each load of the model takes
 STEPS = 5
 
 
@@ -128,6 +129,7 @@ def _no_init() -> None:
 
 def load_model(model_folder: str) -> dict:
     """The stand-in's model: its dataset.json, unless the test's model broke (MODEL_LOADS_ENV)."""
+    time.sleep(float(os.environ.get(MODEL_LOAD_S_ENV, "0")))
     allowed = os.environ.get(MODEL_LOADS_ENV)
     if allowed is not None:
         with open(os.path.join(os.environ[FAULT_DIR_ENV], "model.loads"), "a+") as f:

@@ -45,6 +45,18 @@ def start_helper_server(modules: list[str]) -> None:
     forkserver.ensure_running()
 
 
+def _helper_start(log_path: str, initializer, initargs: tuple) -> None:
+    """A helper's first step: what it prints goes to its worker's log (fds: what nnU-Net's own
+    processes print too), not where the helper server's output went (a prestarted worker started
+    its server before it knew its log); then the backend's set-up."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}".rstrip(": ")
@@ -83,13 +95,14 @@ class _Preprocessing:
 
 
 class CasePipeline:
-    def __init__(self, backends: dict, settings: PredictSettings, out_dir: str, tmp_dir: str):
+    def __init__(self, backends: dict, settings: PredictSettings, out_dir: str, tmp_dir: str, log_path: str):
         """`backends`: one per model the worker serves (None: the only one)."""
         self.backends, self.settings, self.out_dir, self.tmp_dir = backends, settings, out_dir, tmp_dir
         self.backend = next(iter(backends.values()))  # file ending, reading outputs, combining
         context = multiprocessing.get_context(HELPER_START)
-        self.prep_pool = context.Pool(settings.npp, *self.backend.preprocess_initializer(backends))
-        self.export_pool = context.Pool(settings.nps)
+        initializer = self.backend.preprocess_initializer(backends)
+        self.prep_pool = context.Pool(settings.npp, _helper_start, (log_path, *initializer))
+        self.export_pool = context.Pool(settings.nps, _helper_start, (log_path, None, ()))
         # Pool silently replaces a dead process and the task it held never returns: watch the originals.
         self.pool_processes = {p: "preprocess" for p in self.prep_pool._pool}
         self.pool_processes.update({p: "export" for p in self.export_pool._pool})

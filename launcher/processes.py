@@ -4,14 +4,17 @@ why it ended. No decisions: who is to blame is policy.py's, what runs where sche
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
 from dataclasses import dataclass
 
 from launcher.scheduler import Slot
 from launcher.spec import WorkerSpec, describe_signal
-from launcher.worker import worker_main
+from launcher.worker import prestarted_main, worker_main
 
 CGROUP_MEMORY_EVENTS = "/sys/fs/cgroup/memory.events"
+PRESTARTED_EXIT_S = 5.0
 
 
 @dataclass
@@ -60,13 +63,86 @@ class WorkerHandle:
         return f"part {own}" + (f", on part {self.part}'s cases" if self.part != own else "")
 
 
-def start_worker(context, serial: int, slot: Slot, key: int | None, spec: WorkerSpec, now: float) -> WorkerHandle:
-    parent_conn, child_conn = context.Pipe(duplex=True)
-    process = context.Process(
-        target=worker_main, args=(spec, child_conn), daemon=False, name=f"nnunet-launch part {spec.part_id}"
-    )
-    process.start()
-    child_conn.close()
+def spawn_context():
+    """torch.multiprocessing's spawn context, which every worker is started with."""
+    import torch.multiprocessing as torch_mp  # importing torch does not touch CUDA
+
+    # A killed worker cannot unlink its pools' named semaphores. With the spawn start method
+    # every process of the run registers them with one resource tracker, the supervisor's,
+    # which unlinks what is left when the run ends (so nothing leaks in /dev/shm) and warns
+    # about it. A worker's own tracker would die with the worker's process group and leak
+    # them. So the supervisor's tracker is the right owner, and its warning is expected.
+    if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
+        sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    return torch_mp.get_context("spawn")
+
+
+class Prestarted:
+    """Each slot's first worker, started while the model is checked: it pins its device, starts
+    its helper server and imports torch and nnU-Net, which took 3 s of a run's start on our 2-core
+    VM after the model check's 4 s, then waits for its spec (worker.prestarted_main). Nothing of
+    the run is written before; a process not taken when the workers start is ended."""
+
+    def __init__(self):
+        self.waiting: dict[int, tuple] = {}  # slot part id -> (process, the supervisor's end of its pipe)
+
+    def start(self, context, slots: list[Slot], threads: int) -> None:
+        for slot in slots:
+            parent_conn, child_conn = context.Pipe(duplex=True)
+            process = context.Process(
+                target=prestarted_main,
+                args=(os.getpid(), slot.gpu_uuid, threads, child_conn),
+                daemon=False,
+                name=f"nnunet-launch part {slot.part_id}",
+            )
+            process.start()
+            child_conn.close()
+            self.waiting[slot.part_id] = (process, parent_conn)
+
+    def take(self, slot: Slot) -> tuple | None:
+        """The slot's waiting process and its pipe; None when there is none or it died."""
+        taken = self.waiting.pop(slot.part_id, None)
+        if taken is not None and not taken[0].is_alive():
+            _end_prestarted(*taken)
+            return None
+        return taken
+
+    def close(self) -> None:
+        """End every process not taken (and its helper server)."""
+        for process, conn in self.waiting.values():
+            _end_prestarted(process, conn)
+        self.waiting.clear()
+
+
+def _end_prestarted(process, conn) -> None:
+    """SIGTERM to its group: the worker's stop handler removes its helper server's socket folder
+    and exits; SIGKILL if it has not after PRESTARTED_EXIT_S."""
+    conn.close()
+    kill_group(process.pid, signal.SIGTERM)
+    process.join(PRESTARTED_EXIT_S)
+    if process.exitcode is None:
+        kill_group(process.pid, signal.SIGKILL)
+        process.join()
+
+
+def start_worker(
+    context, serial: int, slot: Slot, key: int | None, spec: WorkerSpec, now: float, prestarted: tuple | None = None
+) -> WorkerHandle:
+    """A worker for `spec`: the slot's prestarted process (Prestarted.take) when it is given,
+    else a new one."""
+    if prestarted is not None:
+        process, parent_conn = prestarted
+        try:
+            parent_conn.send(("spec", spec, time.time()))
+        except OSError:  # it died a moment ago: its exit is seen as a worker's that died at start
+            pass
+    else:
+        parent_conn, child_conn = context.Pipe(duplex=True)
+        process = context.Process(
+            target=worker_main, args=(spec, child_conn), daemon=False, name=f"nnunet-launch part {spec.part_id}"
+        )
+        process.start()
+        child_conn.close()
     return WorkerHandle(serial, slot, key, spec.part_id, process, parent_conn, spec.tmp_dir, oom_kill_count(), now)
 
 

@@ -38,6 +38,7 @@ from launcher.outputs import (
 )
 from launcher.picture import write_picture
 from launcher.planning import Plan, checkpoint_bytes, make_plan, memory_warning
+from launcher.processes import Prestarted, spawn_context
 from launcher.progress import Reporter, wants_live_view
 from launcher.report import summary_lines, write_summary
 from launcher.scheduler import CaseBook, OutFacts, foreign_outputs
@@ -50,6 +51,14 @@ def run(config: RunConfig, argv: list[str]) -> int:
     # A closed ssh session or tmux window (SIGHUP) must not end the run, from its first step to its
     # report; what it prints there is best effort (launcher/terminal.py).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    prestarted = Prestarted()
+    try:
+        return _run(config, argv, prestarted)
+    finally:
+        prestarted.close()  # those the supervisor did not take: a refusal, a stop, no work
+
+
+def _run(config: RunConfig, argv: list[str], prestarted: Prestarted) -> int:
     # The supervisor spawns workers through torch.multiprocessing; importing torch takes seconds,
     # so it runs while the input is planned and OUT is opened; matplotlib (the run's picture at
     # the end) likewise, so that the run's last output and its exit are not a second apart.
@@ -65,7 +74,8 @@ def run(config: RunConfig, argv: list[str]) -> int:
                   f"{config.output_folder} (the last run's report: {summary})")  # fmt: skip
             return 0
         refuse_if_held(lock_path(state))  # a busy OUT is said at once, not after the model check
-        model.wait()  # a model that cannot load is refused before any worker starts
+        prestarted.start(spawn_context(), plan.slots, plan.threads)  # they write nothing before their cases
+        model.wait()  # a model that cannot load is refused before any worker gets a case
     try:
         os.makedirs(state, exist_ok=True)
     except OSError as exc:
@@ -77,7 +87,7 @@ def run(config: RunConfig, argv: list[str]) -> int:
         _refuse_running_neighbour(config, state)
         journal = Journal.open(journal_path(state))
         try:
-            exit_code = _supervise(config, plan, journal, view, argv)
+            exit_code = _supervise(config, plan, journal, view, argv, prestarted)
             return exit_code
         finally:
             journal.close()
@@ -261,7 +271,9 @@ def identity_refusal(out: str, old: RunIdentity, new: RunIdentity) -> str | None
     return f"{out!r} holds a run with a different {what}{why}; use another output folder, or --fresh to discard it"
 
 
-def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, argv: list[str]) -> int:
+def _supervise(
+    config: RunConfig, plan: Plan, journal: Journal, view: OutView, argv: list[str], prestarted: Prestarted
+) -> int:
     out = config.output_folder
     strays, complete = view.strays, view.complete
     identity = output_identity(config).to_json()
@@ -328,7 +340,7 @@ def _supervise(config: RunConfig, plan: Plan, journal: Journal, view: OutView, a
     exit_code = EXIT_INTERNAL_ERROR
     supervisor = None
     try:
-        supervisor = Supervisor(config, plan, journal, book, reporter, run_id)
+        supervisor = Supervisor(config, plan, journal, book, reporter, run_id, prestarted)
         exit_code = supervisor.run()
     except BaseException as exc:
         exit_code = exit_code_of(exc)

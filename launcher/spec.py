@@ -15,7 +15,8 @@ Worker -> supervisor messages (tuples, first item the kind):
                                         code (HELPER), else None
   ("given_back", [case...])             cases it had not started, returned on request
   ("finished",)                         the feed is exhausted, every case handed back
-Supervisor -> worker: ("cases", [WorkCase...]), ("give_back", [case...]) and ("no_more",).
+Supervisor -> worker: ("cases", [WorkCase...]), ("give_back", [case...]) and ("no_more",); to a
+prestarted worker first ("spec", WorkerSpec, time sent) (processes.Prestarted).
 """
 
 from __future__ import annotations

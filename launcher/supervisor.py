@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from multiprocessing.connection import wait
 
@@ -24,7 +23,7 @@ from launcher.policy import (
     describe_watchdog,
     stall_timeout,
 )
-from launcher.processes import WorkerHandle, kill_group, start_worker
+from launcher.processes import Prestarted, WorkerHandle, kill_group, spawn_context, start_worker
 from launcher.scheduler import (
     ASK_BACK,
     HELD,
@@ -55,7 +54,16 @@ class Supervisor:
     """`workers` holds each slot's live worker, keyed by the slot's part id as the bookkeeper's
     `slots` are; a worker's `part` is whose cases it runs."""
 
-    def __init__(self, config: RunConfig, plan: Plan, journal: Journal, book: CaseBook, reporter, run_id: int):
+    def __init__(
+        self,
+        config: RunConfig,
+        plan: Plan,
+        journal: Journal,
+        book: CaseBook,
+        reporter,
+        run_id: int,
+        prestarted: Prestarted | None = None,
+    ):
         self.config, self.plan, self.journal, self.book = config, plan, journal, book
         self.run_id = run_id
         self.reporter = reporter
@@ -69,17 +77,8 @@ class Supervisor:
         self.announced_ready = False
         self.stop_signals = 0
         self.unreaped: list[int] = []
-        import torch.multiprocessing as torch_mp  # spawn context; importing torch does not touch CUDA
-
-        # A killed worker cannot unlink its pools' named semaphores. With the spawn start method
-        # every process of the run registers them with one resource tracker, the supervisor's,
-        # which unlinks what is left when the run ends (so nothing leaks in /dev/shm) and warns
-        # about it. A worker's own tracker would die with the worker's process group and leak
-        # them. So the supervisor's tracker is the right owner, and its warning is expected.
-        if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
-            sys.warnoptions.append("ignore:resource_tracker:UserWarning")
-
-        self.context = torch_mp.get_context("spawn")
+        self.context = spawn_context()
+        self.prestarted = prestarted  # each slot's first worker, started while the model was checked
         self.settings = predict_settings(config, plan)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -174,6 +173,9 @@ class Supervisor:
                 continue
             if self._spawn(slot, key, now):
                 running.add(key)
+        if self.prestarted is not None:  # a slot without work now gets a new worker if it gets work later
+            self.prestarted.close()
+            self.prestarted = None
         return wake
 
     def _unavailable(self, now: float) -> set[int]:
@@ -202,7 +204,9 @@ class Supervisor:
             part, self.attempts[part], slot.device_key, slot.gpu_uuid, os.getpid(),
             os.path.abspath(self.config.output_folder), tmp, log_path, self.settings, work, slot.label,
         )  # fmt: skip
-        handle = self.workers[slot.part_id] = start_worker(self.context, self.serials, slot, key, spec, now)
+        prestarted = self.prestarted.take(slot) if self.prestarted is not None else None
+        handle = start_worker(self.context, self.serials, slot, key, spec, now, prestarted)
+        self.workers[slot.part_id] = handle
         handle.solo = taken.solo
         self.journal.part_worker(slot.part_id, handle.process.pid, "running")
         alone = f", alone with {taken.cases[0]}" if taken.solo else ""

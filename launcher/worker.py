@@ -73,16 +73,58 @@ class CaseFeed:
 
 
 def worker_main(spec: WorkerSpec, conn) -> None:
-    os.setsid()  # own process group: the supervisor can kill the worker with all its helpers
-    die_with_parent(spec.supervisor_pid)
-    _exit_on_stop_signals()
+    """A worker started for its cases (a slot's later workers: processes.start_worker)."""
+    _start(spec.supervisor_pid, spec.log_path, spec.gpu_uuid, spec.settings.threads)
+    _work(spec, conn, "")
+
+
+def prestarted_main(supervisor_pid: int, gpu_uuid: str | None, threads: int, conn) -> None:
+    """A slot's first worker, started before the run is decided (processes.Prestarted): while the
+    supervisor plans and the model is checked, it pins its device, starts its helper server and
+    imports torch and nnU-Net (seconds each), then waits for its cases. It writes nothing of the
+    run before they come, and ends when its pipe closes without them."""
+    _start(supervisor_pid, os.devnull, gpu_uuid, threads)  # what it prints goes to the log later
+    from launcher.pipeline import start_helper_server
+
+    try:
+        start_helper_server([_backend_module()])
+        importlib.import_module(_backend_module())
+    except Exception:
+        pass  # the worker's own start does both again once it has its log, and says why there
+    ready_at = time.time()
+    try:
+        _, spec, sent_at = conn.recv()
+    except (EOFError, OSError):  # the run did not start (a refusal, a stop) or had no work for it
+        _remove_helper_server_socket()
+        os._exit(0)  # pragma: no cover - see tests/GPU_ONLY.md: coverage saves inside it
     _redirect_output(spec.log_path)
-    _name_process(f"nnunet-launch part {spec.part_id} {spec.device_label}".rstrip())
+    lead = sent_at - ready_at
+    _work(spec, conn, f"ready {lead:.1f} s before its cases" if lead >= 0 else f"its cases waited {-lead:.1f} s")
+
+
+def _start(supervisor_pid: int, log_path: str, gpu_uuid: str | None, threads: int) -> None:
+    """A worker's first steps, before torch: everything its helpers inherit is set here."""
+    os.setsid()  # own process group: the supervisor can kill the worker with all its helpers
+    die_with_parent(supervisor_pid)
+    _exit_on_stop_signals()
+    _redirect_output(log_path)
     _start_group_reaper()
-    _pin_device(spec)
+    _pin_device(gpu_uuid, threads)
     host_memory.reuse_freed_memory()  # before the helpers start: they inherit its environment
     # the helpers print into this worker's log and end by SIGTERM: unbuffered, nothing is lost
     os.environ["PYTHONUNBUFFERED"] = "1"
+
+
+def _work(spec: WorkerSpec, conn, prestarted: str) -> None:
+    """Run the spec's cases; `prestarted`: how a prestarted worker's start met its cases."""
+    _name_process(f"nnunet-launch part {spec.part_id} {spec.device_label}".rstrip())
+    started = f" prestarted ({prestarted})" if prestarted else ""
+    print(
+        f"nnunet-launch worker part {spec.part_id} attempt {spec.attempt} pid {os.getpid()}{started} "
+        f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} threads={spec.settings.threads} "
+        f"npp={spec.settings.npp} nps={spec.settings.nps} cases={len(spec.cases)}",
+        flush=True,
+    )
     conn.send(("hello", os.getpid()))
     if spec.device_key in os.environ.get(FAULTY_DEVICES_ENV, "").split(","):
         os.kill(os.getpid(), signal.SIGSEGV)  # pragma: no cover - dies before coverage can save (tests/GPU_ONLY.md)
@@ -90,8 +132,8 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         from launcher.pipeline import CasePipeline, start_helper_server
 
         os.makedirs(spec.tmp_dir, exist_ok=True)
-        start_helper_server([_backend_module()])
-        pipeline = CasePipeline(_backends(spec), spec.settings, spec.out_dir, spec.tmp_dir)
+        start_helper_server([_backend_module()])  # a prestarted worker's is running already
+        pipeline = CasePipeline(_backends(spec), spec.settings, spec.out_dir, spec.tmp_dir, spec.log_path)
         conn.send(("ready",))
         pipeline.run(CaseFeed(conn, spec.cases), conn.send)
         conn.send(("finished",))  # every output is in place; nothing is left to lose
@@ -241,24 +283,18 @@ def _redirect_output(log_path: str) -> None:
     os.close(devnull)
 
 
-def _pin_device(spec: WorkerSpec) -> None:
-    threads = str(spec.settings.threads)
+def _pin_device(gpu_uuid: str | None, threads: int) -> None:
+    count = str(threads)
     # nnUNet_def_n_proc stays the user's: the exact export runs with nnU-Net's default_num_processes
     # torch threads, as plain nnU-Net's does, for the same bits (its thread count changes them)
-    os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    os.environ.update(OMP_NUM_THREADS=count, MKL_NUM_THREADS=count)
     # The network's idle OpenMP threads sleep instead of spinning (a user's own setting is kept):
     # a CPU worker shares its cores with its helpers, and spinning threads took their cores. The
     # fast profile's 25 fine CTs on 2 cores: 42.5 s and 80 CPU-s spinning, 32.8 s and 60 CPU-s
     # so. The arithmetic, and so the voxels, do not change (benchmarks/RESULTS.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if spec.gpu_uuid is not None:  # pragma: no cover - only NVML's GPUs have UUIDs (tests/GPU_ONLY.md)
+    if gpu_uuid is not None:  # pragma: no cover - only NVML's GPUs have UUIDs (tests/GPU_ONLY.md)
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu_uuid
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_uuid
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not touch any GPU
-    print(
-        f"nnunet-launch worker part {spec.part_id} attempt {spec.attempt} pid {os.getpid()} "
-        f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} threads={threads} "
-        f"npp={spec.settings.npp} nps={spec.settings.nps} cases={len(spec.cases)}",
-        flush=True,
-    )

@@ -29,6 +29,7 @@ from conftest import (
     status_json,
     wait_gone,
 )
+from launcher.fake_backend import MODEL_LOAD_S_ENV
 from launcher.headers import read_header
 from launcher.worker import FAULTY_DEVICES_ENV
 
@@ -403,21 +404,16 @@ def test_an_outside_sigkill_of_a_starting_worker_charges_nothing_and_suspects_no
     charged, no device rests, and such kills never use up --max-restarts (before: the device
     rested 5, 10, 20 ... s after each, and the part gave up)."""
     out = tmp_path / "out"
-    run = launch(
-        run_args(cases, out, "--workers", "1", "--max-restarts", "1"), env=fake_env(tmp_path, case_seconds=0.2)
-    )
+    env = {**fake_env(tmp_path, case_seconds=0.2), MODEL_LOAD_S_ENV: "1"}  # a worker starts for 1 s
+    run = launch(run_args(cases, out, "--workers", "1", "--max-restarts", "1"), env=env)
     killed: set[int] = set()
     deadline = time.monotonic() + 120
     while len(killed) < 3 and time.monotonic() < deadline and run.proc.poll() is None:
-        for child in psutil.Process(run.proc.pid).children():
-            try:
-                is_worker = "spawn_main" in " ".join(child.cmdline())
-            except psutil.Error:
-                continue
-            if is_worker and child.pid not in killed:  # as soon as it exists: none of its cases started
-                os.kill(child.pid, signal.SIGKILL)
-                killed.add(child.pid)
-        time.sleep(0.05)
+        # a worker with its cases (a prestarted one waited for them), none of them started yet
+        for pid in _worker_pids_in_logs(out) - killed:
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        time.sleep(0.02)
     code, stdout, stderr = run.wait(timeout=180)
     assert len(killed) == 3, stdout
     assert code == 0, stdout + stderr
@@ -425,6 +421,16 @@ def test_an_outside_sigkill_of_a_starting_worker_charges_nothing_and_suspects_no
     assert stdout.count("(killed): nothing charged, the device not suspected") == 3, stdout
     assert "suspected (" not in stdout and "gave up" not in stdout
     assert all(row["attempts"] == "1" for row in case_rows(out).values())
+
+
+def _worker_pids_in_logs(out) -> set[int]:
+    """The workers that have a log: its first line names the worker's pid."""
+    pids = set()
+    for log in (out / ".nnunet-launch" / "logs").glob("run-*.part-*.log"):
+        pids.update(
+            int(pid) for pid in re.findall(r"^\S+ \S+ nnunet-launch worker .* pid (\d+) ", log.read_text(), re.M)
+        )
+    return pids
 
 
 def test_a_slot_that_took_over_a_part_logs_its_own_deaths_under_its_own_part(cases, tmp_path):

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from conftest import ROOT, cli, fake_env, run_args
 
@@ -53,29 +56,27 @@ def test_helpers_are_forked_from_a_server_that_imported_the_backend_with_the_wor
 def test_a_workers_idle_torch_threads_sleep_unless_the_user_chose_their_wait_policy(monkeypatch):
     """The worker sets it before torch starts, and its helper server takes the worker's environment
     (above): spinning OpenMP threads took the cores the helpers share (benchmarks/RESULTS.md)."""
-    from types import SimpleNamespace
-
     from launcher import worker
 
-    settings = SimpleNamespace(threads=2, npp=1, nps=1)
-    spec = SimpleNamespace(part_id=0, attempt=1, gpu_uuid=None, settings=settings, cases=())
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "OMP_WAIT_POLICY"):
         monkeypatch.delenv(name, raising=False)  # restored after the test
-    worker._pin_device(spec)
+    worker._pin_device(None, 2)
     assert (os.environ["OMP_WAIT_POLICY"], os.environ["OMP_NUM_THREADS"]) == ("PASSIVE", "2")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    worker._pin_device(spec)
+    worker._pin_device(None, 2)
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_workers_that_end_or_fail_leave_no_socket_folder_in_the_temp_folder(cases, tmp_path):
     """A worker's helper server listens on a socket in a pymp-* folder of TMPDIR; a worker exits by
     os._exit, which skips multiprocessing's own removal: each one left a folder behind."""
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    first = cases["ids"][0]
-    env = {**fake_env(tmp_path, {first: "cuda_error:1"}), "TMPDIR": str(temp)}  # one worker ends on it
-    result = cli(*run_args(cases, tmp_path / "out", "--workers", "2"), env=env, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "restart" in (tmp_path / "out" / ".nnunet-launch" / "logs" / "supervisor.log").read_text()
-    assert sorted(p.name for p in temp.iterdir()) == []
+    temp = Path(tempfile.mkdtemp(prefix="nl-"))  # short: a socket's path has at most 107 bytes
+    try:
+        first = cases["ids"][0]
+        env = {**fake_env(tmp_path, {first: "cuda_error:1"}), "TMPDIR": str(temp)}  # one worker ends on it
+        result = cli(*run_args(cases, tmp_path / "out", "--workers", "2"), env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "restart" in (tmp_path / "out" / ".nnunet-launch" / "logs" / "supervisor.log").read_text()
+        assert sorted(p.name for p in temp.iterdir()) == []
+    finally:
+        shutil.rmtree(temp)
