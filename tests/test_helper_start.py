@@ -59,7 +59,8 @@ def test_a_workers_idle_torch_threads_sleep_unless_the_user_chose_their_wait_pol
     from launcher import worker
 
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "OMP_WAIT_POLICY"):
-        monkeypatch.delenv(name, raising=False)  # restored after the test
+        monkeypatch.setenv(name, "")  # so that the test's end restores it, set or not
+        monkeypatch.delenv(name)
     worker._pin_device(None, 2)
     assert (os.environ["OMP_WAIT_POLICY"], os.environ["OMP_NUM_THREADS"]) == ("PASSIVE", "2")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
