@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import tempfile
 import time
 import traceback
 from collections import deque
@@ -27,6 +28,8 @@ POLL_S = 0.05
 HELPER_EXIT_S = 5.0  # a helper's time to end on SIGTERM (under tests coverage saves its data) before SIGKILL
 STEP_REPORT_EVERY_S = 1.0
 HELPER_START = "forkserver"  # see start_helper_server
+SOCKET_PATH_MAX = 107  # bytes of an AF_UNIX socket's path on Linux
+SHORT_TEMP_FOLDERS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 def start_helper_server(modules: list[str]) -> None:
@@ -42,7 +45,26 @@ def start_helper_server(modules: list[str]) -> None:
     context.set_forkserver_preload(modules)
     from multiprocessing import forkserver
 
-    forkserver.ensure_running()
+    previous = tempfile.tempdir
+    tempfile.tempdir = _folder_for_the_socket()
+    try:
+        forkserver.ensure_running()  # its socket's folder is made once, and kept for this process
+    finally:
+        tempfile.tempdir = previous
+
+
+def _folder_for_the_socket() -> str | None:
+    """The server listens on a socket in a pymp-XXXXXXXX folder under TMPDIR; a socket's path has
+    at most 107 bytes, and a long TMPDIR (some clusters' per-job folders) failed every worker with
+    "OSError: AF_UNIX path too long". Then the first short, writable one of the usual temp folders
+    (None: TMPDIR's is short enough)."""
+
+    def fits(folder: str) -> bool:
+        return len(os.fsencode(os.path.join(folder, "pymp-xxxxxxxx", "listener-xxxxxxxx"))) <= SOCKET_PATH_MAX
+
+    if fits(tempfile.gettempdir()):
+        return None
+    return next((f for f in SHORT_TEMP_FOLDERS if fits(f) and os.access(f, os.W_OK | os.X_OK)), None)
 
 
 def _helper_start(log_path: str, initializer, initargs: tuple) -> None:

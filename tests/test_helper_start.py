@@ -81,3 +81,14 @@ def test_workers_that_end_or_fail_leave_no_socket_folder_in_the_temp_folder(case
         assert sorted(p.name for p in temp.iterdir()) == []
     finally:
         shutil.rmtree(temp)
+
+
+def test_workers_start_their_helpers_under_a_temp_folder_too_long_for_a_socket(cases, tmp_path):
+    """A socket's path has at most 107 bytes: under such a TMPDIR every worker died with "OSError:
+    AF_UNIX path too long". The helper server's socket goes to a short temp folder instead."""
+    temp = tmp_path / ("a-cluster's-per-job-temp-folder-" * 3)
+    temp.mkdir()
+    result = cli(*run_args(cases, tmp_path / "out", "--workers", "2"), env={**fake_env(tmp_path), "TMPDIR": str(temp)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "worker died" not in result.stdout, result.stdout
+    assert list(temp.iterdir()) == []
