@@ -103,26 +103,28 @@ class Prestarted:
         """The slot's waiting process and its pipe; None when there is none or it died."""
         taken = self.waiting.pop(slot.part_id, None)
         if taken is not None and not taken[0].is_alive():
-            _end_prestarted(*taken)
+            _end_prestarted([taken])
             return None
         return taken
 
     def close(self) -> None:
         """End every process not taken (and its helper server)."""
-        for process, conn in self.waiting.values():
-            _end_prestarted(process, conn)
+        _end_prestarted(list(self.waiting.values()))
         self.waiting.clear()
 
 
-def _end_prestarted(process, conn) -> None:
-    """SIGTERM to its group: the worker's stop handler removes its helper server's socket folder
-    and exits; SIGKILL if it has not after PRESTARTED_EXIT_S."""
-    conn.close()
-    kill_group(process.pid, signal.SIGTERM)
-    process.join(PRESTARTED_EXIT_S)
-    if process.exitcode is None:
-        kill_group(process.pid, signal.SIGKILL)
-        process.join()
+def _end_prestarted(prestarted: list[tuple]) -> None:
+    """SIGTERM to each one's group: a worker's stop handler removes its helper server's socket
+    folder and exits; SIGKILL for any still there after PRESTARTED_EXIT_S (one wait for all)."""
+    for process, conn in prestarted:
+        conn.close()
+        kill_group(process.pid, signal.SIGTERM, reaped=process.exitcode is not None)  # is_alive() reaps
+    deadline = time.monotonic() + PRESTARTED_EXIT_S
+    for process, _ in prestarted:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.exitcode is None:
+            kill_group(process.pid, signal.SIGKILL)
+            process.join()
 
 
 def start_worker(
