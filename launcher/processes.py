@@ -88,16 +88,8 @@ class Prestarted:
 
     def start(self, context, slots: list[Slot], threads: int) -> None:
         for slot in slots:
-            parent_conn, child_conn = context.Pipe(duplex=True)
-            process = context.Process(
-                target=prestarted_main,
-                args=(os.getpid(), slot.gpu_uuid, threads, child_conn),
-                daemon=False,
-                name=f"nnunet-launch part {slot.part_id}",
-            )
-            process.start()
-            child_conn.close()
-            self.waiting[slot.part_id] = (process, parent_conn)
+            args = (os.getpid(), slot.gpu_uuid, threads)
+            self.waiting[slot.part_id] = _spawn(context, prestarted_main, args, slot.part_id)
 
     def take(self, slot: Slot) -> tuple | None:
         """The slot's waiting process and its pipe; None when there is none or it died."""
@@ -127,6 +119,17 @@ def _end_prestarted(prestarted: list[tuple]) -> None:
             process.join()
 
 
+def _spawn(context, target, args: tuple, part_id: int) -> tuple:
+    """A worker process running target(*args, its end of a new pipe), and the supervisor's end."""
+    parent_conn, child_conn = context.Pipe(duplex=True)
+    process = context.Process(
+        target=target, args=(*args, child_conn), daemon=False, name=f"nnunet-launch part {part_id}"
+    )
+    process.start()
+    child_conn.close()
+    return process, parent_conn
+
+
 def start_worker(
     context, serial: int, slot: Slot, key: int | None, spec: WorkerSpec, now: float, prestarted: tuple | None = None
 ) -> WorkerHandle:
@@ -139,12 +142,7 @@ def start_worker(
         except OSError:  # it died a moment ago: its exit is seen as a worker's that died at start
             pass
     else:
-        parent_conn, child_conn = context.Pipe(duplex=True)
-        process = context.Process(
-            target=worker_main, args=(spec, child_conn), daemon=False, name=f"nnunet-launch part {spec.part_id}"
-        )
-        process.start()
-        child_conn.close()
+        process, parent_conn = _spawn(context, worker_main, (spec,), spec.part_id)
     return WorkerHandle(serial, slot, key, spec.part_id, process, parent_conn, spec.tmp_dir, oom_kill_count(), now)
 
 

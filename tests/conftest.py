@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -323,6 +324,14 @@ def linked_cases(tiny: dict, folder: Path, count: int) -> dict:
     for i, case_id in enumerate(ids):
         os.link(sources[i % len(sources)], folder / f"{case_id}_0000.nii.gz")
     return {"inputs": folder, "model": tiny["model"], "ids": ids}
+
+
+@pytest.fixture
+def short_temp():
+    """A TMPDIR short enough for the helper servers' sockets (at most 107 bytes), watched for leftovers."""
+    folder = Path(tempfile.mkdtemp(prefix="nl-"))
+    yield folder
+    shutil.rmtree(folder)
 
 
 @pytest.fixture

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 from conftest import ROOT, cli, fake_env, run_args
 
@@ -68,19 +65,15 @@ def test_a_workers_idle_torch_threads_sleep_unless_the_user_chose_their_wait_pol
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
-def test_workers_that_end_or_fail_leave_no_socket_folder_in_the_temp_folder(cases, tmp_path):
+def test_workers_that_end_or_fail_leave_no_socket_folder_in_the_temp_folder(cases, tmp_path, short_temp):
     """A worker's helper server listens on a socket in a pymp-* folder of TMPDIR; a worker exits by
     os._exit, which skips multiprocessing's own removal: each one left a folder behind."""
-    temp = Path(tempfile.mkdtemp(prefix="nl-"))  # short: a socket's path has at most 107 bytes
-    try:
-        first = cases["ids"][0]
-        env = {**fake_env(tmp_path, {first: "cuda_error:1"}), "TMPDIR": str(temp)}  # one worker ends on it
-        result = cli(*run_args(cases, tmp_path / "out", "--workers", "2"), env=env, timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert "restart" in (tmp_path / "out" / ".nnunet-launch" / "logs" / "supervisor.log").read_text()
-        assert sorted(p.name for p in temp.iterdir()) == []
-    finally:
-        shutil.rmtree(temp)
+    first = cases["ids"][0]
+    env = {**fake_env(tmp_path, {first: "cuda_error:1"}), "TMPDIR": str(short_temp)}  # one worker ends on it
+    result = cli(*run_args(cases, tmp_path / "out", "--workers", "2"), env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "; restart 1" in (tmp_path / "out" / ".nnunet-launch" / "logs" / "supervisor.log").read_text()
+    assert sorted(p.name for p in short_temp.iterdir()) == []
 
 
 def test_workers_start_their_helpers_under_a_temp_folder_too_long_for_a_socket(cases, tmp_path):

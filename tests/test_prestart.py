@@ -6,23 +6,12 @@ ends, leaving no process and no socket folder behind."""
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import assert_fake_outputs, fake_env, run_args, wait_gone
 from launcher.fake_backend import MODEL_LOAD_S_ENV, MODEL_LOADS_ENV
-
-
-@pytest.fixture
-def short_temp():
-    """A TMPDIR short enough for the helper servers' sockets (at most 107 bytes), watched for leftovers."""
-    folder = Path(tempfile.mkdtemp(prefix="nl-"))
-    yield folder
-    shutil.rmtree(folder)
 
 
 def _run_to_the_end(launch, args: list[str], env: dict) -> tuple[int, str, str, object]:
