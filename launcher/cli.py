@@ -431,7 +431,7 @@ def plan(as_json, **values):
     from launcher.stages import describe_stages
 
     config = build_config(values)
-    with ModelCheck(Models.of_config(config)) as model:  # as `run`: it loads while the input is planned
+    with ModelCheck(Models.of_config(config)) as model:  # it loads in a child while the input is planned
         the_plan = make_plan(config)
         view = inspect_out(config, the_plan)
         if not nothing_to_predict(config, view):

@@ -4,13 +4,16 @@ a trainer class that cannot be imported) fails the same way on every device, so 
 refuse it with the loader's own error, naming the file, before anything is written into OUT.
 
 The supervisor must not import nnunetv2 nor touch CUDA (finding a trainer class imports every
-trainer module, whatever they do), so the check runs in a child process with CUDA hidden,
-`python -m launcher.model_check MODELS_JSON` ({"error": line or null} on stdout), started while
-the input is planned. A worker whose own load failed asks `load_error` in its process: a load
-that fails on the CPU too is the model's fault (Failure.MODEL), never its device's.
+trainer module, whatever they do), so another process loads it. In `run`, the first slot's
+prestarted worker (processes.Prestarted), which imports nnU-Net anyway, sends its answer before it
+gets any case. Otherwise (`plan`; a `run` whose first worker died before it answered) a child
+process with CUDA hidden does: `python -m launcher.model_check MODELS_JSON` ({"error": line or
+null} on stdout), which `plan` starts while the input is planned. A worker whose own load failed
+asks `load_error` in its process: a load that fails on the CPU too is the model's fault
+(Failure.MODEL), never its device's.
 
-Besides nnunet.py, the one module that imports nnunetv2, and only in that child or in a failed
-worker: nnU-Net's own loader as NnunetBackend calls it, without the worker's device set-up.
+Besides nnunet.py, the one module that imports nnunetv2, and only in a worker or in that child:
+nnU-Net's own loader as NnunetBackend calls it, without the worker's device set-up.
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 
+from launcher.errors import LauncherError
+from launcher.model_check import ModelCheck, Models
 from launcher.scheduler import Slot
 from launcher.spec import WorkerSpec, describe_signal
 from launcher.worker import prestarted_main, worker_main
@@ -78,18 +81,36 @@ def spawn_context():
 
 
 class Prestarted:
-    """Each slot's first worker, started while the model is checked: it pins its device, starts
-    its helper server and imports torch and nnU-Net, which took 3 s of a run's start on our 2-core
-    VM after the model check's 4 s, then waits for its spec (worker.prestarted_main). Nothing of
-    the run is written before; a process not taken when the workers start is ended."""
+    """Each slot's first worker, started once the run is planned: it pins its device, starts its
+    helper server and imports torch and nnU-Net (seconds each), then waits for its spec
+    (worker.prestarted_main). The first one also checks the run's model, where nnU-Net is imported
+    already: a separate process loading it too took 5-8 s of CPU at every start on our 2-core VM.
+    Nothing of the run is written before; a process not taken when the workers start is ended."""
 
     def __init__(self):
         self.waiting: dict[int, tuple] = {}  # slot part id -> (process, the supervisor's end of its pipe)
 
-    def start(self, context, slots: list[Slot], threads: int) -> None:
-        for slot in slots:
-            args = (os.getpid(), slot.gpu_uuid, threads)
+    def start(self, context, slots: list[Slot], threads: int, models: Models) -> None:
+        for index, slot in enumerate(slots):
+            args = (os.getpid(), slot.gpu_uuid, threads, models if index == 0 else None)
             self.waiting[slot.part_id] = _spawn(context, prestarted_main, args, slot.part_id)
+
+    def check_model(self, models: Models) -> None:
+        """Raise LauncherError when the run's models cannot load: the first worker's answer; when it
+        ended before it answered (or none was started), a check in a child process (ModelCheck)."""
+        first = next(iter(self.waiting.values()), None)
+        if first is not None:
+            process, conn = first
+            try:
+                answer = conn.recv() if conn in wait([conn, process.sentinel]) else None
+            except (EOFError, OSError):  # it died: its slot gets a new worker (take)
+                answer = None
+            if answer is not None and answer[0] == "checked":
+                if answer[1]:
+                    raise LauncherError(answer[1])
+                return
+        with ModelCheck(models) as check:
+            check.wait()
 
     def take(self, slot: Slot) -> tuple | None:
         """The slot's waiting process and its pipe; None when there is none or it died."""

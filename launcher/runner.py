@@ -20,7 +20,7 @@ from launcher.config import RunConfig, RunIdentity, output_identity, run_state_d
 from launcher.errors import LauncherError
 from launcher.exits import EXIT_INTERNAL_ERROR, exit_code_of
 from launcher.journal import DONE, Journal, JournalRow, JournalWriteError, OutLock, lock_holder, refuse_if_held
-from launcher.model_check import ModelCheck, Models
+from launcher.model_check import Models
 from launcher.notify import notify_finished
 from launcher.outputs import (
     case_outputs,
@@ -64,18 +64,18 @@ def _run(config: RunConfig, argv: list[str], prestarted: Prestarted) -> int:
     # the end) likewise, so that the run's last output and its exit are not a second apart.
     for module in ("torch.multiprocessing", "matplotlib.backends.backend_agg"):
         threading.Thread(target=_import_quietly, args=(module,), daemon=True).start()
-    with ModelCheck(Models.of_config(config)) as model:  # loads in a child while the input is planned
-        plan = make_plan(config)
-        view = inspect_out(config, plan)  # refusals first: exit 2 writes nothing into OUT
-        state = run_state_dir(config)
-        if nothing_to_predict(config, view):  # a rerun of a finished OUT: no run, its report stays
-            summary = os.path.join(state, "summary.json")
-            print(f"nnunet-launch: nothing to predict: all {len(plan.cases)} case(s) are done in "
-                  f"{config.output_folder} (the last run's report: {summary})")  # fmt: skip
-            return 0
-        refuse_if_held(lock_path(state))  # a busy OUT is said at once, not after the model check
-        prestarted.start(spawn_context(), plan.slots, plan.threads)  # they write nothing before their cases
-        model.wait()  # a model that cannot load is refused before any worker gets a case
+    plan = make_plan(config)
+    view = inspect_out(config, plan)  # refusals first: exit 2 writes nothing into OUT
+    state = run_state_dir(config)
+    if nothing_to_predict(config, view):  # a rerun of a finished OUT: no run, its report stays
+        summary = os.path.join(state, "summary.json")
+        print(f"nnunet-launch: nothing to predict: all {len(plan.cases)} case(s) are done in "
+              f"{config.output_folder} (the last run's report: {summary})")  # fmt: skip
+        return 0
+    refuse_if_held(lock_path(state))  # a busy OUT is said at once, not after the model check
+    models = Models.of_config(config)
+    prestarted.start(spawn_context(), plan.slots, plan.threads, models)  # they write nothing before their cases
+    prestarted.check_model(models)  # a model that cannot load is refused before any worker gets a case
     try:
         os.makedirs(state, exist_ok=True)
     except OSError as exc:

@@ -18,6 +18,7 @@ from collections import deque
 
 from launcher import host_memory
 from launcher.exits import WORKER_EXIT_INTERRUPTED
+from launcher.model_check import Models, load_error
 from launcher.spec import Failure, WorkCase, WorkerEnds, WorkerSpec
 
 PR_SET_PDEATHSIG = 1
@@ -78,11 +79,12 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     _work(spec, conn, "")
 
 
-def prestarted_main(supervisor_pid: int, gpu_uuid: str | None, threads: int, conn) -> None:
-    """A slot's first worker, started before the run is decided (processes.Prestarted): while the
-    supervisor plans and the model is checked, it pins its device, starts its helper server and
-    imports torch and nnU-Net (seconds each), then waits for its cases. It writes nothing of the
-    run before they come, and ends when its pipe closes without them."""
+def prestarted_main(supervisor_pid: int, gpu_uuid: str | None, threads: int, models: Models | None, conn) -> None:
+    """A slot's first worker, started before the run is decided (processes.Prestarted): it pins
+    its device, starts its helper server and imports torch and nnU-Net (seconds each), and with
+    `models` (the first slot's) checks that they load and sends ("checked", error line or None);
+    then it waits for its cases. It writes nothing of the run before they come, and ends when its
+    pipe closes without them."""
     _start(supervisor_pid, os.devnull, gpu_uuid, threads)  # what it prints goes to the log later
     from launcher.pipeline import start_helper_server
 
@@ -91,6 +93,8 @@ def prestarted_main(supervisor_pid: int, gpu_uuid: str | None, threads: int, con
         importlib.import_module(_backend_module())
     except Exception:
         pass  # the worker's own start does both again once it has its log, and says why there
+    if models is not None:  # on the CPU, as model_check's own process does: CUDA is not touched
+        conn.send(("checked", load_error(models)))
     ready_at = time.time()
     try:
         _, spec, sent_at = conn.recv()
@@ -175,8 +179,6 @@ def _backends(spec: WorkerSpec) -> dict:
     try:
         return importlib.import_module(_backend_module()).load_backends(spec.settings)
     except Exception as exc:
-        from launcher.model_check import Models, load_error
-
         error = load_error(Models.of_settings(spec.settings))
         if error is None:
             raise

@@ -1,13 +1,17 @@
-"""Each slot's first worker starts while the model is checked (processes.Prestarted): it pins its
-device, starts its helper server and imports the backend, then waits for its cases. It writes
-nothing of the run before they come, and one that gets none (a refusal, no work for its slot)
-ends, leaving no process and no socket folder behind."""
+"""Each slot's first worker starts once the run is planned (processes.Prestarted): it pins its
+device, starts its helper server and imports the backend, the first one checks the model, then
+they wait for their cases. They write nothing of the run before they come, and one that gets none
+(a refusal, no work for its slot) ends, leaving no process and no socket folder behind."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import time
 
+import psutil
 import pytest
 
 from conftest import assert_fake_outputs, fake_env, run_args, wait_gone
@@ -24,23 +28,61 @@ def _run_to_the_end(launch, args: list[str], env: dict) -> tuple[int, str, str, 
     return code, stdout, stderr, run
 
 
-def test_a_slots_first_worker_is_ready_before_the_model_check_ends_and_a_restarted_one_starts_anew(
+def _loads(tmp_path) -> list[int]:
+    """The pid of each load of the stand-in's model, in order (fake_backend.MODEL_LOADS_ENV)."""
+    return [int(pid) for pid in (tmp_path / "fault-counters" / "model.loads").read_text().split()]
+
+
+def _pid(log_line: str) -> int:
+    return int(re.search(r" pid (\d+) ", log_line).group(1))
+
+
+def test_a_slots_first_worker_checks_the_model_before_its_cases_and_a_restarted_one_starts_anew(
     cases, tmp_path, launch, short_temp
 ):
     out = tmp_path / "out"
     faults = {cases["ids"][0]: "cuda_error:1"}  # its worker ends: the part's second worker is a new process
-    env = {**fake_env(tmp_path, faults), MODEL_LOAD_S_ENV: "3", "TMPDIR": str(short_temp)}  # each load: 3 s
+    env = {**fake_env(tmp_path, faults), MODEL_LOAD_S_ENV: "1", MODEL_LOADS_ENV: "100", "TMPDIR": str(short_temp)}
     code, stdout, stderr, run = _run_to_the_end(launch, run_args(cases, out, "--workers", "1"), env)
     assert code == 0, stdout + stderr
     assert_fake_outputs(out, cases["inputs"], cases["ids"])
     logs = out / ".nnunet-launch" / "logs"
     first = (logs / "run-1.part-0.attempt-1.log").read_text().splitlines()[0]
-    waited = re.search(r" prestarted \(ready (\d+\.\d) s before its cases\) ", first)
-    # it imported and started its helper server during the check's 3 s load, not after it
-    assert waited and float(waited.group(1)) >= 1.0, first
-    assert "prestarted" not in (logs / "run-1.part-0.attempt-2.log").read_text().splitlines()[0]
+    second = (logs / "run-1.part-0.attempt-2.log").read_text().splitlines()[0]
+    assert re.search(r" prestarted \(ready \d+\.\d s before its cases\) ", first), first
+    assert "prestarted" not in second
+    # the check was the first worker's own first load (no process of its own), then each worker's
+    assert _loads(tmp_path) == [_pid(first), _pid(first), _pid(second)]
     assert wait_gone(run.alive_descendants(), run.seen, timeout=10) == []
     assert list(short_temp.iterdir()) == []
+
+
+def test_a_run_whose_checking_worker_dies_before_it_answers_checks_the_model_without_it_and_predicts(
+    cases, tmp_path, launch, short_temp
+):
+    out = tmp_path / "out"
+    env = {**fake_env(tmp_path), MODEL_LOAD_S_ENV: "2", MODEL_LOADS_ENV: "100", "TMPDIR": str(short_temp)}
+    run = launch(run_args(cases, out, "--workers", "1"), env)
+    checker, deadline = None, time.monotonic() + 60
+    while checker is None and time.monotonic() < deadline:  # the prestarted worker, loading for 2 s
+        for child in psutil.Process(run.proc.pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "multiprocessing.spawn" in " ".join(child.cmdline()):
+                    checker = child.pid
+        time.sleep(0.02)
+    assert checker is not None
+    time.sleep(0.5)  # in its own process group by now (setsid is its first step)
+    run.sample_tree()
+    os.killpg(checker, signal.SIGKILL)  # the worker with its helper server
+    code, stdout, stderr = run.wait(timeout=120)
+    assert code == 0, stdout + stderr
+    assert_fake_outputs(out, cases["inputs"], cases["ids"])
+    worker = (out / ".nnunet-launch" / "logs" / "run-1.part-0.attempt-1.log").read_text().splitlines()[0]
+    assert "prestarted" not in worker
+    # the stand-in's fallback check loads in the launcher's own process (a real model: in a child)
+    assert _loads(tmp_path) == [run.proc.pid, _pid(worker)]
+    assert wait_gone(run.alive_descendants(), run.seen, timeout=10) == []
+    # (the SIGKILLed worker's socket folder stays: nothing ran in it to remove it)
 
 
 @pytest.mark.parametrize("why", ["the model cannot load", "more workers than cases"])

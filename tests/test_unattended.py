@@ -14,6 +14,7 @@ import threading
 import time
 
 import psutil
+import pytest
 
 from conftest import cli, fake_env, launcher_cmd, run_args, status_json, wait_gone
 
@@ -127,26 +128,31 @@ def test_a_sigkilled_launcher_is_shown_as_killed_its_cases_interrupted_and_the_r
     assert not last["died"] and last["exit_code"] == 0
 
 
-def test_a_launcher_sigkilled_while_its_model_check_loads_leaves_no_process_loading_on(tiny, tmp_path, launch):
-    """The model check's child imports torch and nnU-Net (seconds; more under load): when its
-    launcher is SIGKILLed meanwhile, it ends with it instead of loading on as an orphan."""
-    run = launch(run_args(tiny, tmp_path / "out", "--workers", "1"))
-    deadline, child = time.monotonic() + 60, None
-    while child is None and time.monotonic() < deadline:
+@pytest.mark.parametrize("command, loader", [("run", "multiprocessing.spawn"), ("plan", "launcher.model_check")])
+def test_a_launcher_sigkilled_while_its_model_check_loads_leaves_no_process_loading_on(
+    command, loader, tiny, tmp_path, launch
+):
+    """The model is loaded by `run`'s first prestarted worker, by `plan`'s child: torch's and
+    nnU-Net's imports take seconds (more under load). When the launcher is SIGKILLed meanwhile,
+    that process ends with it (and the worker's helper server too) instead of loading on."""
+    args = run_args(tiny, tmp_path / "out", "--workers", "1")
+    args[0] = command
+    run = launch(args)
+    deadline, loading = time.monotonic() + 60, None
+    while loading is None and time.monotonic() < deadline:
         for process in psutil.Process(run.proc.pid).children():
             try:
-                if "launcher.model_check" in process.cmdline():
-                    child = process
+                if loader in " ".join(process.cmdline()):
+                    loading = process
             except psutil.NoSuchProcess:
                 pass
         time.sleep(0.02)
-    assert child is not None, "the model check's child was seen"
+    assert loading is not None, f"the process loading the model ({loader}) was seen"
+    time.sleep(1.0)  # a worker's helper server starts in its first second
+    run.sample_tree()
     run.proc.kill()
     run.proc.wait()
-    gone, alive = psutil.wait_procs([child], timeout=5)
-    for orphan in alive:  # this test's own clean-up, by pid
-        orphan.kill()
-    assert not alive, "the model check's child ended with its launcher"
+    assert wait_gone(list(run.seen), run.seen, timeout=10) == [], "every process ended with its launcher"
 
 
 def test_skip_bad_inputs_predicts_the_rest_and_names_every_skipped_one_in_the_summary_and_the_report(cases, tmp_path):
