@@ -59,11 +59,6 @@ def run(config: RunConfig, argv: list[str]) -> int:
 
 
 def _run(config: RunConfig, argv: list[str], prestarted: Prestarted) -> int:
-    # The supervisor spawns workers through torch.multiprocessing; importing torch takes seconds,
-    # so it runs while the input is planned and OUT is opened; matplotlib (the run's picture at
-    # the end) likewise, so that the run's last output and its exit are not a second apart.
-    for module in ("torch.multiprocessing", "matplotlib.backends.backend_agg"):
-        threading.Thread(target=_import_quietly, args=(module,), daemon=True).start()
     plan = make_plan(config)
     view = inspect_out(config, plan)  # refusals first: exit 2 writes nothing into OUT
     state = run_state_dir(config)
@@ -75,6 +70,9 @@ def _run(config: RunConfig, argv: list[str], prestarted: Prestarted) -> int:
     refuse_if_held(lock_path(state))  # a busy OUT is said at once, not after the model check
     models = Models.of_config(config)
     prestarted.start(spawn_context(), plan.slots, plan.threads, models)  # they write nothing before their cases
+    # matplotlib (the run's picture at the end) is imported while the run goes on, so that the
+    # run's last output and its exit are not a second apart
+    threading.Thread(target=_import_quietly, args=("matplotlib.backends.backend_agg",), daemon=True).start()
     prestarted.check_model(models)  # a model that cannot load is refused before any worker gets a case
     try:
         os.makedirs(state, exist_ok=True)

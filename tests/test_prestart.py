@@ -109,3 +109,13 @@ def test_prestarted_workers_that_get_no_cases_end_and_leave_no_process_nor_socke
         assert len(list((out / ".nnunet-launch" / "logs").glob("run-*.part-*.log"))) == 2
     assert wait_gone(run.alive_descendants(), run.seen, timeout=10) == []
     assert list(short_temp.iterdir()) == []
+
+
+def test_workers_start_from_torch_multiprocessings_spawn_context_which_is_the_standard_librarys():
+    """The supervisor takes it from the standard library, so that it never imports torch
+    (processes.spawn_context): the same object, as long as torch re-exports multiprocessing."""
+    import torch.multiprocessing
+
+    from launcher.processes import spawn_context
+
+    assert spawn_context() is torch.multiprocessing.get_context("spawn")
