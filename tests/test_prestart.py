@@ -6,9 +6,12 @@ they wait for their cases. They write nothing of the run before they come, and o
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -119,3 +122,21 @@ def test_workers_start_from_torch_multiprocessings_spawn_context_which_is_the_st
     from launcher.processes import spawn_context
 
     assert spawn_context() is torch.multiprocessing.get_context("spawn")
+
+
+def test_a_runs_supervisor_never_imports_torch_nor_nnunet(cases, tmp_path):
+    """Its workers' start waited for torch's import (seconds), and its exit for torch's teardown."""
+    out, seen = tmp_path / "out", tmp_path / "imported.json"
+    script = (
+        "import json, runpy, sys\ncode = 0\n"
+        "try:\n    runpy.run_module('launcher', run_name='__main__')\n"
+        "except SystemExit as exc:\n    code = exc.code\n"
+        f"open({str(seen)!r}, 'w').write(json.dumps([code, sorted({{m.split('.')[0] for m in sys.modules}})]))\n"
+    )
+    args = run_args(cases, out, "--workers", "1")
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **fake_env(tmp_path)})  # fmt: skip
+    code, modules = json.loads(seen.read_text())
+    assert code == 0, result.stdout + result.stderr
+    assert "matplotlib" in modules, "the run's picture was drawn"
+    assert "torch" not in modules and "nnunetv2" not in modules
