@@ -6,6 +6,7 @@ This module must not import torch at the top: CUDA_VISIBLE_DEVICES has to be set
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import os
@@ -94,7 +95,8 @@ def prestarted_main(supervisor_pid: int, gpu_uuid: str | None, threads: int, mod
     except Exception:
         pass  # the worker's own start does both again once it has its log, and says why there
     if models is not None:  # on the CPU, as model_check's own process does: CUDA is not touched
-        conn.send(("checked", load_error(models)))
+        with contextlib.suppress(OSError):  # the supervisor went away: the recv below ends this process
+            conn.send(("checked", load_error(models)))
     ready_at = time.time()
     try:
         _, spec, sent_at = conn.recv()

@@ -74,7 +74,8 @@ def test_a_run_whose_checking_worker_dies_before_it_answers_checks_the_model_wit
                     checker = child.pid
         time.sleep(0.02)
     assert checker is not None
-    time.sleep(0.5)  # in its own process group by now (setsid is its first step)
+    while os.getpgid(checker) != checker and time.monotonic() < deadline:
+        time.sleep(0.02)  # its first step, setsid: then its group holds its helper server too
     run.sample_tree()
     os.killpg(checker, signal.SIGKILL)  # the worker with its helper server
     code, stdout, stderr = run.wait(timeout=120)
