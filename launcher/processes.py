@@ -102,19 +102,23 @@ class Prestarted:
     def check_model(self, models: Models) -> None:
         """Raise LauncherError when the run's models cannot load: the first worker's answer; when it
         ended before it answered (or none was started), a check in a child process (ModelCheck)."""
-        first = next(iter(self.waiting.values()), None)
-        if first is not None:
-            process, conn = first
-            try:
-                answer = conn.recv() if conn in wait([conn, process.sentinel]) else None
-            except (EOFError, OSError):  # it died: its slot gets a new worker (take)
-                answer = None
-            if answer is not None and answer[0] == "checked":
-                if answer[1]:
-                    raise LauncherError(answer[1])
-                return
-        with ModelCheck(models) as check:
-            check.wait()
+        message = self._first_message()
+        if message is None or message[0] != "checked":
+            with ModelCheck(models) as check:
+                check.wait()
+        elif message[1]:
+            raise LauncherError(message[1])
+
+    def _first_message(self) -> tuple | None:
+        """The first waiting worker's first message; None when there is none or it died first (its
+        slot gets a new worker: take)."""
+        if not self.waiting:
+            return None
+        process, conn = next(iter(self.waiting.values()))
+        try:
+            return conn.recv() if conn in wait([conn, process.sentinel]) else None
+        except (EOFError, OSError):
+            return None
 
     def take(self, slot: Slot) -> tuple | None:
         """The slot's waiting process and its pipe; None when there is none or it died."""

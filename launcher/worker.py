@@ -16,11 +16,14 @@ import sys
 import time
 import traceback
 from collections import deque
+from typing import TYPE_CHECKING
 
 from launcher import host_memory
 from launcher.exits import WORKER_EXIT_INTERRUPTED
-from launcher.model_check import Models, load_error
 from launcher.spec import Failure, WorkCase, WorkerEnds, WorkerSpec
+
+if TYPE_CHECKING:
+    from launcher.model_check import Models
 
 PR_SET_PDEATHSIG = 1
 # Tests only: device keys (GPU UUIDs, or cpu-slot-K) whose workers crash at start, like a sick GPU.
@@ -95,6 +98,8 @@ def prestarted_main(supervisor_pid: int, gpu_uuid: str | None, threads: int, mod
     except Exception:
         pass  # the worker's own start does both again once it has its log, and says why there
     if models is not None:  # on the CPU, as model_check's own process does: CUDA is not touched
+        from launcher.model_check import load_error
+
         with contextlib.suppress(OSError):  # the supervisor went away: the recv below ends this process
             conn.send(("checked", load_error(models)))
     ready_at = time.time()
@@ -181,6 +186,8 @@ def _backends(spec: WorkerSpec) -> dict:
     try:
         return importlib.import_module(_backend_module()).load_backends(spec.settings)
     except Exception as exc:
+        from launcher.model_check import Models, load_error
+
         error = load_error(Models.of_settings(spec.settings))
         if error is None:
             raise

@@ -13,12 +13,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from conftest import assert_fake_outputs, fake_env, run_args, wait_gone
-from launcher.fake_backend import MODEL_LOAD_S_ENV, MODEL_LOADS_ENV
+from launcher.fake_backend import FAULT_DIR_ENV, MODEL_LOAD_S_ENV, MODEL_LOADS_ENV
 
 
 def _run_to_the_end(launch, args: list[str], env: dict) -> tuple[int, str, str, object]:
@@ -31,9 +32,9 @@ def _run_to_the_end(launch, args: list[str], env: dict) -> tuple[int, str, str, 
     return code, stdout, stderr, run
 
 
-def _loads(tmp_path) -> list[int]:
+def _loads(env: dict) -> list[int]:
     """The pid of each load of the stand-in's model, in order (fake_backend.MODEL_LOADS_ENV)."""
-    return [int(pid) for pid in (tmp_path / "fault-counters" / "model.loads").read_text().split()]
+    return [int(pid) for pid in (Path(env[FAULT_DIR_ENV]) / "model.loads").read_text().split()]
 
 
 def _pid(log_line: str) -> int:
@@ -55,7 +56,7 @@ def test_a_slots_first_worker_checks_the_model_before_its_cases_and_a_restarted_
     assert re.search(r" prestarted \(ready \d+\.\d s before its cases\) ", first), first
     assert "prestarted" not in second
     # the check was the first worker's own first load (no process of its own), then each worker's
-    assert _loads(tmp_path) == [_pid(first), _pid(first), _pid(second)]
+    assert _loads(env) == [_pid(first), _pid(first), _pid(second)]
     assert wait_gone(run.alive_descendants(), run.seen, timeout=10) == []
     assert list(short_temp.iterdir()) == []
 
@@ -84,7 +85,7 @@ def test_a_run_whose_checking_worker_dies_before_it_answers_checks_the_model_wit
     worker = (out / ".nnunet-launch" / "logs" / "run-1.part-0.attempt-1.log").read_text().splitlines()[0]
     assert "prestarted" not in worker
     # the stand-in's fallback check loads in the launcher's own process (a real model: in a child)
-    assert _loads(tmp_path) == [run.proc.pid, _pid(worker)]
+    assert _loads(env) == [run.proc.pid, _pid(worker)]
     assert wait_gone(run.alive_descendants(), run.seen, timeout=10) == []
     # (the SIGKILLed worker's socket folder stays: nothing ran in it to remove it)
 

@@ -148,11 +148,22 @@ def test_a_launcher_sigkilled_while_its_model_check_loads_leaves_no_process_load
                 pass
         time.sleep(0.02)
     assert loading is not None, f"the process loading the model ({loader}) was seen"
-    time.sleep(1.0)  # a worker's helper server starts in its first second
+    while command == "run" and time.monotonic() < deadline:  # the worker's helper server is up
+        run.sample_tree()
+        if any("forkserver" in " ".join(_cmdline(pid)) for pid in run.alive_descendants()):
+            break
+        time.sleep(0.02)
     run.sample_tree()
     run.proc.kill()
     run.proc.wait()
     assert wait_gone(list(run.seen), run.seen, timeout=10) == [], "every process ended with its launcher"
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.NoSuchProcess:
+        return []
 
 
 def test_skip_bad_inputs_predicts_the_rest_and_names_every_skipped_one_in_the_summary_and_the_report(cases, tmp_path):
