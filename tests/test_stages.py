@@ -161,9 +161,15 @@ def test_a_cascade_predicts_its_lowres_stage_itself_and_equals_the_manual_cascad
 def test_a_killed_worker_and_a_killed_resumed_supervisor_still_end_equal_to_the_chain(stages, manual, launch, tmp_path):
     out = tmp_path / "killed"
     first = launch(ensemble_args(stages, out, "--case-retries", "5"))
-    first.wait_until(lambda: (status_json(out) or {}).get("done", 0) >= 2, 300, "two units done")
-    worker = next(p["worker_pid"] for p in status_json(out)["parts"] if p["worker_pid"])
-    os.kill(worker, signal.SIGKILL)
+    seen: dict = {}
+
+    def two_done_and_a_worker_alive() -> bool:  # one snapshot: a worker may be between cases' starts
+        status = status_json(out) or {}
+        seen["pids"] = [p["worker_pid"] for p in status.get("parts", []) if p["worker_pid"]]
+        return status.get("done", 0) >= 2 and bool(seen["pids"])
+
+    first.wait_until(two_done_and_a_worker_alive, 300, "two units done, a worker at work")
+    os.kill(seen["pids"][0], signal.SIGKILL)
     first.wait_until(lambda: (status_json(out) or {}).get("done", 0) >= 5, 300, "three more units done")
     first.kill_everything()  # the supervisor and all below it, at once: SIGKILL
     assert first.proc.returncode == -signal.SIGKILL
